@@ -1,0 +1,250 @@
+#!/usr/bin/env bash
+# The local stack, natively, without Docker: Postgres, Apache Kafka (KRaft), MinIO and the four services.
+#   stack.sh up [component...]      install what is missing, start what is not running (idempotent)
+#   stack.sh down [component...]    stop what runs (only processes whose pid files we wrote)
+#   stack.sh status                 one line per component
+#   stack.sh logs [component]       tail the logs
+#   stack.sh reset                  stop everything and wipe all data under .local/
+# Components, in start order: postgres kafka minio api ingest analytics notifier
+set -euo pipefail
+# shellcheck source=deploy/local/env.sh
+. "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+
+INFRA=(postgres kafka minio)
+SERVICES=(api ingest analytics notifier)
+ALL=("${INFRA[@]}" "${SERVICES[@]}")
+
+mkdir -p "$DATA_DIR" "$LOG_DIR" "$RUN_DIR" "$REGISTRY_CACHE_DIR"
+
+# ---------------------------------------------------------------- helpers
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+apt_install() {
+  log "installing Debian packages: $*"
+  if [ ! -f "$RUN_DIR/.apt-updated" ]; then as_root apt-get update -qq && touch "$RUN_DIR/.apt-updated"; fi
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+pid_of() { [ -f "$RUN_DIR/$1.pid" ] && cat "$RUN_DIR/$1.pid" 2>/dev/null || true; }
+is_running() {
+  local pid; pid=$(pid_of "$1")
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null
+}
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+wait_until() { # wait_until SECONDS WHAT CMD... ; quiet while retrying, shows the last error on failure
+  local limit=$1 what=$2; shift 2
+  local t0=$SECONDS err="$RUN_DIR/.wait.err"
+  until "$@" >/dev/null 2>"$err"; do
+    if (( SECONDS - t0 > limit )); then
+      cat "$err" >&2; die "$what did not come up within ${limit}s (logs: $LOG_DIR/$what.log)"
+    fi
+    sleep 0.25
+  done
+}
+start_bg() { # start_bg NAME CMD... ; runs in its own session so `down` can stop the whole group
+  local name=$1; shift
+  setsid "$@" >>"$LOG_DIR/$name.log" 2>&1 < /dev/null &
+  echo $! > "$RUN_DIR/$name.pid"
+}
+stop_pid_file() { # stop_pid_file NAME : TERM the process group, then KILL after 20 s
+  local name=$1 pid; pid=$(pid_of "$name")
+  if [ -z "$pid" ] || ! kill -0 "$pid" 2>/dev/null; then rm -f "$RUN_DIR/$name.pid"; return 0; fi
+  kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+  if kill -0 "$pid" 2>/dev/null; then kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true; fi
+  rm -f "$RUN_DIR/$name.pid"
+  log "$name stopped"
+}
+
+ensure_uv() {
+  if ! command -v uv >/dev/null 2>&1; then
+    log "installing uv from PyPI"
+    python3 -m pip install -q uv || python3 -m pip install -q --user uv
+    export PATH="$HOME/.local/bin:$PATH"
+  fi
+  if [ ! -f "$RUN_DIR/.uv-synced" ] || [ "$ROOT_DIR/uv.lock" -nt "$RUN_DIR/.uv-synced" ]; then
+    log "uv sync (workspace, locked)"
+    (cd "$ROOT_DIR" && uv sync --locked --all-packages --quiet) && touch "$RUN_DIR/.uv-synced"
+  fi
+}
+py() { (cd "$ROOT_DIR" && uv run --no-sync python "$@"); }
+
+# ---------------------------------------------------------------- postgres
+pg_bin() {
+  local d; d=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1)
+  [ -n "$d" ] && [ -x "$d/initdb" ] && echo "$d"
+}
+# Postgres refuses to run as root: when we are root, the cluster belongs to the `postgres` user.
+as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+
+up_postgres() {
+  local bin; bin=$(pg_bin) || { apt_install postgresql; bin=$(pg_bin) || die "postgresql install failed"; }
+  local pgdata="$DATA_DIR/postgres" sock="$RUN_DIR/pgsock"
+  mkdir -p "$sock"
+  if [ "$(id -u)" -eq 0 ]; then chown postgres: "$sock"; fi
+  if [ ! -f "$pgdata/PG_VERSION" ]; then
+    log "postgres: initdb $pgdata"
+    mkdir -p "$pgdata"; chmod 700 "$pgdata"
+    local pw="$RUN_DIR/pgpass.tmp"; printf '%s\n' "$PG_PASSWORD" > "$pw"
+    if [ "$(id -u)" -eq 0 ]; then chown postgres: "$pgdata" "$pw"; fi
+    as_pg "$bin/initdb" -D "$pgdata" -U "$PG_USER" --pwfile="$pw" --auth=scram-sha-256 -E UTF8 --locale=C.UTF-8 >/dev/null
+    rm -f "$pw"
+  fi
+  touch "$LOG_DIR/postgres.log"; if [ "$(id -u)" -eq 0 ]; then chown postgres: "$LOG_DIR/postgres.log"; fi
+  if ! as_pg "$bin/pg_ctl" -D "$pgdata" status >/dev/null 2>&1; then
+    log "postgres: starting on 127.0.0.1:$PG_PORT"
+    as_pg "$bin/pg_ctl" -D "$pgdata" -l "$LOG_DIR/postgres.log" -w -t 60 start \
+      -o "-p $PG_PORT -k $sock -c listen_addresses=127.0.0.1 -c max_connections=200 -c fsync=on" >/dev/null
+  fi
+  head -n1 "$pgdata/postmaster.pid" > "$RUN_DIR/postgres.pid"
+  if ! PGPASSWORD=$PG_PASSWORD "$bin/psql" -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -d postgres -Atqc \
+      "select 1 from pg_database where datname='$PG_DATABASE'" | grep -q 1; then
+    PGPASSWORD=$PG_PASSWORD "$bin/createdb" -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" "$PG_DATABASE"
+  fi
+}
+down_postgres() {
+  local bin; bin=$(pg_bin) || return 0
+  if [ -f "$DATA_DIR/postgres/postmaster.pid" ]; then
+    as_pg "$bin/pg_ctl" -D "$DATA_DIR/postgres" -m fast -w stop >/dev/null 2>&1 || true
+    log "postgres stopped"
+  fi
+  rm -f "$RUN_DIR/postgres.pid"
+}
+
+# ---------------------------------------------------------------- kafka
+kafka_libs() { echo "$REGISTRY_CACHE_DIR/kafka-$KAFKA_VERSION/libs"; }
+up_kafka() {
+  command -v java >/dev/null 2>&1 || apt_install openjdk-17-jre-headless
+  local libs; libs=$(kafka_libs)
+  if [ ! -f "$libs/.complete" ]; then
+    command -v mvn >/dev/null 2>&1 || apt_install maven
+    log "kafka: gathering kafka_2.13 $KAFKA_VERSION and its runtime dependencies from Maven Central"
+    rm -rf "$libs.tmp"
+    mvn -q -B -f "$ROOT_DIR/deploy/local/kafka-pom.xml" -Dkafka.version="$KAFKA_VERSION" \
+      dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$libs.tmp"
+    rm -rf "$libs"; mv "$libs.tmp" "$libs"; touch "$libs/.complete"
+  fi
+  local dir="$DATA_DIR/kafka"; mkdir -p "$dir"
+  cat > "$dir/server.properties" <<PROPS
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$KAFKA_CONTROLLER_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs=$dir/log
+num.partitions=3
+auto.create.topics.enable=true
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=6
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+log.retention.hours=168
+PROPS
+  local java=(java -Xms256m -Xmx768m -XX:+UseG1GC -Djava.awt.headless=true
+              -Dlog4j2.configurationFile="$ROOT_DIR/deploy/local/kafka-log4j2.properties"
+              -Dkafka.logs.dir="$LOG_DIR" -cp "$libs/*")
+  if [ ! -f "$dir/log/meta.properties" ]; then
+    local cluster_id; cluster_id=$(python3 -c 'import base64,uuid;print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')
+    log "kafka: formatting KRaft storage (cluster $cluster_id)"
+    "${java[@]}" kafka.tools.StorageTool format -t "$cluster_id" -c "$dir/server.properties" >>"$LOG_DIR/kafka.log" 2>&1
+  fi
+  if ! is_running kafka; then
+    log "kafka: starting on 127.0.0.1:$KAFKA_PORT"
+    start_bg kafka "${java[@]}" kafka.Kafka "$dir/server.properties"
+  fi
+  wait_until 90 "kafka" py -m registry_shared.devstack wait-kafka
+}
+
+# ---------------------------------------------------------------- minio
+minio_bin() { echo "$REGISTRY_CACHE_DIR/minio-$MINIO_VERSION/minio"; }
+up_minio() {
+  local bin; bin=$(minio_bin)
+  if [ ! -x "$bin" ]; then
+    command -v go >/dev/null 2>&1 || die "MinIO is built from source with Go (>= 1.24); install Go first"
+    log "minio: go install github.com/minio/minio@$MINIO_VERSION (first time only, several minutes)"
+    GOBIN="$(dirname "$bin")" CGO_ENABLED=0 go install -trimpath "github.com/minio/minio@$MINIO_VERSION"
+  fi
+  if ! is_running minio; then
+    log "minio: starting on 127.0.0.1:$MINIO_PORT (console :$MINIO_CONSOLE_PORT)"
+    mkdir -p "$DATA_DIR/minio" "$DATA_DIR/minio-queue"
+    # MinIO's own Kafka notification target, id REGISTRY; events queue on disk while Kafka is down.
+    MINIO_ROOT_USER=$MINIO_ROOT_USER MINIO_ROOT_PASSWORD=$MINIO_ROOT_PASSWORD \
+    MINIO_NOTIFY_KAFKA_ENABLE_REGISTRY=on \
+    MINIO_NOTIFY_KAFKA_BROKERS_REGISTRY="127.0.0.1:$KAFKA_PORT" \
+    MINIO_NOTIFY_KAFKA_TOPIC_REGISTRY="$MINIO_NOTIFY_TOPIC" \
+    MINIO_NOTIFY_KAFKA_QUEUE_DIR_REGISTRY="$DATA_DIR/minio-queue" \
+    MINIO_BROWSER=on MINIO_UPDATE=off \
+      start_bg minio "$bin" server "$DATA_DIR/minio" --quiet \
+        --address "127.0.0.1:$MINIO_PORT" --console-address "127.0.0.1:$MINIO_CONSOLE_PORT"
+  fi
+  wait_until 60 "minio" curl -fsS -o /dev/null "http://127.0.0.1:$MINIO_PORT/minio/health/ready"
+  py -m registry_shared.devstack setup-minio
+}
+
+# ---------------------------------------------------------------- services
+service_port() { case $1 in api) echo "$API_PORT";; ingest) echo "$INGEST_PORT";;
+  analytics) echo "$ANALYTICS_PORT";; notifier) echo "$NOTIFIER_PORT";; esac; }
+up_service() {
+  local name=$1 port; port=$(service_port "$1")
+  if ! is_running "$name"; then
+    log "$name: starting on 127.0.0.1:$port"
+    (cd "$ROOT_DIR" && start_bg "$name" uv run --no-sync "registry-$name")
+  fi
+  wait_until 90 "$name" curl -fsS -o /dev/null "http://127.0.0.1:$port/healthz"
+}
+
+# ---------------------------------------------------------------- commands
+status_line() {
+  local c=$1 where state
+  case $c in
+    postgres) where="127.0.0.1:$PG_PORT";; kafka) where="127.0.0.1:$KAFKA_PORT";;
+    minio) where="http://127.0.0.1:$MINIO_PORT (console :$MINIO_CONSOLE_PORT)";;
+    *) where="http://127.0.0.1:$(service_port "$c")";;
+  esac
+  if is_running "$c"; then state="up (pid $(pid_of "$c"))"; else state="down"; fi
+  printf '  %-10s %-28s %s\n' "$c" "$state" "$where"
+}
+
+cmd_up() {
+  local t0=$SECONDS comps=("$@"); [ ${#comps[@]} -gt 0 ] || comps=("${ALL[@]}")
+  ensure_uv
+  for c in "${comps[@]}"; do
+    case $c in postgres|kafka|minio) "up_$c";; api|ingest|analytics|notifier) up_service "$c";;
+      *) die "unknown component: $c";; esac
+  done
+  log "ready in $((SECONDS - t0)) s"
+  for c in "${comps[@]}"; do status_line "$c"; done
+  printf '  data, logs, pids under %s\n' "$LOCAL_DIR"
+}
+cmd_down() {
+  local comps=("$@") i; [ ${#comps[@]} -gt 0 ] || comps=("${ALL[@]}")
+  for (( i=${#comps[@]}-1; i>=0; i-- )); do
+    case ${comps[$i]} in postgres) down_postgres;; *) stop_pid_file "${comps[$i]}";; esac
+  done
+}
+cmd_status() { local c; for c in "${ALL[@]}"; do status_line "$c"; done; }
+cmd_running() { local c; for c in "${ALL[@]}"; do if is_running "$c"; then echo "$c"; fi; done; }
+cmd_logs() {
+  if [ $# -gt 0 ]; then tail -n 100 -F "$LOG_DIR/$1.log"; else tail -n 20 -F "$LOG_DIR"/*.log; fi
+}
+cmd_reset() {
+  cmd_down
+  rm -rf "${DATA_DIR:?}" "${LOG_DIR:?}" "${RUN_DIR:?}"
+  log "all data under $LOCAL_DIR removed"
+}
+
+case "${1:-}" in
+  up) shift; cmd_up "$@";;
+  down) shift; cmd_down "$@";;
+  status) cmd_status;;
+  running) cmd_running;;
+  logs) shift; cmd_logs "$@";;
+  reset) cmd_reset;;
+  *) sed -n '2,9p' "$0"; exit 2;;
+esac

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# `make test`: install what is missing, start the stack, run lint and the whole test suite against
+# the real servers, then stop what this run started (a stack that was already up stays up).
+#   test.sh           lint + unit + integration + e2e
+#   test.sh --bench   the benchmarks in tests/bench (prints their figures)
+set -euo pipefail
+# shellcheck source=deploy/local/env.sh
+. "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+STACK="$ROOT_DIR/deploy/local/stack.sh"
+
+mode=${1:-test}
+before=$(bash "$STACK" running || true)
+cleanup() {
+  local rc=$? c started=()
+  for c in $(bash "$STACK" running || true); do
+    grep -qx "$c" <<<"$before" || started+=("$c")
+  done
+  if [ ${#started[@]} -gt 0 ] && [ -z "${KEEP_STACK:-}" ]; then
+    log "stopping what this run started: ${started[*]}"
+    bash "$STACK" down "${started[@]}" || true
+  fi
+  exit $rc
+}
+trap cleanup EXIT
+
+bash "$STACK" up
+cd "$ROOT_DIR"
+
+if [ "$mode" = "--bench" ]; then
+  uv run --no-sync pytest tests/bench -m bench -s -p no:cacheprovider "${@:2}"
+  exit $?
+fi
+
+log "lint: ruff"
+uv run --no-sync ruff check .
+uv run --no-sync ruff format --check . >/dev/null || { uv run --no-sync ruff format --diff . | head -50; exit 1; }
+
+log "tests"
+set +e
+uv run --no-sync pytest -p no:cacheprovider "$@"
+rc=$?
+set -e
+# pytest exits 5 when it collected no test: that is a failure here, never a pass.
+if [ $rc -eq 5 ]; then log "pytest ran no test"; exit 1; fi
+exit $rc

@@ -1,0 +1,83 @@
+"""Configuration of every service, read from environment variables (pydantic-settings).
+
+One class per concern; each service builds only what it needs. `.env.example` at the checkout's
+root lists every variable with its default.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_CONFIG = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
+
+
+class PostgresSettings(BaseSettings):
+    """Where the api's catalog lives."""
+
+    model_config = _CONFIG
+    database_url: str = Field(
+        "postgresql://registry:registry@127.0.0.1:55432/registry",
+        description="libpq connection URL of the catalog database.",
+    )
+    db_pool_min: int = 2
+    db_pool_max: int = 20
+
+
+class KafkaSettings(BaseSettings):
+    """The event bus."""
+
+    model_config = _CONFIG
+    kafka_bootstrap_servers: str = "127.0.0.1:19092"
+    kafka_client_id: str = "model-registry"
+
+
+class MinioSettings(BaseSettings):
+    """Object storage (the spec's variable names)."""
+
+    model_config = _CONFIG
+    minio_endpoint: str = "127.0.0.1:19000"
+    minio_root_user: str = "registry"
+    minio_root_password: SecretStr = SecretStr("registry-secret")
+    minio_bucket: str = "models"
+    minio_secure: bool = False
+    minio_region: str = "us-east-1"
+    minio_notify_topic: str = "minio.bucket-events"
+    #: The queue ARN of MinIO's Kafka notification target configured by MINIO_NOTIFY_KAFKA_*_REGISTRY.
+    minio_notify_arn: str = "arn:minio:sqs::REGISTRY:kafka"
+
+
+class ClickHouseSettings(BaseSettings):
+    """The analytics store: in-process chDB locally and in CI, a ClickHouse server over HTTP elsewhere."""
+
+    model_config = _CONFIG
+    clickhouse_mode: Literal["chdb", "http"] = "chdb"
+    chdb_path: str = ".local/data/chdb"
+    clickhouse_host: str = "127.0.0.1"
+    clickhouse_port: int = 8123
+    clickhouse_user: str = "default"
+    clickhouse_password: SecretStr = SecretStr("")
+    clickhouse_database: str = "registry"
+
+
+class ServiceSettings(BaseSettings):
+    """How a service process listens."""
+
+    model_config = _CONFIG
+    host: str = "127.0.0.1"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@lru_cache
+def kafka_settings() -> KafkaSettings:
+    """The process-wide Kafka settings."""
+    return KafkaSettings()
+
+
+@lru_cache
+def minio_settings() -> MinioSettings:
+    """The process-wide MinIO settings."""
+    return MinioSettings()
