@@ -7,7 +7,6 @@ import os
 import uuid
 
 import pytest
-
 from registry_shared.settings import KafkaSettings, MinioSettings, PostgresSettings
 
 

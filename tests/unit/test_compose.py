@@ -35,7 +35,17 @@ def test_schema_rejects_a_broken_compose_file():
 
 def test_compose_has_the_whole_topology(compose):
     services = compose["services"]
-    for name in ("postgres", "kafka", "minio", "clickhouse", "grafana", "api", "ingest", "analytics", "notifier"):
+    for name in (
+        "postgres",
+        "kafka",
+        "minio",
+        "clickhouse",
+        "grafana",
+        "api",
+        "ingest",
+        "analytics",
+        "notifier",
+    ):
         assert name in services, name
     minio_env = services["minio"]["environment"]
     assert minio_env["MINIO_NOTIFY_KAFKA_ENABLE_REGISTRY"] == "on"

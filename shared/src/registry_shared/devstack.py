@@ -1,7 +1,7 @@
 """Helpers the local stack scripts call: wait for Kafka, prepare the MinIO bucket and its notifications.
 
-    python -m registry_shared.devstack wait-kafka     exit 0 once a metadata request succeeds
-    python -m registry_shared.devstack setup-minio    bucket + s3:ObjectCreated/Removed → Kafka
+python -m registry_shared.devstack wait-kafka     exit 0 once a metadata request succeeds
+python -m registry_shared.devstack setup-minio    bucket + s3:ObjectCreated/Removed → Kafka
 """
 
 from __future__ import annotations

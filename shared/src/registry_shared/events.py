@@ -262,3 +262,13 @@ def make_event(data: EventData, *, source: str, subject: str | None = None, **fi
         if subject is None and hasattr(data, "user_id"):
             subject = f"user:{data.user_id}"
     return CloudEvent(source=source, type=data.event_type, subject=subject, data=data.model_dump(), **fields)
+
+
+def encode_event(event: CloudEvent) -> bytes:
+    """The bytes of a Kafka message value: the CloudEvent as structured-mode JSON."""
+    return event.model_dump_json(exclude_none=True).encode()
+
+
+def decode_event(value: bytes) -> CloudEvent:
+    """Parse a Kafka message value produced by `encode_event` (raises pydantic.ValidationError)."""
+    return CloudEvent.model_validate_json(value)
