@@ -1,0 +1,203 @@
+"""HTTP: the role-aware catalog — models, files, downloads, manifests, the change feed."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+
+from registry_api.auth import CatalogReader, Principal
+from registry_api.catalog import repository
+from registry_api.catalog.schemas import (
+    ChangeItem,
+    ChangeList,
+    DownloadOut,
+    FileItem,
+    FileList,
+    Manifest,
+    ManifestFile,
+    ModelItem,
+    ModelList,
+)
+from registry_api.catalog.visibility import visibility_params
+from registry_api.errors import NotFound
+from registry_api.kit.presign import EXPIRES_DEFAULT, EXPIRES_MAX, EXPIRES_MIN
+from registry_api.kit.schemas import errors
+from registry_api.kit.validate import check_repo_id, check_rfilename, check_version
+from registry_shared.events import AccessKind, FileAccessed
+
+router = APIRouter(tags=["Catalog"])
+
+Expires = Annotated[
+    int, Query(ge=EXPIRES_MIN, le=EXPIRES_MAX, description="Lifetime of presigned URLs in seconds (60–86400).")
+]
+Presign = Annotated[bool, Query(description="Include presigned GET URLs.")]
+
+
+def record_access(request: Request, principal: Principal, kind: AccessKind, **fields: object) -> None:
+    """Count a read for the usage endpoints (buffered, written to the outbox in batches)."""
+    request.app.state.access.record(FileAccessed(user_id=principal.user_id, kind=kind, ts=time.time(), **fields))
+
+
+async def _visible_model(request: Request, principal: Principal, repo_id: str) -> dict:
+    check_repo_id(repo_id)
+    async with request.app.state.pool.connection() as conn:
+        model = await repository.get_model(conn, visibility_params(principal), repo_id)
+    if model is None:
+        raise NotFound("model not found")
+    return model
+
+
+@router.get(
+    "/v1/models",
+    response_model=ModelList,
+    summary="List models",
+    description="Models the caller may see, newest change first; `q` matches repo_id, model_name or author.",
+    responses=errors(401, 422),
+)
+async def list_models(
+    request: Request,
+    principal: CatalogReader,
+    q: Annotated[str | None, Query(max_length=200, description="Substring of repo_id, model_name or author")] = None,
+    updated_since: Annotated[int | None, Query(ge=0, description="Only models changed after (epoch s)")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+) -> ModelList:
+    async with request.app.state.pool.connection() as conn:
+        rows = await repository.list_models(conn, visibility_params(principal), q, updated_since, limit, offset)
+    return ModelList(items=[ModelItem.from_row(r) for r in rows], limit=limit, offset=offset)
+
+
+@router.get(
+    "/v1/models/{repo_id:path}/files",
+    response_model=FileList,
+    summary="List a model's files",
+    description="The model's verified files (for each name, its newest version's), optionally with presigned URLs.",
+    responses=errors(401, 404, 422),
+)
+async def list_files(
+    repo_id: str,
+    request: Request,
+    principal: CatalogReader,
+    presign: Presign = False,
+    expires: Expires = EXPIRES_DEFAULT,
+) -> FileList:
+    model = await _visible_model(request, principal, repo_id)
+    async with request.app.state.pool.connection() as conn:
+        rows = await repository.current_files(conn, model["id"])
+    signer = request.app.state.presigner
+    items = [FileItem(**r, presigned_url=signer.get_url(r["object_key"], expires) if presign else None) for r in rows]
+    record_access(request, principal, "files_list", repo_id=repo_id)
+    return FileList(repo_id=repo_id, items=items)
+
+
+@router.get(
+    "/v1/models/{repo_id:path}",
+    response_model=ModelItem,
+    summary="Get a model",
+    responses=errors(401, 404, 422),
+)
+async def get_model(repo_id: str, request: Request, principal: CatalogReader) -> ModelItem:
+    return ModelItem.from_row(await _visible_model(request, principal, repo_id))
+
+
+def _split_file_path(path: str) -> tuple[str, str]:
+    parts = path.split("/", 2)
+    if len(parts) < 3:
+        raise NotFound("file not found")
+    return check_repo_id(f"{parts[0]}/{parts[1]}"), check_rfilename(parts[2])
+
+
+@router.get(
+    "/v1/files/{file_path:path}/download",
+    response_model=DownloadOut,
+    summary="Presigned URL for one file",
+    description="`file_path` is `{repo_id}/{rfilename}`: repo_id is namespace/name, the rest is the file name "
+    "(it may contain '/'). Without `version`, the newest version that has the file is served.",
+    responses=errors(401, 404, 422),
+)
+async def download(
+    file_path: str,
+    request: Request,
+    principal: CatalogReader,
+    expires: Expires = EXPIRES_DEFAULT,
+    version: Annotated[str | None, Query(max_length=64, description="A version label, e.g. v1")] = None,
+) -> DownloadOut:
+    repo_id, rfilename = _split_file_path(file_path)
+    if version is not None:
+        check_version(version)
+    async with request.app.state.pool.connection() as conn:
+        row = await repository.find_download(conn, visibility_params(principal), repo_id, rfilename, version)
+    if row is None:
+        raise NotFound("file not found")
+    try:
+        url = request.app.state.presigner.get_url(row["object_key"], expires)
+    except Exception as exc:
+        raise NotFound(f"object not accessible: {row['object_key']}") from exc
+    record_access(
+        request, principal, "download", repo_id=repo_id, version=row["version"], rfilename=rfilename, bytes=row["size"]
+    )
+    return DownloadOut(
+        repo_id=repo_id,
+        rfilename=rfilename,
+        version=row["version"],
+        size=row["size"],
+        sha256=row["sha256"],
+        object_key=row["object_key"],
+        url=url,
+        expires_in=expires,
+    )
+
+
+@router.get(
+    "/v1/manifest/{repo_id:path}",
+    response_model=Manifest,
+    response_model_by_alias=True,
+    summary="Manifest of a model",
+    description="`hf-model-manifest/v1`: every current file, optionally with presigned URLs.",
+    responses=errors(401, 404, 422),
+)
+async def manifest(
+    repo_id: str,
+    request: Request,
+    principal: CatalogReader,
+    presign: Presign = False,
+    expires: Expires = EXPIRES_DEFAULT,
+) -> Manifest:
+    model = await _visible_model(request, principal, repo_id)
+    async with request.app.state.pool.connection() as conn:
+        rows = await repository.current_files(conn, model["id"])
+    signer = request.app.state.presigner
+    files = [
+        ManifestFile(
+            rfilename=r["rfilename"],
+            size=r["size"],
+            sha256=r["sha256"],
+            object_key=r["object_key"],
+            version=r["version"],
+            presigned_url=signer.get_url(r["object_key"], expires) if presign else None,
+        )
+        for r in rows
+    ]
+    record_access(request, principal, "manifest", repo_id=repo_id)
+    return Manifest(repo_id=repo_id, updated_ts=model["last_update_ts"], files=files)
+
+
+@router.get(
+    "/v1/changes",
+    response_model=ChangeList,
+    summary="Change feed",
+    description="Models the caller may see with `last_update_ts > since`, oldest first. Page by passing the "
+    "last item's last_update_ts as the next `since`.",
+    responses=errors(401, 422),
+)
+async def changes(
+    request: Request,
+    principal: CatalogReader,
+    since: Annotated[int, Query(ge=0, description="Epoch seconds (required)")],
+    limit: Annotated[int, Query(ge=1, le=2000)] = 500,
+) -> ChangeList:
+    async with request.app.state.pool.connection() as conn:
+        rows = await repository.changes(conn, visibility_params(principal), since, limit)
+    return ChangeList(items=[ChangeItem(**r) for r in rows])

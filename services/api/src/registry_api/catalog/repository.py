@@ -1,0 +1,83 @@
+"""SQL of catalog reads. Every query filters by the caller's visibility (catalog.visibility)."""
+
+from __future__ import annotations
+
+import psycopg
+
+from registry_api.catalog.visibility import VISIBLE
+
+MODEL_COLUMNS = """m.id, m.repo_id, m.owner_id, m.visibility, m.canonical_url, m.model_name, m.author,
+    m.pipeline_tag, m.license, m.parameters, m.downloads, m.likes, m.created_at, m.last_modified,
+    m.languages, m.tags, m.last_update_ts, m.file_count, m.has_safetensors, m.has_bin"""
+
+# For each rfilename, the file of the newest version (an unversioned file counts as the oldest).
+CURRENT_FILES = """
+    select distinct on (f.rfilename) f.rfilename, f.size, f.sha256, f.object_key, f.updated_ts, v.version
+    from files f left join versions v on v.id = f.version_id
+    where f.model_id = %(model_id)s
+    order by f.rfilename, coalesce(f.version_id, 0) desc
+"""
+
+
+async def list_models(
+    conn: psycopg.AsyncConnection,
+    vis: dict,
+    q: str | None,
+    updated_since: int | None,
+    limit: int,
+    offset: int,
+) -> list[dict]:
+    """Visible models matching `q` (substring of repo_id, model_name or author), newest change first."""
+    params = {**vis, "q": None, "since": updated_since, "limit": limit, "offset": offset}
+    where = [VISIBLE]
+    if q:
+        params["q"] = "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        where.append("(m.repo_id ilike %(q)s or m.model_name ilike %(q)s or m.author ilike %(q)s)")
+    if updated_since is not None:
+        where.append("m.last_update_ts > %(since)s")
+    sql = (
+        f"select {MODEL_COLUMNS} from models m where {' and '.join(where)}"
+        " order by m.last_update_ts desc, m.id desc limit %(limit)s offset %(offset)s"
+    )
+    cur = await conn.execute(sql, params)
+    return await cur.fetchall()
+
+
+async def get_model(conn: psycopg.AsyncConnection, vis: dict, repo_id: str) -> dict | None:
+    """One visible model, or None."""
+    cur = await conn.execute(
+        f"select {MODEL_COLUMNS} from models m where m.repo_id = %(repo_id)s and {VISIBLE}",
+        {**vis, "repo_id": repo_id},
+    )
+    return await cur.fetchone()
+
+
+async def current_files(conn: psycopg.AsyncConnection, model_id: int) -> list[dict]:
+    """The model's current files, by name."""
+    cur = await conn.execute(CURRENT_FILES, {"model_id": model_id})
+    return await cur.fetchall()
+
+
+async def find_download(
+    conn: psycopg.AsyncConnection, vis: dict, repo_id: str, rfilename: str, version: str | None
+) -> dict | None:
+    """The file to download: of `version` if given, else of the newest version that has it."""
+    cur = await conn.execute(
+        "select m.id as model_id, m.repo_id, f.rfilename, f.size, f.sha256, f.object_key, v.version"
+        " from models m join files f on f.model_id = m.id left join versions v on v.id = f.version_id"
+        " where m.repo_id = %(repo_id)s and f.rfilename = %(rfilename)s"
+        " and (%(version)s::text is null or v.version = %(version)s)"
+        f" and {VISIBLE} order by coalesce(f.version_id, 0) desc limit 1",
+        {**vis, "repo_id": repo_id, "rfilename": rfilename, "version": version},
+    )
+    return await cur.fetchone()
+
+
+async def changes(conn: psycopg.AsyncConnection, vis: dict, since: int, limit: int) -> list[dict]:
+    """Visible models with last_update_ts > since, oldest first."""
+    cur = await conn.execute(
+        f"select m.repo_id, m.last_update_ts from models m where m.last_update_ts > %(since)s and {VISIBLE}"
+        " order by m.last_update_ts, m.id limit %(limit)s",
+        {**vis, "since": since, "limit": limit},
+    )
+    return await cur.fetchall()

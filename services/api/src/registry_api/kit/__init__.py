@@ -1,0 +1,1 @@
+"""Small cross-cutting helpers of the api."""

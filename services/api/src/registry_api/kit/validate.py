@@ -1,0 +1,42 @@
+"""Validation of the identifiers that appear in paths."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+from registry_api.errors import Unprocessable
+
+_SEGMENT = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,95})"
+REPO_ID_RE = re.compile(rf"^{_SEGMENT}/{_SEGMENT}$")
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+REPO_ID_PATTERN = REPO_ID_RE.pattern
+VERSION_PATTERN = VERSION_RE.pattern
+
+
+def check_repo_id(repo_id: str) -> str:
+    """`namespace/name`: letters, digits, '-', '_', '.'; no '..'."""
+    if not REPO_ID_RE.match(repo_id) or ".." in repo_id:
+        raise Unprocessable("invalid repo_id: expected namespace/name of letters, digits, '-', '_', '.'")
+    return repo_id
+
+
+def check_version(version: str) -> str:
+    """A version label: letters, digits, '.', '_', '-', '+', at most 64 characters."""
+    if not VERSION_RE.match(version) or ".." in version:
+        raise Unprocessable("invalid version: letters, digits, '.', '_', '-', '+' (at most 64)")
+    return version
+
+
+def check_rfilename(rfilename: str) -> str:
+    """A file name inside a repo: may contain '/', never '..', a leading '/', a backslash or control chars."""
+    if not rfilename or len(rfilename) > 1024:
+        raise Unprocessable("invalid rfilename: empty or longer than 1024 characters")
+    if rfilename.startswith("/") or "\\" in rfilename:
+        raise Unprocessable("invalid rfilename: no leading '/' and no backslash")
+    if any(unicodedata.category(ch) in ("Cc", "Cf") for ch in rfilename):
+        raise Unprocessable("invalid rfilename: control characters are not allowed")
+    parts = rfilename.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise Unprocessable("invalid rfilename: no '..', '.' or empty path segments")
+    return rfilename

@@ -1,0 +1,165 @@
+"""The transactional outbox: events are written with the change they describe, then relayed to Kafka.
+
+- `write_event(conn, data)` inserts into `outbox` inside the caller's transaction.
+- `AccessRecorder` buffers access events (one per counted read) and writes them in batches every few
+  milliseconds with COPY, so a download costs no extra round trip; a graceful stop flushes the buffer.
+- `OutboxRelay` publishes pending rows in id order (acks=all, idempotent producer), then stamps them.
+  Only one relay publishes at a time across api processes (advisory lock), so per-key order holds.
+  Kafka being down never fails a request: rows wait in Postgres and flow once it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+
+import psycopg
+from aiokafka import AIOKafkaProducer
+from psycopg_pool import AsyncConnectionPool
+
+from registry_shared.events import EventData, FileAccessed, encode_event, make_event
+
+log = logging.getLogger(__name__)
+SOURCE = "/registry/api"
+_RELAY_LOCK_ID = 0x6F7574626F78  # "outbox"
+
+
+def _row(data: EventData, subject: str | None) -> tuple[uuid.UUID, str, str | None, bytes]:
+    event = make_event(data, source=SOURCE, subject=subject)
+    return uuid.UUID(event.id), data.topic, event.subject, encode_event(event)
+
+
+async def write_event(conn: psycopg.AsyncConnection, data: EventData, subject: str | None = None) -> None:
+    """Record `data` as a CloudEvent in the outbox, in the caller's transaction."""
+    await conn.execute(
+        "insert into outbox (event_id, topic, key, payload) values (%s, %s, %s, %s)", _row(data, subject)
+    )
+
+
+class AccessRecorder:
+    """Buffers FileAccessed events and writes them to the outbox in batches."""
+
+    def __init__(self, pool: AsyncConnectionPool, flush_ms: int, on_flush: asyncio.Event) -> None:
+        self._pool = pool
+        self._interval = flush_ms / 1000
+        self._buffer: list[tuple[uuid.UUID, str, str | None, bytes]] = []
+        self._on_flush = on_flush
+        self._task: asyncio.Task[None] | None = None
+
+    def record(self, event: FileAccessed) -> None:
+        """Queue one access event (non-blocking)."""
+        self._buffer.append(_row(event, event.repo_id or f"user:{event.user_id}"))
+
+    async def flush(self) -> int:
+        """Write what is buffered; keeps it on failure to retry."""
+        if not self._buffer:
+            return 0
+        batch, self._buffer = self._buffer, []
+        try:
+            async with self._pool.connection() as conn, conn.cursor() as cur:
+                async with cur.copy("copy outbox (event_id, topic, key, payload) from stdin") as copy:
+                    for row in batch:
+                        await copy.write_row(row)
+        except Exception:
+            self._buffer[:0] = batch
+            raise
+        self._on_flush.set()
+        return len(batch)
+
+    async def run(self) -> None:
+        """Flush every interval until cancelled."""
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.flush()
+            except Exception as exc:  # database briefly down: keep the buffer, try again
+                log.warning("access events not flushed yet: %s", exc)
+                await asyncio.sleep(0.5)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run(), name="access-recorder")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            await self.flush()
+
+
+class OutboxRelay:
+    """Publishes outbox rows to Kafka, at least once, in order."""
+
+    def __init__(self, database_url: str, bootstrap: str, wakeup: asyncio.Event, batch: int = 1000) -> None:
+        self._database_url = database_url
+        self._bootstrap = bootstrap
+        self._wakeup = wakeup
+        self._batch = batch
+        self._task: asyncio.Task[None] | None = None
+        self.published = 0
+
+    async def _publish_pending(self, conn: psycopg.AsyncConnection, producer: AIOKafkaProducer) -> int:
+        cur = await conn.execute(
+            "select id, topic, key, payload from outbox where published_at is null order by id limit %s",
+            [self._batch],
+        )
+        rows = await cur.fetchall()
+        if not rows:
+            return 0
+        futures = [
+            await producer.send(topic, value=bytes(payload), key=key.encode() if key else None)
+            for _, topic, key, payload in rows
+        ]
+        await asyncio.gather(*futures)
+        await conn.execute("update outbox set published_at = now() where id = any(%s)", [[r[0] for r in rows]])
+        self.published += len(rows)
+        return len(rows)
+
+    async def run(self) -> None:
+        """Relay until cancelled; survives Kafka and Postgres outages."""
+        backoff = 0.2
+        while True:
+            producer: AIOKafkaProducer | None = None
+            try:
+                async with await psycopg.AsyncConnection.connect(self._database_url, autocommit=True) as conn:
+                    while not (
+                        await (await conn.execute("select pg_try_advisory_lock(%s)", [_RELAY_LOCK_ID])).fetchone()
+                    )[0]:
+                        await asyncio.sleep(1.0)  # another api process relays
+                    producer = AIOKafkaProducer(
+                        bootstrap_servers=self._bootstrap,
+                        acks="all",
+                        enable_idempotence=True,
+                        linger_ms=2,
+                        request_timeout_ms=10_000,
+                    )
+                    await producer.start()
+                    backoff = 0.2
+                    while True:
+                        n = await self._publish_pending(conn, producer)
+                        if n < self._batch:
+                            self._wakeup.clear()
+                            with contextlib.suppress(TimeoutError):
+                                await asyncio.wait_for(self._wakeup.wait(), timeout=0.5)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Kafka or Postgres away: back off and retry
+                log.warning("outbox relay paused: %s", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                if producer is not None:
+                    with contextlib.suppress(Exception):
+                        await producer.stop()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run(), name="outbox-relay")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task

@@ -1,0 +1,49 @@
+"""Rules of accounts: registration policy, key issue and rotation."""
+
+from __future__ import annotations
+
+import time
+
+import psycopg
+
+from registry_api.auth import Principal, key_cache
+from registry_api.errors import Forbidden
+from registry_api.outbox import write_event
+from registry_api.settings import ApiSettings
+from registry_api.users import repository
+from registry_shared.events import UserKeyRotated, UserRegistered
+
+
+def check_registration_allowed(settings: ApiSettings, email: str) -> None:
+    """Apply REGISTRATION_POLICY (open, allowlist of e-mail domains, or closed)."""
+    if settings.registration_policy == "closed":
+        raise Forbidden("registration is closed; ask an admin for an account")
+    if settings.registration_policy == "allowlist":
+        domain = email.rsplit("@", 1)[-1].lower()
+        if domain not in settings.allowed_domains:
+            raise Forbidden("registration is not open to this e-mail domain")
+
+
+async def create_user(conn: psycopg.AsyncConnection, email: str, name: str, role: str) -> tuple[int, str]:
+    """Create a user with a first key, and its event, in one transaction; returns (user_id, key)."""
+    async with conn.transaction():
+        user_id = await repository.insert_user(conn, email, name, role)
+        key, _ = await repository.issue_key(conn, user_id)
+        await write_event(conn, UserRegistered(user_id=user_id, email=email, name=name, role=role))
+    return user_id, key
+
+
+async def rotate_key(conn: psycopg.AsyncConnection, principal: Principal) -> str:
+    """Revoke the caller's keys and issue a new one; the old key fails from the commit on."""
+    async with conn.transaction():
+        revoked = await repository.revoke_keys(conn, principal.user_id)
+        key, prefix = await repository.issue_key(conn, principal.user_id)
+        await write_event(
+            conn,
+            UserKeyRotated(
+                user_id=principal.user_id, email=principal.email, key_prefix=prefix, rotated_ts=int(time.time())
+            ),
+        )
+    for p in revoked:
+        key_cache.evict(p)
+    return key
