@@ -15,6 +15,7 @@ import httpx
 import psycopg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
 from registry_shared.events import Topics
 from registry_shared.storage import minio_client
 

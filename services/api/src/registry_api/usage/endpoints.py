@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from registry_api.auth import Admin, CurrentUser
-from registry_api.errors import Unavailable
+from registry_api.errors import Unavailable, Unprocessable
 from registry_api.kit.schemas import errors
 
 router = APIRouter(tags=["Usage & Analytics"])
@@ -27,13 +27,15 @@ _ME_EXAMPLE = {
 
 
 async def _forward(request: Request, path: str, params: dict[str, Any]) -> JSONResponse:
+    if params.get("since") is not None and params.get("until") is not None and params["since"] > params["until"]:
+        raise Unprocessable("since must not be after until")
     client: httpx.AsyncClient = request.app.state.analytics
     try:
         resp = await client.get(path, params={k: v for k, v in params.items() if v is not None})
     except httpx.HTTPError as exc:
         raise Unavailable("usage analytics unavailable") from exc
-    if resp.status_code >= 500:
-        raise Unavailable("usage analytics unavailable")
+    if resp.status_code not in (200, 422):
+        raise Unavailable(f"usage analytics unavailable (status {resp.status_code})")
     return JSONResponse(resp.json(), status_code=resp.status_code)
 
 
