@@ -28,6 +28,7 @@ from registry_api.platform.endpoints import router as platform_router
 from registry_api.settings import ApiSettings, get_settings
 from registry_api.usage.endpoints import router as usage_router
 from registry_api.users.endpoints import router as users_router
+from registry_api.webhooks.endpoints import router as webhooks_router
 
 DESCRIPTION = """
 The Model Registry's HTTP API: both spec documents (0.3.0 and 1.0.0) on one server.
@@ -49,6 +50,7 @@ TAGS = [
     {"name": "Admin", "description": "Users with roles and grants (x-admin-token)."},
     {"name": "Platform", "description": "Bulk manifest of everything granted to a platform user."},
     {"name": "Usage & Analytics", "description": "Usage over a window, served by the analytics service."},
+    {"name": "Webhooks", "description": "Signed webhooks (Standard Webhooks) for events you may see; delivery log."},
 ]
 
 
@@ -115,7 +117,15 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         """Minimal liveness payload (no auth)."""
         return {"ok": True, "time": int(time.time())}
 
-    for router in (users_router, usage_router, catalog_router, dev_router, admin_router, platform_router):
+    for router in (
+        users_router,
+        usage_router,
+        catalog_router,
+        dev_router,
+        admin_router,
+        platform_router,
+        webhooks_router,
+    ):
         app.include_router(router)
     return app
 

@@ -1,0 +1,1 @@
+"""Webhook subscriptions: users choose which events reach which URL; the notifier delivers them."""
