@@ -1,0 +1,237 @@
+"""The analytics store: a ClickHouse client (in-process chDB or a server over HTTP) and its schema.
+
+Tables of database `registry` (ClickHouseSettings.clickhouse_database):
+
+- `access_events`: one row per access event, deduplicated by `event_id` before insert (see consumer.py),
+  partitioned by month, ordered by (hour, user, model) so both the edge-of-window scans of the usage
+  queries and the consumer's duplicate look-ups read only the hours they touch.
+- `usage_daily`: the daily rollup per (day, user, model), fed by a materialized view of `access_events`.
+- `users`: the users dimension (email, name, role), fed by user events, ReplacingMergeTree by user_id.
+- `ingest_batches`: one manifest per loaded batch (its Kafka offset ranges and insert token), so that a
+  batch interrupted by a crash is replayed identically and ClickHouse's insert deduplication completes it.
+
+The same SQL runs on chDB and on a ClickHouse server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+
+from registry_shared.settings import ClickHouseSettings
+
+log = logging.getLogger(__name__)
+
+ACCESS_COLUMNS = ("event_id", "ts", "user_id", "kind", "repo_id", "version", "rfilename", "bytes", "ingested_at")
+USER_COLUMNS = ("user_id", "email", "name", "role", "updated_at")
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+#: The DDL of the analytics store, idempotent, in order; run in the analytics database (see Store).
+SCHEMA: tuple[str, ...] = (
+    """CREATE TABLE IF NOT EXISTS access_events (
+    event_id    String,
+    ts          DateTime64(3, 'UTC'),
+    user_id     UInt64,
+    kind        LowCardinality(String),
+    repo_id     String,
+    version     String,
+    rfilename   String,
+    bytes       UInt64,
+    ingested_at DateTime64(3, 'UTC')
+) ENGINE = MergeTree
+PARTITION BY toYYYYMM(ts)
+ORDER BY (toStartOfHour(ts), user_id, repo_id)
+SETTINGS non_replicated_deduplication_window = 10000""",
+    """CREATE TABLE IF NOT EXISTS usage_daily (
+    day        Date,
+    user_id    UInt64,
+    repo_id    String,
+    events     SimpleAggregateFunction(sum, UInt64),
+    manifests  SimpleAggregateFunction(sum, UInt64),
+    files_list SimpleAggregateFunction(sum, UInt64),
+    downloads  SimpleAggregateFunction(sum, UInt64),
+    bytes      SimpleAggregateFunction(sum, UInt64),
+    last_ts    SimpleAggregateFunction(max, DateTime64(3, 'UTC'))
+) ENGINE = AggregatingMergeTree
+PARTITION BY toYYYYMM(day)
+ORDER BY (user_id, day, repo_id)
+SETTINGS non_replicated_deduplication_window = 10000""",
+    """CREATE MATERIALIZED VIEW IF NOT EXISTS usage_daily_mv TO usage_daily AS
+SELECT
+    toDate(ts) AS day,
+    user_id,
+    repo_id,
+    toUInt64(count()) AS events,
+    toUInt64(countIf(kind IN ('manifest', 'platform_manifest'))) AS manifests,
+    toUInt64(countIf(kind = 'files_list')) AS files_list,
+    toUInt64(countIf(kind = 'download')) AS downloads,
+    toUInt64(sum(bytes)) AS bytes,
+    max(ts) AS last_ts
+FROM access_events
+GROUP BY day, user_id, repo_id""",
+    """CREATE TABLE IF NOT EXISTS users (
+    user_id    UInt64,
+    email      String,
+    name       String,
+    role       LowCardinality(String),
+    updated_at DateTime64(3, 'UTC')
+) ENGINE = ReplacingMergeTree(updated_at)
+ORDER BY user_id""",
+    """CREATE TABLE IF NOT EXISTS ingest_batches (
+    group_id   String,
+    seq        UInt64,
+    token      String,
+    ranges     String,
+    skipped    String,
+    rows       UInt64,
+    created_at DateTime64(3, 'UTC')
+) ENGINE = MergeTree
+ORDER BY (group_id, seq)
+TTL toDateTime(created_at) + INTERVAL 30 DAY""",
+)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a batch was made of: enough to rebuild it identically after a crash."""
+
+    seq: int
+    token: str
+    #: [[topic, partition, first_offset, last_offset], ...]
+    ranges: list[list[Any]]
+    #: [[topic, partition, offset], ...] messages left out because the store already held their event id
+    skipped: list[list[Any]]
+    rows: int
+
+
+class Store:
+    """A ClickHouse client bound to the analytics database (created if missing).
+
+    A client serializes its calls: the loader and the query API each open their own Store, so a long
+    insert never holds back a usage query (on chDB both handles share the one in-process engine).
+    """
+
+    def __init__(self, settings: ClickHouseSettings | None = None) -> None:
+        self.settings = settings or ClickHouseSettings()
+        self.db = self.settings.clickhouse_database
+        self.client = connect(self.settings, self.db)
+
+    def close(self) -> None:
+        """Close the client (chDB: release the engine handle)."""
+        self.client.close()
+
+    def migrate(self) -> None:
+        """Create every table and view that is missing."""
+        for stmt in SCHEMA:
+            self.client.command(stmt)
+
+    # ------------------------------------------------------------ reads
+    def query(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple]:
+        """Run a SELECT with server-side parameters and return its rows."""
+        return self.client.query(sql, parameters=params or {}).result_rows
+
+    def existing_event_ids(self, hours: Sequence[int], ids: Sequence[str]) -> set[str]:
+        """Which of `ids` the store already holds, looking only at the given hours (epoch seconds).
+
+        A duplicate carries the same `ts` as the event it repeats, so it lies in the same hour.
+        """
+        if not ids:
+            return set()
+        rows = self.query(
+            "SELECT DISTINCT event_id FROM access_events"
+            " WHERE toStartOfHour(ts) IN (SELECT toDateTime(arrayJoin({hours:Array(UInt32)}), 'UTC'))"
+            " AND event_id IN (SELECT arrayJoin({ids:Array(String)}))",
+            {"hours": list(hours), "ids": list(ids)},
+        )
+        return {r[0] for r in rows}
+
+    def last_manifest(self, group_id: str) -> Manifest | None:
+        """The most recent batch manifest of a consumer group, if any."""
+        rows = self.query(
+            "SELECT seq, token, ranges, skipped, rows FROM ingest_batches"
+            " WHERE group_id = {g:String} ORDER BY seq DESC LIMIT 1",
+            {"g": group_id},
+        )
+        if not rows:
+            return None
+        seq, token, ranges, skipped, n = rows[0]
+        return Manifest(int(seq), token, json.loads(ranges), json.loads(skipped), int(n))
+
+    # ------------------------------------------------------------ writes
+    def write_manifest(self, group_id: str, manifest: Manifest) -> None:
+        """Record a batch's manifest before its rows are inserted."""
+        self.client.insert(
+            "ingest_batches",
+            [
+                [
+                    group_id,
+                    manifest.seq,
+                    manifest.token,
+                    json.dumps(manifest.ranges),
+                    json.dumps(manifest.skipped),
+                    manifest.rows,
+                    int(time.time() * 1000),
+                ]
+            ],
+            column_names=["group_id", "seq", "token", "ranges", "skipped", "rows", "created_at"],
+        )
+
+    def insert_access(self, columns: Sequence[Sequence[Any]], token: str) -> None:
+        """Insert access events (column-oriented, ACCESS_COLUMNS order) as one idempotent block.
+
+        The same `token` on a retry makes ClickHouse drop every part (of this table and of the
+        rollup's view) that the earlier attempt already committed, and write the missing ones.
+        """
+        if not columns or not columns[0]:
+            return
+        self.client.insert(
+            "access_events",
+            columns,
+            column_names=list(ACCESS_COLUMNS),
+            column_oriented=True,
+            settings={
+                "insert_deduplicate": 1,
+                "insert_deduplication_token": token,
+                "deduplicate_blocks_in_dependent_materialized_views": 1,
+                "max_insert_block_size": 10_000_000,
+                "min_insert_block_size_rows": 0,
+                "min_insert_block_size_bytes": 0,
+            },
+        )
+
+    def insert_users(self, rows: Sequence[Sequence[Any]]) -> None:
+        """Upsert users (USER_COLUMNS order); the latest `updated_at` wins, replays are harmless."""
+        if rows:
+            self.client.insert("users", list(rows), column_names=list(USER_COLUMNS))
+
+
+def connect(settings: ClickHouseSettings, database: str | None = None) -> Client:
+    """A clickhouse-connect client: chDB in-process (`chdb_path`) or a ClickHouse server over HTTP.
+
+    With `database`, the database is created if missing and becomes the client's default.
+    """
+    if settings.clickhouse_mode == "chdb":
+        client = clickhouse_connect.get_client(interface="chdb", path=settings.chdb_path)
+    else:
+        client = clickhouse_connect.get_client(
+            host=settings.clickhouse_host,
+            port=settings.clickhouse_port,
+            username=settings.clickhouse_user,
+            password=settings.clickhouse_password.get_secret_value(),
+        )
+    if database:
+        if not _IDENT.match(database):
+            raise ValueError(f"bad database name: {database!r}")
+        client.command(f"CREATE DATABASE IF NOT EXISTS {database}")
+        client.database = database
+    return client
