@@ -1,0 +1,223 @@
+"""Sending webhooks: claim due deliveries from Postgres, POST them signed, record the outcome.
+
+- Standard Webhooks: headers `webhook-id` (stable per subscription and event), `webhook-timestamp`,
+  `webhook-signature` (signed with the `standardwebhooks` library); the body is the CloudEvent JSON.
+- In order per (webhook, model): only the first undelivered delivery of a key is ever claimed; after a
+  success the same task takes the next one of its key at once.
+- Retries follow NOTIFIER_RETRY_SCHEDULE_S with jitter, then the delivery is given up. Every failed
+  attempt lengthens the webhook's failure streak; at NOTIFIER_MAX_CONSECUTIVE_FAILURES it is disabled
+  (its owner is e-mailed by the mail worker). All state is in Postgres: a restart loses nothing, and
+  several notifiers share the work (row locks, leases).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import httpx
+from psycopg_pool import AsyncConnectionPool
+from standardwebhooks import Webhook
+
+from registry_notifier import repository
+from registry_notifier.settings import NotifierSettings
+from registry_notifier.targets import TargetGuard, TargetRefused
+from registry_shared.logging import correlation_id
+
+log = logging.getLogger(__name__)
+_MAX_RESPONSE_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The result of one attempt."""
+
+    ok: bool
+    status_code: int | None
+    latency_ms: int | None
+    error: str | None
+
+
+def retry_delay(delays: list[float], attempts: int, jitter: float) -> float | None:
+    """Seconds before the next attempt after `attempts` failed ones; None once the schedule is used up."""
+    if attempts - 1 >= len(delays):
+        return None
+    base = delays[attempts - 1]
+    return base * (1 - jitter * random.random())
+
+
+def sign(secret: str, message_id: str, timestamp: datetime, payload: str) -> str:
+    """The `webhook-signature` header value for a payload."""
+    return Webhook(secret).sign(message_id, timestamp, payload)
+
+
+class DeliveryWorker:
+    """Delivers due webhooks with bounded concurrency."""
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        settings: NotifierSettings,
+        guard: TargetGuard,
+        on_disabled: Callable[[], None],
+    ) -> None:
+        self._pool = pool
+        self._s = settings
+        self._guard = guard
+        self._on_disabled = on_disabled
+        self._client = httpx.AsyncClient(
+            timeout=settings.notifier_delivery_timeout_s,
+            follow_redirects=False,
+            trust_env=False,
+            limits=httpx.Limits(max_connections=settings.notifier_delivery_concurrency * 2),
+        )
+        self._signers: dict[str, Webhook] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._task: asyncio.Task[None] | None = None
+        self.wakeup = asyncio.Event()
+        self.sent = 0
+        self.failed_attempts = 0
+
+    def _signer(self, secret: str) -> Webhook:
+        w = self._signers.get(secret)
+        if w is None:
+            if len(self._signers) > 10_000:
+                self._signers.clear()
+            w = self._signers[secret] = Webhook(secret)
+        return w
+
+    async def attempt(self, row: dict) -> Outcome:
+        """POST one delivery to its (checked, pinned) target."""
+        t0 = time.perf_counter()
+        try:
+            target = await self._guard.pin(row["url"])
+        except TargetRefused as exc:
+            return Outcome(False, None, None, str(exc))
+        now = datetime.now(UTC)
+        headers = {
+            "host": target.host_header,
+            "content-type": "application/json",
+            "user-agent": "model-registry-notifier/1",
+            "webhook-id": row["message_id"],
+            "webhook-timestamp": str(int(now.timestamp())),
+            "webhook-signature": self._signer(row["secret"]).sign(row["message_id"], now, row["payload"]),
+        }
+        extensions = {"sni_hostname": target.sni_hostname} if target.sni_hostname else {}
+        try:
+            request = self._client.build_request(
+                "POST", target.url, content=row["payload"].encode(), headers=headers, extensions=extensions
+            )
+            response = await self._client.send(request, stream=True)
+            try:
+                read = 0
+                async for chunk in response.aiter_raw():
+                    read += len(chunk)
+                    if read > _MAX_RESPONSE_BYTES:
+                        break
+            finally:
+                await response.aclose()
+        except httpx.HTTPError as exc:
+            ms = int((time.perf_counter() - t0) * 1000)
+            return Outcome(False, None, ms, f"{type(exc).__name__}: {exc}"[:500] or type(exc).__name__)
+        ms = int((time.perf_counter() - t0) * 1000)
+        if 200 <= response.status_code < 300:
+            return Outcome(True, response.status_code, ms, None)
+        return Outcome(False, response.status_code, ms, f"HTTP {response.status_code}")
+
+    async def _record(self, row: dict, out: Outcome) -> dict | None:
+        """Store the outcome; returns the next delivery of the same key, claimed, if it may go now."""
+        s = self._s
+        disabled = False
+        async with self._pool.connection() as conn, conn.transaction():
+            await repository.insert_attempt(
+                conn, row["id"], row["attempts"], out.status_code, out.latency_ms, out.error
+            )
+            if out.ok:
+                await repository.mark_delivered(conn, row["id"], row["webhook_id"], out.status_code, out.latency_ms)
+                self.sent += 1
+                follow = True
+            else:
+                delay = retry_delay(s.retry_delays, row["attempts"], s.notifier_retry_jitter)
+                await repository.mark_failed_attempt(
+                    conn, row["id"], out.status_code, out.latency_ms, out.error or "failed", delay
+                )
+                disabled = await repository.count_failure(
+                    conn, row["webhook_id"], s.notifier_max_consecutive_failures, out.error or "failed"
+                )
+                self.failed_attempts += 1
+                follow = delay is None and not disabled
+            nxt = (
+                await repository.claim_next(conn, row["webhook_id"], row["order_key"], s.notifier_lease_s)
+                if follow
+                else None
+            )
+        if disabled:
+            log.warning("webhook disabled after repeated failures", extra={"fields": {"webhook_id": row["webhook_id"]}})
+            self._on_disabled()
+        return nxt
+
+    async def _pipeline(self, row: dict | None) -> None:
+        while row is not None:
+            token = correlation_id.set(str(row["event_id"]))
+            try:
+                out = await self.attempt(row)
+                if not out.ok:
+                    log.info(
+                        "delivery attempt failed",
+                        extra={"fields": {"delivery_id": row["id"], "attempt": row["attempts"], "error": out.error}},
+                    )
+                row = await self._record(row, out)
+            except Exception as exc:  # database away: the lease expires and the delivery is claimed again
+                log.warning("delivery not recorded: %s", exc)
+                row = None
+            finally:
+                correlation_id.reset(token)
+
+    async def run(self) -> None:
+        """Claim and send due deliveries until cancelled."""
+        s = self._s
+        while True:
+            self.wakeup.clear()
+            free = s.notifier_delivery_concurrency - len(self._tasks)
+            rows: list[dict] = []
+            if free > 0:
+                try:
+                    async with self._pool.connection() as conn, conn.transaction():
+                        rows = await repository.claim_heads(conn, free, s.notifier_lease_s)
+                except Exception as exc:
+                    log.warning("cannot claim deliveries: %s", exc)
+                for row in rows:
+                    task = asyncio.create_task(self._pipeline(row))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._done)
+            if rows and len(rows) == free:
+                await asyncio.sleep(0)  # more may be due: look again once a slot frees
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wakeup.wait(), timeout=s.notifier_poll_interval_s)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self.wakeup.set()
+
+    def start(self) -> None:
+        """Run in the background."""
+        self._task = asyncio.create_task(self.run(), name="delivery-worker")
+
+    async def stop(self) -> None:
+        """Stop claiming, let in-flight attempts finish briefly, close the HTTP client."""
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
+            for t in self._tasks:
+                t.cancel()
+        await self._client.aclose()

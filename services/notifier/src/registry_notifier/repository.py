@@ -1,0 +1,278 @@
+"""SQL of the notifier: the webhook tables of the api's migration 0002, and reads of the catalog.
+
+The api owns the schema. The notifier reads users, uploads, models and grants to decide who may
+receive an event, and is the only writer of deliveries' state besides the api's redeliver call.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+
+import psycopg
+
+# ---------------------------------------------------------------- who receives what
+
+
+async def enabled_webhooks(conn: psycopg.AsyncConnection) -> list[dict]:
+    """Every enabled subscription (the routing of one batch of events works on this snapshot)."""
+    cur = await conn.execute(
+        "select id, owner_id, url, event_types, repo_id, created_at from webhooks where enabled order by id"
+    )
+    return await cur.fetchall()
+
+
+async def upload_developers(conn: psycopg.AsyncConnection, upload_ids: Sequence[int]) -> dict[int, dict]:
+    """upload id → {developer_id, email} of the developer who uploaded it."""
+    if not upload_ids:
+        return {}
+    cur = await conn.execute(
+        "select up.id, up.developer_id, u.email from uploads up join users u on u.id = up.developer_id"
+        " where up.id = any(%s)",
+        [list(upload_ids)],
+    )
+    return {r["id"]: r for r in await cur.fetchall()}
+
+
+async def user_emails(conn: psycopg.AsyncConnection, user_ids: Iterable[int]) -> dict[int, str]:
+    """user id → e-mail address."""
+    ids = sorted(set(user_ids))
+    if not ids:
+        return {}
+    cur = await conn.execute("select id, email from users where id = any(%s)", [ids])
+    return {r["id"]: r["email"] for r in await cur.fetchall()}
+
+
+async def version_audience(
+    conn: psycopg.AsyncConnection, repo_id: str, event_ts: int, now: int
+) -> tuple[str, set[int]]:
+    """(visibility of the model, platform users whose grant covers `event_ts` and is in force now)."""
+    cur = await conn.execute("select id, visibility from models where repo_id = %s", [repo_id])
+    model = await cur.fetchone()
+    if model is None:
+        return "private", set()
+    cur = await conn.execute(
+        "select distinct platform_user_id from grants where model_id = %(m)s and revoked_ts is null"
+        " and permitted_from_ts <= %(ev)s and (permitted_until_ts is null or permitted_until_ts > %(now)s)"
+        " and (permitted_until_ts is null or permitted_until_ts > %(ev)s)",
+        {"m": model["id"], "ev": event_ts, "now": now},
+    )
+    return model["visibility"], {r["platform_user_id"] for r in await cur.fetchall()}
+
+
+async def insert_deliveries(conn: psycopg.AsyncConnection, rows: list[tuple]) -> int:
+    """Queue deliveries (webhook_id, event_id, event_type, order_key, message_id, payload, event_time);
+    a (webhook, event) pair already queued is left alone."""
+    if not rows:
+        return 0
+    async with conn.cursor() as cur:
+        await cur.executemany(
+            "insert into webhook_deliveries (webhook_id, event_id, event_type, order_key, message_id, payload,"
+            " event_time) values (%s, %s, %s, %s, %s, %s, %s) on conflict (webhook_id, event_id) do nothing",
+            rows,
+        )
+    return len(rows)
+
+
+async def insert_emails(conn: psycopg.AsyncConnection, rows: list[tuple]) -> None:
+    """Queue e-mails (deployment, dedupe_key, kind, to_addr, subject, body), once per dedupe key."""
+    if not rows:
+        return
+    async with conn.cursor() as cur:
+        await cur.executemany(
+            "insert into notifier_emails (deployment, dedupe_key, kind, to_addr, subject, body)"
+            " values (%s, %s, %s, %s, %s, %s) on conflict (deployment, dedupe_key) do nothing",
+            rows,
+        )
+
+
+# ---------------------------------------------------------------- delivering
+
+_CLAIMED = """d.id, d.webhook_id, d.order_key, d.message_id, d.payload, d.attempts, d.event_id, w.url, w.secret"""
+
+CLAIM_HEADS = f"""
+with heads as (
+    select d.id from webhook_deliveries d join webhooks w on w.id = d.webhook_id
+    where w.enabled
+      and ((d.status = 'pending' and d.next_attempt_at <= now()) or (d.status = 'sending' and d.lease_until < now()))
+      and not exists (
+          select 1 from webhook_deliveries p
+          where p.webhook_id = d.webhook_id and p.order_key = d.order_key and p.id < d.id
+            and p.status in ('pending', 'sending'))
+    order by d.next_attempt_at, d.id
+    limit %(limit)s
+    for update of d skip locked
+)
+update webhook_deliveries d
+   set status = 'sending', attempts = d.attempts + 1, lease_until = now() + make_interval(secs => %(lease)s)
+  from heads, webhooks w
+ where d.id = heads.id and w.id = d.webhook_id
+returning {_CLAIMED}
+"""
+
+
+async def claim_heads(conn: psycopg.AsyncConnection, limit: int, lease_s: float) -> list[dict]:
+    """Claim up to `limit` due deliveries that are first in line for their (webhook, order key)."""
+    cur = await conn.execute(CLAIM_HEADS, {"limit": limit, "lease": lease_s})
+    return await cur.fetchall()
+
+
+async def claim_next(conn: psycopg.AsyncConnection, webhook_id: int, order_key: str, lease_s: float) -> dict | None:
+    """Claim the next delivery of a (webhook, order key) if it is first in line, due, and the webhook enabled."""
+    cur = await conn.execute(
+        "select d.id, d.status, d.next_attempt_at <= now() as due, w.enabled from webhook_deliveries d"
+        " join webhooks w on w.id = d.webhook_id"
+        " where d.webhook_id = %s and d.order_key = %s and d.status in ('pending', 'sending')"
+        " order by d.id limit 1 for update of d",
+        [webhook_id, order_key],
+    )
+    head = await cur.fetchone()
+    if head is None or head["status"] != "pending" or not head["due"] or not head["enabled"]:
+        return None
+    cur = await conn.execute(
+        "update webhook_deliveries d set status = 'sending', attempts = d.attempts + 1,"
+        " lease_until = now() + make_interval(secs => %s) from webhooks w"
+        f" where d.id = %s and w.id = d.webhook_id returning {_CLAIMED}",
+        [lease_s, head["id"]],
+    )
+    return await cur.fetchone()
+
+
+async def insert_attempt(
+    conn: psycopg.AsyncConnection,
+    delivery_id: int,
+    attempt: int,
+    status_code: int | None,
+    latency_ms: int | None,
+    error: str | None,
+) -> None:
+    """Log one attempt of a delivery."""
+    await conn.execute(
+        "insert into webhook_attempts (delivery_id, attempt, status_code, latency_ms, error) values (%s, %s, %s, %s, %s)",
+        [delivery_id, attempt, status_code, latency_ms, error],
+    )
+
+
+async def mark_delivered(
+    conn: psycopg.AsyncConnection, delivery_id: int, webhook_id: int, status_code: int, latency_ms: int
+) -> None:
+    """The receiver accepted the delivery; the webhook's failure streak ends."""
+    await conn.execute(
+        "update webhook_deliveries set status = 'delivered', delivered_at = now(), lease_until = null,"
+        " last_status_code = %s, last_latency_ms = %s, last_error = null where id = %s",
+        [status_code, latency_ms, delivery_id],
+    )
+    await conn.execute(
+        "update webhooks set consecutive_failures = 0 where id = %s and consecutive_failures <> 0", [webhook_id]
+    )
+
+
+async def mark_failed_attempt(
+    conn: psycopg.AsyncConnection,
+    delivery_id: int,
+    status_code: int | None,
+    latency_ms: int | None,
+    error: str,
+    retry_in_s: float | None,
+) -> None:
+    """An attempt failed: try again in `retry_in_s` seconds, or give up (None)."""
+    await conn.execute(
+        "update webhook_deliveries set status = %s, next_attempt_at = now() + make_interval(secs => %s),"
+        " lease_until = null, last_status_code = %s, last_latency_ms = %s, last_error = %s where id = %s",
+        [
+            "failed" if retry_in_s is None else "pending",
+            retry_in_s or 0.0,
+            status_code,
+            latency_ms,
+            error,
+            delivery_id,
+        ],
+    )
+
+
+async def count_failure(conn: psycopg.AsyncConnection, webhook_id: int, max_failures: int, error: str) -> bool:
+    """Add one to the webhook's failure streak; disable it at `max_failures`. True if it was disabled now."""
+    cur = await conn.execute(
+        "update webhooks set consecutive_failures = consecutive_failures + 1 where id = %s"
+        " returning consecutive_failures, enabled",
+        [webhook_id],
+    )
+    row = await cur.fetchone()
+    if row is None or not row["enabled"] or row["consecutive_failures"] < max_failures:
+        return False
+    reason = f"{row['consecutive_failures']} consecutive failed delivery attempts; last error: {error}"[:1000]
+    await conn.execute(
+        "update webhooks set enabled = false, disabled_reason = %s, disabled_ts = extract(epoch from now())::bigint,"
+        " updated_ts = extract(epoch from now())::bigint where id = %s",
+        [reason, webhook_id],
+    )
+    return True
+
+
+# ---------------------------------------------------------------- e-mail
+
+
+async def disabled_without_email(conn: psycopg.AsyncConnection, deployment: str) -> list[dict]:
+    """Webhooks disabled in the last day whose owner this deployment has not e-mailed yet."""
+    cur = await conn.execute(
+        "select w.id, w.url, w.disabled_reason, w.disabled_ts, u.email from webhooks w join users u on u.id = w.owner_id"
+        " where w.disabled_ts is not null and not w.enabled"
+        " and w.disabled_ts > extract(epoch from now())::bigint - 86400"
+        " and not exists (select 1 from notifier_emails e where e.deployment = %(dep)s"
+        "   and e.dedupe_key = 'webhook_disabled:' || w.id || ':' || w.disabled_ts)",
+        {"dep": deployment},
+    )
+    return await cur.fetchall()
+
+
+async def claim_emails(conn: psycopg.AsyncConnection, deployment: str, limit: int, lease_s: float) -> list[dict]:
+    """Claim due e-mails of this deployment."""
+    cur = await conn.execute(
+        "with due as (select id from notifier_emails where deployment = %(dep)s"
+        "  and ((status = 'pending' and next_attempt_at <= now()) or (status = 'sending' and lease_until < now()))"
+        "  order by id limit %(limit)s for update skip locked)"
+        " update notifier_emails e set status = 'sending', attempts = e.attempts + 1,"
+        "  lease_until = now() + make_interval(secs => %(lease)s)"
+        " from due where e.id = due.id returning e.id, e.to_addr, e.subject, e.body, e.attempts, e.kind",
+        {"dep": deployment, "limit": limit, "lease": lease_s},
+    )
+    return await cur.fetchall()
+
+
+async def email_sent(conn: psycopg.AsyncConnection, email_id: int) -> None:
+    """The relay accepted the e-mail."""
+    await conn.execute(
+        "update notifier_emails set status = 'sent', sent_at = now(), lease_until = null, last_error = null"
+        " where id = %s",
+        [email_id],
+    )
+
+
+async def email_failed(conn: psycopg.AsyncConnection, email_id: int, error: str, retry_in_s: float | None) -> None:
+    """Sending failed: retry in `retry_in_s` seconds or give up (None)."""
+    await conn.execute(
+        "update notifier_emails set status = %s, next_attempt_at = now() + make_interval(secs => %s),"
+        " lease_until = null, last_error = %s where id = %s",
+        ["failed" if retry_in_s is None else "pending", retry_in_s or 0.0, error[:1000], email_id],
+    )
+
+
+def message_id(webhook_id: int, event_id: str) -> str:
+    """The `webhook-id` of an event's delivery to a webhook: the same for every attempt and every notifier."""
+    return "msg_" + uuid.uuid5(uuid.NAMESPACE_URL, f"registry-webhook:{webhook_id}:{event_id}").hex
+
+
+def delivery_row(
+    webhook_id: int, event_id: str, event_type: str, order_key: str, payload: str, event_time: datetime
+) -> tuple:
+    """A row for insert_deliveries."""
+    return (
+        webhook_id,
+        uuid.UUID(event_id),
+        event_type,
+        order_key,
+        message_id(webhook_id, event_id),
+        payload,
+        event_time,
+    )

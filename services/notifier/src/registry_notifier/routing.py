@@ -1,0 +1,138 @@
+"""Who receives an event: the rules of the notifier.
+
+- upload.completed / upload.verified / upload.rejected → the developer who uploaded the file
+- grant.created / grant.updated / grant.revoked → the platform user of the grant
+- version.created → the model's owner; platform users whose grant covers the event's time and is
+  still in force now; for a public model, anyone whose subscription names it in its repo_id filter
+- user.key_rotated → the account's owner
+A subscription receives an event only if it was created before the event, wants its type, and (if it
+has a repo_id filter) the event is about that model. E-mails go, whatever the subscriptions, for an
+upload rejected (developer), a grant created or revoked (platform user) and a key rotated (account).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import psycopg
+
+from registry_notifier import mail, repository
+from registry_notifier.targets import IPNetwork, statically_allowed
+from registry_shared.events import CloudEvent
+
+log = logging.getLogger(__name__)
+
+#: CloudEvents type → the name subscriptions use.
+SUBSCRIBABLE: dict[str, str] = {
+    "registry.upload.completed.v1": "upload.completed",
+    "registry.upload.verified.v1": "upload.verified",
+    "registry.upload.rejected.v1": "upload.rejected",
+    "registry.grant.created.v1": "grant.created",
+    "registry.grant.updated.v1": "grant.updated",
+    "registry.grant.revoked.v1": "grant.revoked",
+    "registry.version.created.v1": "version.created",
+    "registry.user.key_rotated.v1": "user.key_rotated",
+}
+
+
+@dataclass
+class Incoming:
+    """An event as consumed: the parsed envelope and the exact JSON to deliver."""
+
+    event: CloudEvent
+    raw: str
+
+
+@dataclass
+class Plan:
+    """What one batch of events produces: delivery rows and e-mail rows."""
+
+    deliveries: list[tuple] = field(default_factory=list)
+    emails: list[tuple] = field(default_factory=list)
+
+
+class Router:
+    """Turns events into deliveries and e-mails."""
+
+    def __init__(self, allowed: list[IPNetwork], deployment: str, email_enabled: bool) -> None:
+        self._allowed = allowed
+        self._deployment = deployment
+        self._email = email_enabled
+        self._url_ok: dict[str, bool] = {}
+
+    def _reachable(self, url: str) -> bool:
+        ok = self._url_ok.get(url)
+        if ok is None:
+            if len(self._url_ok) > 10_000:
+                self._url_ok.clear()
+            ok = self._url_ok[url] = statically_allowed(url, self._allowed)
+        return ok
+
+    async def plan(self, conn: psycopg.AsyncConnection, batch: list[Incoming]) -> Plan:
+        """Deliveries and e-mails for `batch`, in the batch's order."""
+        plan = Plan()
+        routable = [i for i in batch if i.event.type in SUBSCRIBABLE]
+        if not routable:
+            return plan
+        hooks = await repository.enabled_webhooks(conn)
+        upload_ids = [int(i.event.data["upload_id"]) for i in routable if i.event.type.startswith("registry.upload.")]
+        uploads = await repository.upload_developers(conn, upload_ids)
+        grant_users = [
+            int(i.event.data["platform_user_id"]) for i in routable if i.event.type.startswith("registry.grant.")
+        ]
+        emails = await repository.user_emails(conn, grant_users) if self._email else {}
+        now = int(time.time())
+        for item in routable:
+            ev, name = item.event, SUBSCRIBABLE[item.event.type]
+            owners, anyone_filtering = await self._audience(conn, ev, name, uploads, now)
+            repo = ev.data.get("repo_id")
+            order_key = ev.subject or repo or "-"
+            for h in hooks:
+                if name not in h["event_types"] or h["created_at"] > ev.time:
+                    continue
+                if h["repo_id"] is not None and h["repo_id"] != repo:
+                    continue
+                if h["owner_id"] not in owners and not (anyone_filtering and h["repo_id"] == repo):
+                    continue
+                if not self._reachable(h["url"]):
+                    log.info("webhook target left to another notifier", extra={"fields": {"webhook_id": h["id"]}})
+                    continue
+                plan.deliveries.append(repository.delivery_row(h["id"], ev.id, ev.type, order_key, item.raw, ev.time))
+            if self._email:
+                plan.emails.extend(self._emails(ev, name, uploads, emails))
+        return plan
+
+    async def _audience(
+        self, conn: psycopg.AsyncConnection, ev: CloudEvent, name: str, uploads: dict[int, dict], now: int
+    ) -> tuple[set[int], bool]:
+        """(user ids who may receive `ev`, whether any subscription naming the model may)."""
+        d = ev.data
+        if name.startswith("upload."):
+            up = uploads.get(int(d["upload_id"]))
+            return ({up["developer_id"]} if up else set()), False
+        if name.startswith("grant."):
+            return {int(d["platform_user_id"])}, False
+        if name == "user.key_rotated":
+            return {int(d["user_id"])}, False
+        if name == "version.created":
+            visibility, granted = await repository.version_audience(conn, d["repo_id"], int(ev.time.timestamp()), now)
+            return {int(d["owner_id"]), *granted}, visibility == "public"
+        return set(), False
+
+    def _emails(self, ev: CloudEvent, name: str, uploads: dict[int, dict], emails: dict[int, str]) -> list[tuple]:
+        d = ev.data
+        out: list[tuple[str, str, tuple[str, str]]] = []
+        if name == "upload.rejected":
+            up = uploads.get(int(d["upload_id"]))
+            if up:
+                out.append(("upload_rejected", up["email"], mail.upload_rejected(d)))
+        elif name in ("grant.created", "grant.revoked"):
+            to = emails.get(int(d["platform_user_id"]))
+            if to:
+                content = mail.grant_created(d) if name == "grant.created" else mail.grant_revoked(d)
+                out.append((name.replace(".", "_"), to, content))
+        elif name == "user.key_rotated":
+            out.append(("key_rotated", d["email"], mail.key_rotated(d)))
+        return [(self._deployment, f"{kind}:{ev.id}", kind, to, s, b) for kind, to, (s, b) in out]
