@@ -1,0 +1,414 @@
+"""The rules of ingest: record what arrives, verify an upload once both halves are known, judge strays and expiries.
+
+Facts from Kafka (UploadInitiated, UploadCompleted, MinIO notifications) are recorded in Postgres first;
+any process may then finish the work, under a lease, and the verdict is claimed by a single row-level
+transition, so duplicates, redelivery, out-of-order arrival and two processes in one group can never
+produce two verdicts for one upload. A sweeper in every process picks up what is due: an object still
+missing after the grace period, an upload whose verifier died, a verdict claimed but not yet acknowledged,
+an expired upload, a stray object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from datetime import timedelta
+
+from registry_ingest.bucket import Bucket, ObjectMissing, OpenedObject
+from registry_ingest.notifications import ObjectNotification, owns_key
+from registry_ingest.publisher import Publisher
+from registry_ingest.settings import IngestSettings
+from registry_ingest.state import IngestStore, NewVerdict, ObjectRow, UploadRow, VerdictRow
+from registry_ingest.verify import (
+    HeadCapture,
+    Judgement,
+    Progress,
+    RejectReason,
+    VerificationCancelled,
+    file_format_of,
+    judge,
+    stream_digest,
+)
+from registry_shared.events import (
+    CloudEvent,
+    EventData,
+    ObjectQuarantined,
+    UploadCompleted,
+    UploadInitiated,
+    UploadRejected,
+    UploadVerified,
+    encode_event,
+    make_event,
+)
+from registry_shared.logging import correlation_id
+from registry_shared.storage import quarantine_key
+
+log = logging.getLogger(__name__)
+
+
+class PoisonMessage(Exception):
+    """A message that can never be processed (undecodable, or outside the contract): it is dead-lettered."""
+
+
+def _fields(**kw: object) -> dict[str, dict[str, object]]:
+    return {"fields": kw}
+
+
+class IngestService:
+    """Verifies uploads and emits exactly one verdict for each."""
+
+    def __init__(
+        self, settings: IngestSettings, store: IngestStore, bucket: Bucket, publisher: Publisher, owner: str
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.bucket = bucket
+        self.publisher = publisher
+        self.owner = owner
+        self._slots = asyncio.Semaphore(settings.max_concurrent_verifications)
+        self._sweeps: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------ facts from the topics
+    async def on_upload_event(self, event: CloudEvent, payload: EventData) -> None:
+        """Record an UploadInitiated or UploadCompleted; verify at once if the object is already there."""
+        if isinstance(payload, UploadInitiated | UploadCompleted) and not owns_key(
+            payload.object_key, self.settings.upload_prefix
+        ):
+            raise PoisonMessage(f"object_key {payload.object_key!r} is outside {self.settings.upload_prefix!r}")
+        if isinstance(payload, UploadInitiated):
+            await self.store.record_initiated(payload, event.id)
+            log.info("upload initiated", extra=_fields(upload_id=payload.upload_id, key=payload.object_key))
+        elif isinstance(payload, UploadCompleted):
+            row, recorded = await self.store.record_completed(payload, event.id, self.settings.object_grace_seconds)
+            if row.verdict is not None:
+                log.info(
+                    "upload already judged; complete ignored",
+                    extra=_fields(upload_id=row.upload_id, verdict=row.verdict, verdict_id=str(row.verdict_event_id)),
+                )
+                # A redelivery after a crash between claim and acknowledgement: finish it before committing.
+                await self.flush_verdict(f"upload:{row.upload_id}")
+                return
+            if not recorded:
+                log.info("duplicate complete", extra=_fields(upload_id=row.upload_id, first=row.completed_event_id))
+            await self.verify_upload(row.upload_id)
+        # Other types on the topic are not ingest's business.
+
+    async def on_notification(self, n: ObjectNotification) -> None:
+        """Record a MinIO notification for an owned key; a created object completes any waiting upload."""
+        if n.bucket != self.bucket.name or not owns_key(n.key, self.settings.upload_prefix):
+            return
+        applied = await self.store.record_object(n)
+        log.info(
+            "object %s", n.kind, extra=_fields(key=n.key, etag=n.etag, size=n.size, seq=n.sequencer, applied=applied)
+        )
+        if n.kind == "created":
+            for upload_id in await self.store.pending_completed_uploads(n.key):
+                await self.verify_upload(upload_id)
+
+    # ------------------------------------------------------------ verification
+    async def verify_upload(self, upload_id: int) -> None:
+        """Verify an upload now unless it is judged or another process is at it."""
+        row = await self.store.lease_upload(upload_id, self.owner, self.settings.lease_seconds)
+        if row is None:
+            log.info("upload judged or being verified elsewhere", extra=_fields(upload_id=upload_id))
+            return
+        await self._verify_leased(row)
+
+    async def _verify_leased(self, row: UploadRow) -> None:
+        lost = threading.Event()
+        progress = Progress()
+        keeper = asyncio.create_task(self._keep_upload_lease(row.upload_id, progress, lost))
+        released = False
+        try:
+            async with self._slots:
+                try:
+                    opened = await asyncio.to_thread(self.bucket.open, row.object_key)
+                except ObjectMissing:
+                    await self._object_absent(row)
+                    released = True
+                    return
+                started = time.monotonic()
+                size, sha256, head = await self._digest(opened, row.rfilename, progress, lost)
+            if lost.is_set():
+                log.warning("lease lost during verification", extra=_fields(upload_id=row.upload_id))
+                return
+            assert row.declared_size is not None and row.declared_sha256 is not None
+            verdict = judge(
+                rfilename=row.rfilename,
+                declared_size=row.declared_size,
+                declared_sha256=row.declared_sha256,
+                size=size,
+                sha256=sha256,
+                head=head,
+                max_header=self.settings.safetensors_max_header_mib * 1024 * 1024,
+            )
+            elapsed = time.monotonic() - started
+            log.info(
+                "object streamed",
+                extra=_fields(
+                    upload_id=row.upload_id, size=size, seconds=round(elapsed, 3), mbps=round(size / 1e6 / elapsed, 1)
+                ),
+            )
+            released = await self._claim_and_finish(row, verdict, opened.etag, size, sha256)
+        except VerificationCancelled:
+            log.warning("lease lost during verification", extra=_fields(upload_id=row.upload_id))
+        except Exception:
+            # MinIO or Postgres trouble: the sweeper tries again later (the fact is durable in Postgres).
+            log.exception("verification failed; will retry", extra=_fields(upload_id=row.upload_id))
+            retry = min(60.0, 2.0 ** min(row.attempts, 6))
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.store.release_upload(row.upload_id, self.owner, retry_in=retry))
+            released = True
+        finally:
+            keeper.cancel()
+            if not released:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.store.release_upload(row.upload_id, self.owner))
+
+    async def _digest(
+        self, opened: OpenedObject, rfilename: str, progress: Progress, stop: threading.Event
+    ) -> tuple[int, str, bytes]:
+        fmt, _ = file_format_of(rfilename)
+        head = HeadCapture(self.settings.safetensors_max_header_mib * 1024 * 1024) if fmt == "safetensors" else None
+
+        def run() -> tuple[int, str]:
+            # The thread owns the response: it closes it even when the awaiting task was cancelled.
+            ok = False
+            try:
+                result = stream_digest(
+                    opened.readinto,
+                    chunk_bytes=self.settings.chunk_bytes,
+                    buffers=self.settings.read_buffers,
+                    head=head,
+                    max_bytes_per_second=self.settings.max_read_mbps * 1e6,
+                    stop=stop,
+                    progress=progress,
+                )
+                ok = True
+                return result
+            finally:
+                opened.close(reuse=ok)
+
+        try:
+            size, sha256 = await asyncio.get_running_loop().run_in_executor(None, run)
+        except asyncio.CancelledError:
+            stop.set()
+            raise
+        return size, sha256, head.data if head is not None else b""
+
+    async def _keep_upload_lease(self, upload_id: int, progress: Progress, lost: threading.Event) -> None:
+        interval = min(self.settings.lease_seconds / 3, 2.0)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if not await self.store.renew_upload_lease(
+                    upload_id, self.owner, self.settings.lease_seconds, progress.bytes_read
+                ):
+                    lost.set()
+                    return
+            except Exception:
+                log.warning("lease renewal failed", exc_info=True, extra=_fields(upload_id=upload_id))
+
+    async def _object_absent(self, row: UploadRow) -> None:
+        grace = timedelta(seconds=self.settings.object_grace_seconds)
+        if row.missing_since is not None and row.db_now - row.missing_since >= grace:
+            detail = f"no object at {row.object_key} {self.settings.object_grace_seconds:g} s after complete"
+            await self._claim_and_finish(
+                row, Judgement(False, *file_format_of(row.rfilename), "object_missing", detail)
+            )
+            return
+        # The notification may still be on its way: wait for it (or for the grace period to end).
+        await self.store.mark_missing(row.upload_id, self.owner, self.settings.object_grace_seconds)
+        log.info("object not there yet", extra=_fields(upload_id=row.upload_id, key=row.object_key))
+
+    async def _claim_and_finish(
+        self,
+        row: UploadRow,
+        verdict: Judgement,
+        etag: str | None = None,
+        size: int | None = None,
+        sha256: str | None = None,
+        *,
+        expiry: bool = False,
+    ) -> bool:
+        """Claim the verdict (once, under the lease) and carry it out; False if it was not ours to claim."""
+        event_id = str(uuid.uuid4())
+        base = {
+            "upload_id": row.upload_id,
+            "repo_id": row.repo_id,
+            "version": row.version,
+            "rfilename": row.rfilename,
+            "object_key": row.object_key,
+        }
+        action, action_etag, qkey = "none", None, None
+        payload: EventData
+        if verdict.verified:
+            assert size is not None and sha256 is not None
+            payload = UploadVerified(
+                **base,
+                size=size,
+                sha256=sha256,
+                etag=etag,
+                file_format=verdict.file_format,
+                is_pickle=verdict.is_pickle,
+            )
+        else:
+            reason: RejectReason = verdict.reason or "object_missing"
+            if reason == "expired":
+                action, action_etag = ("remove", etag) if etag else ("none", None)
+            elif reason != "object_missing":
+                action, action_etag, qkey = "quarantine", etag, quarantine_key(row.object_key)
+            payload = UploadRejected(**base, reason=reason, detail=verdict.detail, quarantine_key=qkey)
+        event = make_event(payload, source=self.settings.event_source, subject=row.repo_id, id=event_id)
+        new = NewVerdict(
+            event_id=event_id,
+            dedupe_key=f"upload:{row.upload_id}",
+            object_key=row.object_key,
+            topic=self.settings.verdicts_topic,
+            message_key=row.repo_id,
+            event=encode_event(event),
+            action=action,
+            action_etag=action_etag,
+            quarantine_key=qkey,
+        )
+        claimed = await self.store.claim_upload_verdict(
+            row.upload_id,
+            self.owner,
+            self.settings.lease_seconds,
+            verdict="verified" if verdict.verified else "rejected",
+            reason=verdict.reason,
+            judged_etag=etag,
+            new=new,
+            only_if_not_completed=expiry,
+        )
+        if claimed is None:
+            log.info("verdict already claimed elsewhere", extra=_fields(upload_id=row.upload_id))
+            return False
+        await self.finish_verdict(claimed)
+        return True
+
+    # ------------------------------------------------------------ carrying out a claimed verdict
+    async def finish_verdict(self, v: VerdictRow) -> None:
+        """Move or remove the object as the verdict says, publish it (acks=all), mark it published.
+
+        Safe to repeat: the object operations are idempotent and the event is the same bytes, same id.
+        """
+        keeper = asyncio.create_task(self._keep_verdict_lease(v.event_id))
+        try:
+            if v.action == "quarantine" and v.quarantine_key:
+                moved = await asyncio.to_thread(self.bucket.move, v.object_key, v.quarantine_key, v.action_etag)
+                if not moved:
+                    log.warning("object to quarantine was gone", extra=_fields(key=v.object_key))
+            elif v.action == "remove":
+                await asyncio.to_thread(self.bucket.remove, v.object_key, v.action_etag)
+            await self.publisher.send(v.topic, v.event, v.message_key.encode())
+            await self.store.mark_published(v.event_id)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.store.release_verdict(v.event_id, self.owner))
+            raise
+        finally:
+            keeper.cancel()
+        log.info("verdict published", extra=_fields(verdict_id=str(v.event_id), key=v.object_key, dedupe=v.dedupe_key))
+
+    async def flush_verdict(self, dedupe_key: str) -> None:
+        """Finish a claimed verdict that was never acknowledged, if nobody else is finishing it."""
+        for v in await self.store.lease_unpublished_verdicts(
+            self.settings.upload_prefix, self.owner, self.settings.lease_seconds, 1, dedupe_key=dedupe_key
+        ):
+            await self.finish_verdict(v)
+
+    async def _keep_verdict_lease(self, event_id: uuid.UUID) -> None:
+        interval = min(self.settings.lease_seconds / 3, 2.0)
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(Exception):
+                await self.store.renew_verdict_lease(event_id, self.owner, self.settings.lease_seconds)
+
+    # ------------------------------------------------------------ strays and expiries
+    async def _judge_stray(self, obj: ObjectRow) -> None:
+        now = await asyncio.to_thread(self.bucket.stat, obj.object_key)
+        if now is None or (obj.etag is not None and now[0] != obj.etag):
+            # Gone already, or replaced: the replacement's own notification is judged on its own.
+            await self.store.settle_object(obj, self.owner, judged=True)
+            return
+        qkey = quarantine_key(obj.object_key)
+        event_id = str(uuid.uuid4())
+        payload = ObjectQuarantined(object_key=obj.object_key, quarantine_key=qkey, size=now[1])
+        event = make_event(payload, source=self.settings.event_source, subject=obj.object_key, id=event_id)
+        new = NewVerdict(
+            event_id=event_id,
+            dedupe_key=f"stray:{obj.object_key}@{obj.sequencer or obj.etag}",
+            object_key=obj.object_key,
+            topic=self.settings.verdicts_topic,
+            message_key=obj.object_key,
+            event=encode_event(event),
+            action="quarantine",
+            action_etag=now[0],
+            quarantine_key=qkey,
+        )
+        claimed = await self.store.claim_stray_verdict(obj, self.owner, self.settings.lease_seconds, new)
+        if claimed is None:
+            await self.store.settle_object(obj, self.owner, judged=False)
+            return
+        log.info("stray object", extra=_fields(key=obj.object_key, etag=obj.etag, verdict_id=event_id))
+        await self.finish_verdict(claimed)
+
+    async def _expire(self, row: UploadRow) -> None:
+        now = await asyncio.to_thread(self.bucket.stat, row.object_key)
+        ttl = self.settings.upload_ttl_seconds
+        detail = f"not completed within {ttl:g} s of being initiated"
+        verdict = Judgement(False, *file_format_of(row.rfilename), "expired", detail)
+        if not await self._claim_and_finish(row, verdict, now[0] if now else None, expiry=True):
+            await self.store.release_upload(row.upload_id, self.owner)
+
+    # ------------------------------------------------------------ the sweeper
+    async def sweep_once(self) -> None:
+        """One pass over due work under this worker's prefix; long verifications continue in the background."""
+        s, prefix, lease = self.settings, self.settings.upload_prefix, self.settings.lease_seconds
+        for v in await self.store.lease_unpublished_verdicts(prefix, self.owner, lease, 20):
+            self._spawn(self.finish_verdict(v), "republish", str(v.event_id))
+        room = s.max_concurrent_verifications - len(self._sweeps)
+        if room > 0:
+            for row in await self.store.lease_due_uploads(prefix, self.owner, lease, room):
+                self._spawn(self._verify_leased(row), "verify", f"upload:{row.upload_id}")
+        for row in await self.store.lease_expired_uploads(prefix, self.owner, lease, s.upload_ttl_seconds, 20):
+            self._spawn(self._expire(row), "expire", f"upload:{row.upload_id}")
+        for obj in await self.store.lease_stray_candidates(prefix, self.owner, lease, s.stray_grace_seconds, 20):
+            self._spawn(self._judge_stray(obj), "stray", obj.object_key)
+
+    def _spawn(self, work: object, what: str, ident: str) -> None:
+        async def run() -> None:
+            correlation_id.set(ident)
+            try:
+                await work  # type: ignore[misc]
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("sweeper %s failed; will retry", what, extra=_fields(id=ident))
+
+        task = asyncio.create_task(run())
+        self._sweeps.add(task)
+        task.add_done_callback(self._sweeps.discard)
+
+    async def run_sweeper(self, stopping: asyncio.Event) -> None:
+        """Sweep every `sweep_interval_seconds` until `stopping` is set."""
+        while not stopping.is_set():
+            try:
+                await self.sweep_once()
+            except Exception:
+                log.exception("sweep failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), self.settings.sweep_interval_seconds)
+
+    async def stop_sweeps(self, wait_seconds: float) -> None:
+        """Let background work finish for up to `wait_seconds` seconds, then cancel it."""
+        if self._sweeps:
+            _, pending = await asyncio.wait(set(self._sweeps), timeout=wait_seconds)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
