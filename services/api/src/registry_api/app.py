@@ -71,7 +71,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         app.state.access = AccessRecorder(pool, settings.access_flush_ms, outbox_wakeup)
         app.state.analytics = httpx.AsyncClient(base_url=settings.analytics_url, timeout=10.0)
         stop = asyncio.Event()
-        tasks = [asyncio.create_task(auth.listen_for_revocations(settings.database_url, stop))]
+        tasks = [asyncio.create_task(auth.listen_for_invalidations(settings.database_url, stop))]
         background: list = [app.state.access]
         if settings.outbox_relay:
             background.append(OutboxRelay(settings.database_url, settings.kafka_bootstrap_servers, outbox_wakeup))

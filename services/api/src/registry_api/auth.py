@@ -22,6 +22,7 @@ import psycopg
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader
 
+from registry_api.catalog.cache import CATALOG_CHANNEL, download_cache
 from registry_api.errors import Forbidden, Unauthorized, Unavailable
 
 log = logging.getLogger(__name__)
@@ -100,25 +101,37 @@ class KeyCache:
     def evict(self, prefix: str) -> None:
         self._items.pop(prefix, None)
 
+    def clear(self) -> None:
+        self._items.clear()
+
 
 key_cache = KeyCache()
 
 
-async def listen_for_revocations(database_url: str, stop: asyncio.Event) -> None:
-    """Evict keys revoked by any api process (Postgres LISTEN); reconnects until `stop` is set."""
+async def listen_for_invalidations(database_url: str, stop: asyncio.Event) -> None:
+    """Drop cached keys and download lookups that any api process invalidated (Postgres LISTEN).
+
+    Reconnects until `stop` is set; on every (re)connect both caches are cleared, since anything may
+    have changed while the listener was away.
+    """
     while not stop.is_set():
         try:
             async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
                 await conn.execute(f"listen {REVOKE_CHANNEL}")
-                key_cache._items.clear()  # anything may have been revoked while we were away
-                gen = conn.notifies()
-                async for note in gen:
-                    key_cache.evict(note.payload)
+                await conn.execute(f"listen {CATALOG_CHANNEL}")
+                key_cache.clear()
+                download_cache.clear()
+                async for note in conn.notifies():
+                    if note.channel == REVOKE_CHANNEL:
+                        key_cache.evict(note.payload)
+                    else:
+                        download_cache.clear()
                     if stop.is_set():
                         break
         except (psycopg.Error, OSError) as exc:
-            log.warning("revocation listener reconnecting: %s", exc)
-            key_cache._items.clear()
+            log.warning("invalidation listener reconnecting: %s", exc)
+            key_cache.clear()
+            download_cache.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=1.0)
 
@@ -170,6 +183,11 @@ async def catalog_reader(
     x_admin_token: Annotated[str | None, Depends(admin_token_header)],
 ) -> Principal:
     """A user by x-api-key, or (without one) the admin token holder, who sees the whole catalog."""
+    return await resolve_catalog_reader(request, x_api_key, x_admin_token)
+
+
+async def resolve_catalog_reader(request: Request, x_api_key: str | None, x_admin_token: str | None) -> Principal:
+    """The rule of `catalog_reader`, callable without FastAPI's dependency injection."""
     if x_api_key:
         return await _principal_for_key(request, x_api_key)
     if x_admin_token:

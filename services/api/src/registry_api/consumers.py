@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from psycopg_pool import AsyncConnectionPool
 from pydantic import ValidationError
 
+from registry_api.catalog.cache import CATALOG_CHANNEL
 from registry_api.catalog.repository import CURRENT_FILES
 from registry_shared.events import (
     CloudEvent,
@@ -89,6 +90,9 @@ async def apply_verified(conn: psycopg.AsyncConnection, v: UploadVerified) -> bo
         ],
     )
     await refresh_model_files(conn, up["model_id"])
+    await conn.execute(
+        "select pg_notify(%s, m.repo_id) from models m where m.id = %s", [CATALOG_CHANNEL, up["model_id"]]
+    )
     return True
 
 

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import time
 import uuid
+from datetime import UTC, datetime
 
 import psycopg
 from aiokafka import AIOKafkaProducer
@@ -51,6 +54,31 @@ class AccessRecorder:
     def record(self, event: FileAccessed) -> None:
         """Queue one access event (non-blocking)."""
         self._buffer.append(_row(event, event.repo_id or f"user:{event.user_id}"))
+
+    def record_download(self, user_id: int, repo_id: str, version: str | None, rfilename: str, size: int) -> None:
+        """Queue a download's access event: the same CloudEvent as `record`, built without pydantic
+        because it runs on every download (test_outbox_access checks both produce the same event)."""
+        event_id = uuid.uuid4()
+        now = time.time()
+        doc = {
+            "specversion": "1.0",
+            "id": str(event_id),
+            "source": SOURCE,
+            "type": FileAccessed.event_type,
+            "time": datetime.fromtimestamp(now, UTC).isoformat().replace("+00:00", "Z"),
+            "subject": repo_id,
+            "datacontenttype": "application/json",
+            "data": {
+                "user_id": user_id,
+                "kind": "download",
+                "repo_id": repo_id,
+                "version": version,
+                "rfilename": rfilename,
+                "bytes": size,
+                "ts": now,
+            },
+        }
+        self._buffer.append((event_id, FileAccessed.topic, repo_id, json.dumps(doc, separators=(",", ":")).encode()))
 
     async def flush(self) -> int:
         """Write what is buffered; keeps it on failure to retry."""

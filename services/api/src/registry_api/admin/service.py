@@ -6,6 +6,7 @@ import psycopg
 
 from registry_api.admin import repository
 from registry_api.admin.schemas import GrantIn, GrantUpdate
+from registry_api.catalog.cache import download_cache, notify_catalog_changed
 from registry_api.errors import Conflict, NotFound, Unprocessable
 from registry_api.kit.validate import check_repo_id
 from registry_api.outbox import write_event
@@ -38,6 +39,8 @@ async def create_grant(conn: psycopg.AsyncConnection, body: GrantIn) -> dict:
         )
         grant = await repository.get_grant(conn, grant_id)
         await write_event(conn, GrantCreated(**_event_fields(grant)))
+        await notify_catalog_changed(conn, grant["repo_id"])
+    download_cache.clear()
     return grant
 
 
@@ -65,6 +68,8 @@ async def update_grant(conn: psycopg.AsyncConnection, grant_id: int, body: Grant
         await repository.update_grant(conn, grant_id, from_ts, until_ts)
         grant = await repository.get_grant(conn, grant_id)
         await write_event(conn, GrantUpdated(**_event_fields(grant)))
+        await notify_catalog_changed(conn, grant["repo_id"])
+    download_cache.clear()
     return grant
 
 
@@ -77,4 +82,6 @@ async def revoke_grant(conn: psycopg.AsyncConnection, grant_id: int) -> dict:
             await repository.revoke_grant(conn, grant_id)
             grant = await repository.get_grant(conn, grant_id)
             await write_event(conn, GrantRevoked(**_event_fields(grant)))
+            await notify_catalog_changed(conn, grant["repo_id"])
+    download_cache.clear()
     return grant

@@ -61,9 +61,15 @@ async def current_files(conn: psycopg.AsyncConnection, model_id: int) -> list[di
 async def find_download(
     conn: psycopg.AsyncConnection, vis: dict, repo_id: str, rfilename: str, version: str | None
 ) -> dict | None:
-    """The file to download: of `version` if given, else of the newest version that has it."""
+    """The file to download (of `version` if given, else of the newest version that has it), with
+    `access_until`: when the caller's access ends (the end of the grant that allows it; null: no end)."""
     cur = await conn.execute(
-        "select m.id as model_id, m.repo_id, f.rfilename, f.size, f.sha256, f.object_key, v.version"
+        "select m.repo_id, f.rfilename, f.size, f.sha256, f.object_key, v.version,"
+        " case when %(see_all)s or m.visibility = 'public' or m.owner_id = %(uid)s then null"
+        "  else (select max(coalesce(g.permitted_until_ts, 4102444800)) from grants g"
+        "        where g.model_id = m.id and g.platform_user_id = %(uid)s and g.revoked_ts is null"
+        "          and g.permitted_from_ts <= %(now)s"
+        "          and (g.permitted_until_ts is null or g.permitted_until_ts > %(now)s)) end as access_until"
         " from models m join files f on f.model_id = m.id left join versions v on v.id = f.version_id"
         " where m.repo_id = %(repo_id)s and f.rfilename = %(rfilename)s"
         " and (%(version)s::text is null or v.version = %(version)s)"

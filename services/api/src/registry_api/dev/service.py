@@ -7,6 +7,7 @@ import time
 import psycopg
 
 from registry_api.auth import Principal
+from registry_api.catalog.cache import download_cache, notify_catalog_changed
 from registry_api.dev import repository
 from registry_api.dev.schemas import CompleteIn, ModelIn, ModelUpdate
 from registry_api.errors import Conflict, Forbidden, NotFound
@@ -55,7 +56,10 @@ async def update_model(conn: psycopg.AsyncConnection, principal: Principal, repo
         model = await own_model(conn, principal, repo_id, lock=True)
         if not fields:
             return model
-        return await repository.update_model(conn, model["id"], fields)
+        row = await repository.update_model(conn, model["id"], fields)
+        await notify_catalog_changed(conn, repo_id)
+    download_cache.clear()
+    return row
 
 
 async def create_version(conn: psycopg.AsyncConnection, principal: Principal, repo_id: str, version: str) -> dict:

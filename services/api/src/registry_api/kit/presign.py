@@ -1,8 +1,16 @@
-"""Presigned URLs for MinIO, computed locally (no request to MinIO on the hot path)."""
+"""Presigned URLs for MinIO, computed locally (no request to MinIO on the hot path).
+
+GET URLs are signed by a small AWS Signature V4 (query-string) signer that caches the day's signing
+key: it is the hot path of every download and costs a few microseconds instead of the SDK's ~70.
+The unit tests check it produces byte-identical URLs to the MinIO SDK. PUT URLs use the SDK.
+"""
 
 from __future__ import annotations
 
-from datetime import timedelta
+import hashlib
+import hmac
+from datetime import UTC, datetime, timedelta
+from urllib.parse import quote
 
 from minio import Minio
 
@@ -14,6 +22,10 @@ EXPIRES_MAX = 86400
 EXPIRES_DEFAULT = 3600
 
 
+def _hmac(key: bytes, msg: str) -> bytes:
+    return hmac.new(key, msg.encode(), hashlib.sha256).digest()
+
+
 class Presigner:
     """Signs GET and PUT URLs for the bucket with the host clients use (MINIO_PUBLIC_ENDPOINT)."""
 
@@ -21,10 +33,44 @@ class Presigner:
         endpoint = settings.minio_public_endpoint or settings.minio_endpoint
         self._client: Minio = minio_client(settings.model_copy(update={"minio_endpoint": endpoint}))
         self.bucket = settings.minio_bucket
+        self._host = endpoint
+        self._scheme = "https" if settings.minio_secure else "http"
+        self._region = settings.minio_region
+        self._access = settings.minio_root_user
+        self._secret = settings.minio_root_password.get_secret_value()
+        self._day = ""
+        self._signing_key = b""
 
-    def get_url(self, object_key: str, expires: int) -> str:
-        """A presigned GET of `object_key`, valid `expires` seconds."""
-        return self._client.presigned_get_object(self.bucket, object_key, expires=timedelta(seconds=expires))
+    def _key_for(self, day: str) -> bytes:
+        if day != self._day:
+            k = _hmac(("AWS4" + self._secret).encode(), day)
+            k = _hmac(k, self._region)
+            k = _hmac(k, "s3")
+            self._signing_key, self._day = _hmac(k, "aws4_request"), day
+        return self._signing_key
+
+    def get_url(self, object_key: str, expires: int, now: datetime | None = None) -> str:
+        """A presigned GET of `object_key`, valid `expires` seconds (SigV4, UNSIGNED-PAYLOAD)."""
+        now = now or datetime.now(UTC)
+        amz_date = now.strftime("%Y%m%dT%H%M%SZ")
+        day = amz_date[:8]
+        scope = f"{day}/{self._region}/s3/aws4_request"
+        path = "/" + self.bucket + "/" + quote(object_key, safe="/~")
+        query = (
+            "X-Amz-Algorithm=AWS4-HMAC-SHA256"
+            f"&X-Amz-Credential={quote(self._access, safe='~')}%2F{day}%2F{self._region}%2Fs3%2Faws4_request"
+            f"&X-Amz-Date={amz_date}&X-Amz-Expires={expires}&X-Amz-SignedHeaders=host"
+        )
+        canonical = f"GET\n{path}\n{query}\nhost:{self._host}\n\nhost\nUNSIGNED-PAYLOAD"
+        to_sign = f"AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
+        signature = hmac.new(self._key_for(day), to_sign.encode(), hashlib.sha256).hexdigest()
+        return f"{self._scheme}://{self._host}{path}?{query}&X-Amz-Signature={signature}"
+
+    def sdk_get_url(self, object_key: str, expires: int, now: datetime) -> str:
+        """The same URL from the MinIO SDK (the reference the fast signer is tested against)."""
+        return self._client.presigned_get_object(
+            self.bucket, object_key, expires=timedelta(seconds=expires), request_date=now
+        )
 
     def put_url(self, object_key: str, expires: int) -> str:
         """A presigned PUT to `object_key`, valid `expires` seconds."""

@@ -116,4 +116,3 @@ async def schedule_redelivery(conn: psycopg.AsyncConnection, delivery_id: int) -
         "update webhook_deliveries set status = 'pending', next_attempt_at = now(), lease_until = null where id = %s",
         [delivery_id],
     )
-    await conn.execute("select pg_notify('registry_webhook_due', %s)", [str(delivery_id)])

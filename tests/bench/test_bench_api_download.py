@@ -1,0 +1,96 @@
+"""Benchmark: GET /v1/files/{repo_id}/{rfilename}/download (auth, grant check, presign, access event)
+against a bare FastAPI endpoint on the same server settings, with the same load tool, alternating rounds.
+
+Targets: download ≥ 0.6× the bare endpoint's requests/s; download p99 ≤ 1.5× the bare p99;
+single-connection p50 of the bare endpoint < 2 ms (no Nagle/delayed-ACK stall on kept-alive connections).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+from conftest import free_port, spawn_api, stop_process
+from wrk import run_wrk
+
+from registry_shared.storage import minio_client, upload_object_key
+
+pytestmark = pytest.mark.bench
+HERE = Path(__file__).resolve().parent
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
+CONNS = 64
+
+
+def start_bare() -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    code = f"from registry_shared.serve import serve; serve('bare', 'bare_app:app', 'BARE_PORT', {port})"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            if httpx.get(f"{base}/bare", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError("bare app did not start")
+
+
+def test_download_vs_bare_endpoint(registry, pg_settings, minio_settings):
+    dev = registry.register("Bench")
+    repo = registry.create_model(dev, "private")
+    registry.create_version(dev, repo, "v1")
+    data = b"x" * 1024
+    key = upload_object_key(repo, "v1", "model.safetensors")
+    minio_client(minio_settings).put_object(minio_settings.minio_bucket, key, io.BytesIO(data), len(data))
+    with psycopg.connect(pg_settings.database_url) as conn:  # the file as ingest would publish it
+        conn.execute(
+            "insert into files (model_id, version_id, rfilename, size, sha256, object_key)"
+            " select m.id, v.id, 'model.safetensors', %s, %s, %s from models m join versions v on v.model_id = m.id"
+            " where m.repo_id = %s",
+            [len(data), "cd" * 32, key, repo],
+        )
+    plat = registry.create_user("platform", "BenchPlat")
+    registry.grant(plat, repo, int(time.time()) - 5)
+
+    api, api_base = spawn_api(API_CONSUME_EVENTS="false", OUTBOX_RELAY="true")
+    bare, bare_base = start_bare()
+    try:
+        download_url = f"{api_base}/v1/files/{repo}/model.safetensors/download"
+        r = httpx.get(download_url, headers=plat.headers)
+        assert r.status_code == 200, r.text
+        single = run_wrk(f"{bare_base}/bare", connections=1, seconds=3)
+        run_wrk(f"{bare_base}/bare", CONNS, 2)  # warm-up
+        run_wrk(download_url, CONNS, 2, plat.headers)
+        bare_runs, dl_runs = [], []
+        for _ in range(ROUNDS):
+            bare_runs.append(run_wrk(f"{bare_base}/bare", CONNS, SECONDS))
+            dl_runs.append(run_wrk(download_url, CONNS, SECONDS, plat.headers))
+    finally:
+        stop_process(api)
+        stop_process(bare)
+
+    def med(runs, attr):
+        return statistics.median(getattr(x, attr) for x in runs)
+
+    b_rps, d_rps = med(bare_runs, "rps"), med(dl_runs, "rps")
+    b_p50, d_p50 = med(bare_runs, "p50_ms"), med(dl_runs, "p50_ms")
+    b_p99, d_p99 = med(bare_runs, "p99_ms"), med(dl_runs, "p99_ms")
+    print("\n== download endpoint vs bare FastAPI endpoint (wrk, 64 connections, 1 server process) ==")
+    print(f"rounds: {ROUNDS} x {SECONDS}s each, alternating; medians")
+    print(f"bare      : {b_rps:8.0f} req/s   p50 {b_p50:6.2f} ms   p99 {b_p99:6.2f} ms")
+    print(f"download  : {d_rps:8.0f} req/s   p50 {d_p50:6.2f} ms   p99 {d_p99:6.2f} ms")
+    print(f"ratio     : req/s {d_rps / b_rps:5.2f}x (target >= 0.60)   p99 {d_p99 / b_p99:5.2f}x (target <= 1.50)")
+    print(f"bare, single connection: p50 {single.p50_ms:.2f} ms (target < 2 ms), {single.rps:.0f} req/s")
+    assert sum(x.errors for x in bare_runs + dl_runs) == 0
+    assert single.p50_ms < 2.0
