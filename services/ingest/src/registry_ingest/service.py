@@ -93,7 +93,8 @@ class IngestService:
                 await self.flush_verdict(f"upload:{row.upload_id}")
                 return
             if not recorded:
-                log.info("duplicate complete", extra=_fields(upload_id=row.upload_id, first=row.completed_event_id))
+                what = "complete redelivered" if row.completed_event_id == event.id else "another complete; first wins"
+                log.info(what, extra=_fields(upload_id=row.upload_id, first=row.completed_event_id))
             await self.verify_upload(row.upload_id)
         # Other types on the topic are not ingest's business.
 
@@ -131,6 +132,7 @@ class IngestService:
                     await self._object_absent(row)
                     released = True
                     return
+                log.info("verifying", extra=_fields(upload_id=row.upload_id, key=row.object_key, size=opened.size))
                 started = time.monotonic()
                 size, sha256, head = await self._digest(opened, row.rfilename, progress, lost)
             if lost.is_set():

@@ -232,9 +232,9 @@ class IngestStore:
                    SET present = excluded.present, etag = excluded.etag, size = excluded.size,
                        sequencer = excluded.sequencer, version_id = excluded.version_id,
                        event_name = excluded.event_name, changed_at = now(), judged = excluded.judged
-                 WHERE ingest.objects.sequencer IS NULL OR excluded.sequencer IS NULL
+                 WHERE o.sequencer IS NULL OR excluded.sequencer IS NULL
                     OR (length(excluded.sequencer), excluded.sequencer COLLATE "C")
-                       > (length(ingest.objects.sequencer), ingest.objects.sequencer COLLATE "C")
+                       > (length(o.sequencer), o.sequencer COLLATE "C")
                 RETURNING o.object_key
                 """,
                 {
