@@ -76,12 +76,26 @@ pg_bin() {
 }
 # Postgres refuses to run as root: when we are root, the cluster belongs to the `postgres` user.
 as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+# The `postgres` user must be able to reach the data folder inside the checkout: grant it the right to
+# traverse (x, no read) each parent folder that denies it, and say so.
+pg_reach() {
+  [ "$(id -u)" -eq 0 ] || return 0
+  local d=$1
+  while [ "$d" != "/" ]; do
+    if ! runuser -u postgres -- test -x "$d" 2>/dev/null; then
+      if command -v setfacl >/dev/null 2>&1; then setfacl -m u:postgres:x "$d"; else chmod o+x "$d"; fi
+      log "postgres: granted the postgres user traversal of $d"
+    fi
+    d=$(dirname "$d")
+  done
+}
 
 up_postgres() {
   local bin; bin=$(pg_bin) || { apt_install postgresql; bin=$(pg_bin) || die "postgresql install failed"; }
   local pgdata="$DATA_DIR/postgres" sock="$RUN_DIR/pgsock"
   mkdir -p "$sock"
   if [ "$(id -u)" -eq 0 ]; then chown postgres: "$sock"; fi
+  pg_reach "$DATA_DIR"; pg_reach "$RUN_DIR"; pg_reach "$LOG_DIR"
   if [ ! -f "$pgdata/PG_VERSION" ]; then
     log "postgres: initdb $pgdata"
     mkdir -p "$pgdata"; chmod 700 "$pgdata"
