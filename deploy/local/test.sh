@@ -38,15 +38,17 @@ if [ "$mode" = "--bench" ]; then
   exit $?
 fi
 
+set +e
 log "lint: ruff"
-uv run --no-sync ruff check .
-uv run --no-sync ruff format --check . >/dev/null || { uv run --no-sync ruff format --diff . | head -50; exit 1; }
+lint=0
+uv run --no-sync ruff check . || lint=1
+uv run --no-sync ruff format --check . >/dev/null || { uv run --no-sync ruff format --diff . | head -50; lint=1; }
 
 log "tests"
-set +e
 uv run --no-sync pytest -p no:cacheprovider "$@"
 rc=$?
 set -e
 # pytest exits 5 when it collected no test: that is a failure here, never a pass.
 if [ $rc -eq 5 ]; then log "pytest ran no test"; exit 1; fi
+if [ $lint -ne 0 ]; then log "ruff found problems (see above)"; [ $rc -ne 0 ] || rc=1; fi
 exit $rc
