@@ -17,8 +17,8 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from email import message_from_bytes
-from email.message import Message
+from email import message_from_bytes, policy
+from email.message import EmailMessage
 from pathlib import Path
 
 import httpx
@@ -332,14 +332,14 @@ class SmtpSink:
     """aiosmtpd on loopback, keeping every message."""
 
     def __init__(self) -> None:
-        self.messages: list[Message] = []
+        self.messages: list[EmailMessage] = []
         self._lock = threading.Lock()
         sink = self
 
         class Handler:
             async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
                 with sink._lock:
-                    sink.messages.append(message_from_bytes(envelope.content))  # type: ignore[attr-defined]
+                    sink.messages.append(message_from_bytes(envelope.content, policy=policy.default))  # type: ignore[attr-defined]
                 return "250 OK"
 
         self.port = free_port()
@@ -352,7 +352,7 @@ class SmtpSink:
     def stop(self) -> None:
         self.controller.stop()
 
-    def to(self, address: str) -> list[Message]:
+    def to(self, address: str) -> list[EmailMessage]:
         with self._lock:
             return [m for m in self.messages if m["To"] == address]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import smtplib
 import ssl
 from datetime import UTC, datetime
+from email import policy
 from email.message import EmailMessage
 from email.utils import make_msgid
 
@@ -67,6 +68,10 @@ def webhook_disabled(webhook_id: int, url: str, reason: str | None) -> tuple[str
     return f"Webhook {webhook_id} disabled", body
 
 
+#: RFC 5322 allows 998 characters a line: subjects naming long repo ids stay on one line.
+_POLICY = policy.SMTP.clone(max_line_length=998)
+
+
 class SmtpMailer:
     """Sends one message per connection to the configured relay (blocking: call it in a thread)."""
 
@@ -76,7 +81,7 @@ class SmtpMailer:
     def send(self, to_addr: str, subject: str, body: str) -> None:
         """Send a plain-text e-mail; raises smtplib/OSError on failure."""
         s = self._s
-        msg = EmailMessage()
+        msg = EmailMessage(policy=_POLICY)
         msg["From"] = s.smtp_from
         msg["To"] = to_addr
         msg["Subject"] = subject
