@@ -97,7 +97,7 @@ class Router:
                 if h["owner_id"] not in owners and not (anyone_filtering and h["repo_id"] == repo):
                     continue
                 if not self._reachable(h["url"]):
-                    log.info("webhook target left to another notifier", extra={"fields": {"webhook_id": h["id"]}})
+                    log.debug("webhook target left to another notifier", extra={"fields": {"webhook_id": h["id"]}})
                     continue
                 plan.deliveries.append(repository.delivery_row(h["id"], ev.id, ev.type, order_key, item.raw, ev.time))
             if self._email:

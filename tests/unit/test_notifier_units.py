@@ -1,0 +1,142 @@
+"""Pure logic of the notifier: the SSRF guard (with a stand-in resolver, to play DNS rebinding), the retry
+schedule, message ids, signatures and e-mail texts."""
+
+from __future__ import annotations
+
+import ipaddress
+from datetime import UTC, datetime
+
+import pytest
+from standardwebhooks import Webhook
+
+from registry_notifier import mail
+from registry_notifier.delivery import retry_delay, sign
+from registry_notifier.repository import message_id
+from registry_notifier.settings import DEFAULT_RETRY_SCHEDULE, NotifierSettings
+from registry_notifier.targets import (
+    TargetGuard,
+    TargetRefused,
+    address_allowed,
+    parse_networks,
+    statically_allowed,
+)
+
+
+def _resolver(answers: dict[str, list[str]]):
+    async def resolve(host: str, port: int) -> list[str]:
+        if host not in answers:
+            raise OSError("no such host")
+        return answers[host]
+
+    return resolve
+
+
+@pytest.mark.parametrize(
+    ("ip", "allowed"),
+    [
+        ("93.184.216.34", True),
+        ("2606:4700::1111", True),
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("172.16.0.1", False),
+        ("192.168.0.1", False),
+        ("169.254.169.254", False),
+        ("100.64.0.1", False),
+        ("0.0.0.0", False),  # noqa: S104
+        ("224.0.0.1", False),
+        ("::1", False),
+        ("fe80::1", False),
+        ("fc00::1", False),
+        ("::ffff:10.0.0.1", False),
+        ("::ffff:93.184.216.34", True),
+    ],
+)
+def test_only_public_addresses_by_default(ip: str, allowed: bool) -> None:
+    assert address_allowed(ipaddress.ip_address(ip), []) is allowed
+
+
+def test_the_allowlist_opens_exactly_its_networks() -> None:
+    nets = parse_networks("127.0.0.1/32, 10.0.0.0/8")
+    assert address_allowed(ipaddress.ip_address("127.0.0.1"), nets)
+    assert address_allowed(ipaddress.ip_address("10.9.9.9"), nets)
+    assert not address_allowed(ipaddress.ip_address("127.0.0.2"), nets)
+    assert not address_allowed(ipaddress.ip_address("192.168.1.1"), nets)
+
+
+def test_static_check_leaves_names_to_delivery_time() -> None:
+    nets = parse_networks("127.0.0.1/32")
+    assert statically_allowed("http://127.0.0.1:9000/x", nets)
+    assert not statically_allowed("http://127.0.0.2:9000/x", nets)
+    assert not statically_allowed("http://[::1]/x", nets)
+    assert statically_allowed("https://hooks.example.com/x", nets)
+    assert not statically_allowed("ftp://hooks.example.com/x", nets)
+    assert not statically_allowed("http://u:p@hooks.example.com/x", nets)
+
+
+async def test_dns_rebinding_is_refused_at_delivery() -> None:
+    guard = TargetGuard([], _resolver({"evil.example": ["93.184.216.34", "169.254.169.254"]}), cache_s=0)
+    with pytest.raises(TargetRefused, match=r"169\.254\.169\.254"):
+        await guard.pin("https://evil.example/hook")
+    guard = TargetGuard([], _resolver({"inside.example": ["10.0.0.5"]}), cache_s=0)
+    with pytest.raises(TargetRefused, match="not a public address"):
+        await guard.pin("http://inside.example/hook")
+    with pytest.raises(TargetRefused, match="cannot resolve"):
+        await guard.pin("http://unknown.example/hook")
+
+
+async def test_a_public_name_is_pinned_to_the_checked_address() -> None:
+    guard = TargetGuard([], _resolver({"hooks.example.com": ["93.184.216.34"]}), cache_s=0)
+    pinned = await guard.pin("https://hooks.example.com:8443/in?x=1")
+    assert pinned.url == "https://93.184.216.34:8443/in?x=1"
+    assert pinned.host_header == "hooks.example.com:8443"
+    assert pinned.sni_hostname == "hooks.example.com"
+    plain = await guard.pin("http://hooks.example.com/")
+    assert plain.url == "http://93.184.216.34:80/" and plain.host_header == "hooks.example.com"
+    assert plain.sni_hostname is None
+
+
+def test_retry_schedule_with_jitter_then_give_up() -> None:
+    delays = NotifierSettings().retry_delays
+    assert delays == [float(x) for x in DEFAULT_RETRY_SCHEDULE.split(",")]
+    assert sum(delays) > 12 * 3600  # retried over hours
+    for attempts, base in enumerate(delays, start=1):
+        d = retry_delay(delays, attempts, 0.2)
+        assert d is not None and base * 0.8 <= d <= base
+    assert retry_delay(delays, len(delays) + 1, 0.2) is None
+
+
+def test_message_id_is_stable_per_webhook_and_event() -> None:
+    ev = "0b9b0c1e-7f3a-4a59-9a8e-2f1f3c1d2e4f"
+    assert message_id(7, ev) == message_id(7, ev)
+    assert message_id(7, ev) != message_id(8, ev)
+    assert message_id(7, ev).startswith("msg_")
+
+
+def test_signature_verifies_with_the_standard_library() -> None:
+    secret = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    now = datetime.now(UTC)
+    body = '{"id":"1","type":"registry.upload.verified.v1"}'
+    headers = {"webhook-id": "msg_1", "webhook-timestamp": str(int(now.timestamp()))}
+    headers["webhook-signature"] = sign(secret, "msg_1", now, body)
+    assert Webhook(secret).verify(body, headers) == {"id": "1", "type": "registry.upload.verified.v1"}
+
+
+def test_email_texts() -> None:
+    subject, body = mail.upload_rejected(
+        {
+            "upload_id": 3,
+            "repo_id": "acme/bert",
+            "version": "v1",
+            "rfilename": "m.bin",
+            "reason": "size_mismatch",
+            "detail": "declared 10, stored 9",
+        }
+    )
+    assert subject == "Upload rejected: acme/bert v1/m.bin (size_mismatch)"
+    assert "Reason: size_mismatch" in body and "declared 10, stored 9" in body
+    subject, body = mail.grant_created(
+        {"grant_id": 1, "repo_id": "acme/bert", "permitted_from_ts": 0, "permitted_until_ts": None}
+    )
+    assert subject == "Model granted: acme/bert" and "1970-01-01 00:00:00 UTC" in body
+    assert mail.key_rotated({"rotated_ts": 0, "key_prefix": "abc"})[0] == "Your API key was rotated"
+    assert "PATCH /v1/webhooks/5" in mail.webhook_disabled(5, "https://x", "boom")[1]
