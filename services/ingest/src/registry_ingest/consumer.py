@@ -3,9 +3,9 @@
 Each message is handled to completion before its offset is committed (enable_auto_commit is off): a
 message that leads to a verdict is committed once Kafka acknowledged the verdict (acks=all); one that
 only adds a fact (the other half of the upload is not there yet) is committed once the fact is in
-Postgres, from where any process's sweeper finishes the work. Partitions are processed concurrently and
-each in order: a partition being worked on is paused, so a long verification holds up only its own
-partition. Undecodable messages go to the dead-letter topic with the error and the worker moves on.
+Postgres, from where any process's sweeper finishes the work. Partitions are processed concurrently, each
+in order by its own lane (a queue and a task), so a long verification holds up only its own partition.
+Undecodable messages go to the dead-letter topic with the error and the worker moves on.
 """
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ from registry_shared.events import decode_event
 from registry_shared.logging import correlation_id
 
 log = logging.getLogger(__name__)
+
+#: A partition whose lane holds this many records is paused until it is back down to the low mark.
+_BACKLOG_HIGH = 2000
+_BACKLOG_LOW = 200
 
 #: Failures of the infrastructure: retried for as long as it takes, never dead-lettered.
 TRANSIENT = (
@@ -67,8 +71,9 @@ class IngestConsumer:
             session_timeout_ms=15000,
             heartbeat_interval_ms=3000,
             max_poll_interval_ms=600000,
+            fetch_max_wait_ms=settings.fetch_max_wait_ms,
         )
-        self._inflight: dict[TopicPartition, asyncio.Task[None]] = {}
+        self._lanes: dict[TopicPartition, _Lane] = {}
         self._stopping = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self.handled = 0
@@ -81,12 +86,14 @@ class IngestConsumer:
         self._loop_task = asyncio.create_task(self._run(), name="ingest-consumer")
 
     async def stop(self, wait_seconds: float) -> None:
-        """Stop fetching, let in-flight messages finish for up to `wait_seconds` s, cancel the rest, leave the group."""
+        """Stop fetching, let messages in hand finish for up to `wait_seconds` s, cancel the rest, leave the group."""
         self._stopping.set()
         if self._loop_task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
-        tasks = list(self._inflight.values())
+        for lane in self._lanes.values():
+            lane.queue.put_nowait(None)  # wakes idle lanes; busy ones stop after the message in hand
+        tasks = [lane.task for lane in self._lanes.values()]
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=wait_seconds)
             for t in pending:
@@ -100,6 +107,12 @@ class IngestConsumer:
 
     # ------------------------------------------------------------ the loop
     async def _run(self) -> None:
+        """Fetch continuously and hand records to their partition's lane.
+
+        Fetching never waits for processing (a paused partition is only fetched again after the fetch in
+        flight returns, which would add latency), except that a lane holding too many records pauses its
+        partition until it has worked its backlog down.
+        """
         while not self._stopping.is_set():
             try:
                 batch = await self._consumer.getmany(timeout_ms=200, max_records=500)
@@ -108,33 +121,41 @@ class IngestConsumer:
                 await asyncio.sleep(1)
                 continue
             for tp, records in batch.items():
-                if not records:
-                    continue
-                self._consumer.pause(tp)
-                previous = self._inflight.get(tp)
-                self._inflight[tp] = asyncio.create_task(self._drain(tp, records, previous))
+                lane = self._lanes.get(tp)
+                if lane is None:
+                    lane = self._lanes[tp] = _Lane(tp)
+                    lane.task = asyncio.create_task(self._work_lane(lane), name=f"ingest-{tp.topic}-{tp.partition}")
+                for record in records:
+                    lane.queue.put_nowait(record)
+                if lane.queue.qsize() >= _BACKLOG_HIGH and not lane.paused:
+                    self._consumer.pause(tp)
+                    lane.paused = True
 
-    async def _drain(
-        self, tp: TopicPartition, records: list[ConsumerRecord], previous: asyncio.Task[None] | None
-    ) -> None:
-        me = asyncio.current_task()
-        try:
-            if previous is not None:
-                await asyncio.gather(previous, return_exceptions=True)
-            for record in records:
-                await self._handle_with_retries(record)
-                self.handled += 1
-                try:
-                    await self._consumer.commit({tp: OffsetAndMetadata(record.offset + 1, "")})
-                except (CommitFailedError, IllegalStateError):
-                    # The partition moved to another member, which resumes from the last commit (idempotently).
-                    log.warning("commit refused after rebalance", extra={"fields": {"tp": str(tp)}})
-                    return
-        finally:
-            if self._inflight.get(tp) is me:
-                del self._inflight[tp]
-                if tp in self._consumer.assignment() and not self._stopping.is_set():
-                    self._consumer.resume(tp)
+    async def _work_lane(self, lane: _Lane) -> None:
+        """Handle one partition's records in order, committing each one's offset after its effect is durable."""
+        tp = lane.tp
+        while not self._stopping.is_set():
+            record = await lane.queue.get()
+            if record is None:
+                return
+            await self._handle_with_retries(record)
+            self.handled += 1
+            try:
+                await self._consumer.commit({tp: OffsetAndMetadata(record.offset + 1, "")})
+            except (CommitFailedError, IllegalStateError):
+                # The partition moved to another member, which resumes from the last commit (idempotently).
+                log.warning("commit refused after rebalance", extra={"fields": {"tp": str(tp)}})
+                return
+            if lane.paused and lane.queue.qsize() <= _BACKLOG_LOW and tp in self._consumer.assignment():
+                self._consumer.resume(tp)
+                lane.paused = False
+
+    async def drop_lanes(self, partitions: list[TopicPartition]) -> None:
+        """Stop work on partitions taken away; their unprocessed records are redelivered to the new owner."""
+        lanes = [self._lanes.pop(tp) for tp in partitions if tp in self._lanes]
+        for lane in lanes:
+            lane.task.cancel()
+        await asyncio.gather(*(lane.task for lane in lanes), return_exceptions=True)
 
     async def _handle_with_retries(self, record: ConsumerRecord) -> None:
         failures = 0
@@ -195,6 +216,16 @@ class IngestConsumer:
                 await asyncio.sleep(min(30.0, 0.25 * 2**failures))
 
 
+class _Lane:
+    """The records of one partition waiting to be handled, and the task handling them."""
+
+    def __init__(self, tp: TopicPartition) -> None:
+        self.tp = tp
+        self.queue: asyncio.Queue[ConsumerRecord | None] = asyncio.Queue()
+        self.paused = False
+        self.task: asyncio.Task[None]
+
+
 def _where(record: ConsumerRecord) -> dict[str, object]:
     return {"topic": record.topic, "partition": record.partition, "offset": record.offset}
 
@@ -206,10 +237,7 @@ class _Rebalance(ConsumerRebalanceListener):
         self.owner = owner
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        tasks = [self.owner._inflight.pop(tp) for tp in revoked if tp in self.owner._inflight]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.owner.drop_lanes(list(revoked))
         if revoked:
             log.info("partitions revoked", extra={"fields": {"partitions": sorted(map(str, revoked))}})
 

@@ -58,6 +58,12 @@ class IngestSettings(BaseSettings):
     max_read_mbps: float = Field(0.0, ge=0, description="Cap on read throughput per object in MB/s (0 = none).")
     safetensors_max_header_mib: int = Field(100, ge=1, description="Larger safetensors headers are rejected.")
 
+    fetch_max_wait_ms: int = Field(
+        100,
+        ge=1,
+        description="Longest a fetch waits on the broker; bounds the delay before a partition paused for backlog"
+        " is fetched again.",
+    )
     max_attempts: int = Field(
         5, ge=1, description="Unexpected (non-infrastructure) failures of one message before it is dead-lettered."
     )
