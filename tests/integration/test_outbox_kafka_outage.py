@@ -7,6 +7,7 @@ import asyncio
 import os
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import psycopg
@@ -33,7 +34,12 @@ def pending(pg_settings) -> int:
 
 
 async def test_kafka_outage_loses_no_event(registry, kafka_settings, pg_settings):
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_settings.kafka_bootstrap_servers, enable_auto_commit=False)
+    # A group id (never committed to) keeps aiokafka on its group coordinator, whose stop() is clean.
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=kafka_settings.kafka_bootstrap_servers,
+        group_id=f"outage-test-{uuid.uuid4().hex[:8]}",
+        enable_auto_commit=False,
+    )
     await consumer.start()
     try:
         parts = [TopicPartition(Topics.USERS, p) for p in sorted(consumer.partitions_for_topic(Topics.USERS) or [])]
