@@ -158,3 +158,22 @@ def test_openapi_documents_every_endpoint_with_errors(registry):
                 assert schema == {"$ref": "#/components/schemas/ErrorOut"}, (method, path, code)
     assert registry.http.get("/docs").status_code == 200
     assert registry.http.get("/redoc").status_code == 200
+
+
+def test_catalog_downloads_counter_counts_real_downloads(registry, pg_settings, minio_settings):
+    dev = registry.register("Counter")
+    repo = registry.create_model(dev, "public")
+    registry.create_version(dev, repo, "v1")
+    seed_file(pg_settings, minio_settings, repo, "v1")
+    reader = registry.register("Reader")
+    for _ in range(5):
+        assert (
+            registry.http.get(f"/v1/files/{repo}/config/model.safetensors/download", headers=reader.headers).status_code
+            == 200
+        )
+    registry.http.get(f"/v1/manifest/{repo}", headers=reader.headers)  # not a download: not counted
+    deadline = time.monotonic() + 20
+    while (n := registry.http.get(f"/v1/models/{repo}", headers=dev.headers).json()["downloads"]) != 5:
+        assert n < 5, f"downloads counted twice: {n}"
+        assert time.monotonic() < deadline, f"downloads counter at {n} of 5 after 20 s"
+        time.sleep(0.2)
