@@ -362,6 +362,8 @@ class IngestService:
 
     async def _expire(self, row: UploadRow) -> None:
         now = await asyncio.to_thread(self.bucket.stat, row.object_key)
+        if now is not None and await self.store.other_pending_upload(row.object_key, row.upload_id):
+            now = None  # the object belongs to a newer upload of the same file: leave it to that one
         ttl = self.settings.upload_ttl_seconds
         detail = f"not completed within {ttl:g} s of being initiated"
         verdict = Judgement(False, *file_format_of(row.rfilename), "expired", detail)

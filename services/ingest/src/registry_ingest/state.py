@@ -259,6 +259,15 @@ class IngestStore:
             )
             return [r[0] for r in await cur.fetchall()]
 
+    async def other_pending_upload(self, object_key: str, upload_id: int) -> bool:
+        """Whether another upload of the same key (a retry) still waits for a verdict."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT 1 FROM ingest.uploads WHERE object_key = %s AND upload_id <> %s AND verdict IS NULL LIMIT 1",
+                [object_key, upload_id],
+            )
+            return await cur.fetchone() is not None
+
     # ------------------------------------------------------------ leases on uploads
     async def lease_upload(self, upload_id: int, owner: str, lease: float) -> UploadRow | None:
         """Take the upload for verification unless it has a verdict or a live lease of another process."""
