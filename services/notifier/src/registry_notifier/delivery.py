@@ -152,11 +152,11 @@ class DeliveryWorker:
                 )
                 self.failed_attempts += 1
                 follow = delay is None and not disabled
-            nxt = (
-                await repository.claim_next(conn, row["webhook_id"], row["order_key"], s.notifier_lease_s)
-                if follow
-                else None
-            )
+            nxt = None
+            if follow:
+                nxt = await repository.claim_next(
+                    conn, s.notifier_deployment, row["webhook_id"], row["order_key"], s.notifier_lease_s
+                )
         if disabled:
             log.warning("webhook disabled after repeated failures", extra={"fields": {"webhook_id": row["webhook_id"]}})
             self._on_disabled()
@@ -189,7 +189,9 @@ class DeliveryWorker:
             if free > 0:
                 try:
                     async with self._pool.connection() as conn, conn.transaction():
-                        rows = await repository.claim_heads(conn, free, s.notifier_lease_s)
+                        rows = await repository.claim_heads(
+                            conn, s.notifier_deployment, free, s.notifier_lease_s, s.notifier_adopt_after_s
+                        )
                 except Exception as exc:
                     log.warning("cannot claim deliveries: %s", exc)
                 for row in rows:
@@ -203,8 +205,10 @@ class DeliveryWorker:
                 await asyncio.wait_for(self.wakeup.wait(), timeout=s.notifier_poll_interval_s)
 
     def _done(self, task: asyncio.Task[None]) -> None:
+        full = len(self._tasks) >= self._s.notifier_delivery_concurrency
         self._tasks.discard(task)
-        self.wakeup.set()
+        if full:  # a slot is free again: look for more at once (otherwise new work wakes us up)
+            self.wakeup.set()
 
     def start(self) -> None:
         """Run in the background."""

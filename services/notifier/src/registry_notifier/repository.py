@@ -62,14 +62,15 @@ async def version_audience(
 
 
 async def insert_deliveries(conn: psycopg.AsyncConnection, rows: list[tuple]) -> int:
-    """Queue deliveries (webhook_id, event_id, event_type, order_key, message_id, payload, event_time);
-    a (webhook, event) pair already queued is left alone."""
+    """Queue deliveries (webhook_id, event_id, event_type, order_key, message_id, payload, event_time,
+    deployment); a (webhook, event) pair already queued is left alone."""
     if not rows:
         return 0
     async with conn.cursor() as cur:
         await cur.executemany(
             "insert into webhook_deliveries (webhook_id, event_id, event_type, order_key, message_id, payload,"
-            " event_time) values (%s, %s, %s, %s, %s, %s, %s) on conflict (webhook_id, event_id) do nothing",
+            " event_time, deployment) values (%s, %s, %s, %s, %s, %s, %s, %s)"
+            " on conflict (webhook_id, event_id) do nothing",
             rows,
         )
     return len(rows)
@@ -91,34 +92,46 @@ async def insert_emails(conn: psycopg.AsyncConnection, rows: list[tuple]) -> Non
 
 _CLAIMED = """d.id, d.webhook_id, d.order_key, d.message_id, d.payload, d.attempts, d.event_id, w.url, w.secret"""
 
+# Heads of line: the first undelivered delivery of every (webhook, order key). One ordered pass over the
+# partial index of undelivered rows finds them; only the due heads of enabled webhooks that belong to
+# this deployment (or are long overdue elsewhere) are locked and claimed.
 CLAIM_HEADS = f"""
 with heads as (
-    select d.id from webhook_deliveries d join webhooks w on w.id = d.webhook_id
+    select distinct on (webhook_id, order_key) id
+    from webhook_deliveries
+    where status in ('pending', 'sending')
+    order by webhook_id, order_key, id
+), due as (
+    select d.id from heads h
+    join webhook_deliveries d on d.id = h.id
+    join webhooks w on w.id = d.webhook_id
     where w.enabled
+      and (d.deployment = %(dep)s or d.next_attempt_at < now() - make_interval(secs => %(adopt)s))
       and ((d.status = 'pending' and d.next_attempt_at <= now()) or (d.status = 'sending' and d.lease_until < now()))
-      and not exists (
-          select 1 from webhook_deliveries p
-          where p.webhook_id = d.webhook_id and p.order_key = d.order_key and p.id < d.id
-            and p.status in ('pending', 'sending'))
     order by d.next_attempt_at, d.id
     limit %(limit)s
     for update of d skip locked
 )
 update webhook_deliveries d
-   set status = 'sending', attempts = d.attempts + 1, lease_until = now() + make_interval(secs => %(lease)s)
-  from heads, webhooks w
- where d.id = heads.id and w.id = d.webhook_id
+   set status = 'sending', attempts = d.attempts + 1, deployment = %(dep)s,
+       lease_until = now() + make_interval(secs => %(lease)s)
+  from due, webhooks w
+ where d.id = due.id and w.id = d.webhook_id
 returning {_CLAIMED}
 """
 
 
-async def claim_heads(conn: psycopg.AsyncConnection, limit: int, lease_s: float) -> list[dict]:
+async def claim_heads(
+    conn: psycopg.AsyncConnection, deployment: str, limit: int, lease_s: float, adopt_after_s: float
+) -> list[dict]:
     """Claim up to `limit` due deliveries that are first in line for their (webhook, order key)."""
-    cur = await conn.execute(CLAIM_HEADS, {"limit": limit, "lease": lease_s})
+    cur = await conn.execute(CLAIM_HEADS, {"dep": deployment, "limit": limit, "lease": lease_s, "adopt": adopt_after_s})
     return await cur.fetchall()
 
 
-async def claim_next(conn: psycopg.AsyncConnection, webhook_id: int, order_key: str, lease_s: float) -> dict | None:
+async def claim_next(
+    conn: psycopg.AsyncConnection, deployment: str, webhook_id: int, order_key: str, lease_s: float
+) -> dict | None:
     """Claim the next delivery of a (webhook, order key) if it is first in line, due, and the webhook enabled."""
     cur = await conn.execute(
         "select d.id, d.status, d.next_attempt_at <= now() as due, w.enabled from webhook_deliveries d"
@@ -131,10 +144,10 @@ async def claim_next(conn: psycopg.AsyncConnection, webhook_id: int, order_key: 
     if head is None or head["status"] != "pending" or not head["due"] or not head["enabled"]:
         return None
     cur = await conn.execute(
-        "update webhook_deliveries d set status = 'sending', attempts = d.attempts + 1,"
+        "update webhook_deliveries d set status = 'sending', attempts = d.attempts + 1, deployment = %s,"
         " lease_until = now() + make_interval(secs => %s) from webhooks w"
         f" where d.id = %s and w.id = d.webhook_id returning {_CLAIMED}",
-        [lease_s, head["id"]],
+        [deployment, lease_s, head["id"]],
     )
     return await cur.fetchone()
 
@@ -264,7 +277,13 @@ def message_id(webhook_id: int, event_id: str) -> str:
 
 
 def delivery_row(
-    webhook_id: int, event_id: str, event_type: str, order_key: str, payload: str, event_time: datetime
+    webhook_id: int,
+    event_id: str,
+    event_type: str,
+    order_key: str,
+    payload: str,
+    event_time: datetime,
+    deployment: str,
 ) -> tuple:
     """A row for insert_deliveries."""
     return (
@@ -275,4 +294,5 @@ def delivery_row(
         message_id(webhook_id, event_id),
         payload,
         event_time,
+        deployment,
     )

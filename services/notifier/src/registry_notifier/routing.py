@@ -99,7 +99,9 @@ class Router:
                 if not self._reachable(h["url"]):
                     log.debug("webhook target left to another notifier", extra={"fields": {"webhook_id": h["id"]}})
                     continue
-                plan.deliveries.append(repository.delivery_row(h["id"], ev.id, ev.type, order_key, item.raw, ev.time))
+                plan.deliveries.append(
+                    repository.delivery_row(h["id"], ev.id, ev.type, order_key, item.raw, ev.time, self._deployment)
+                )
             if self._email:
                 plan.emails.extend(self._emails(ev, name, uploads, emails))
         return plan

@@ -37,6 +37,9 @@ class NotifierSettings(PostgresSettings, KafkaSettings):
     notifier_delivery_timeout_s: float = Field(10.0, gt=0, le=120)
     notifier_delivery_concurrency: int = Field(64, ge=1, le=1000, description="Deliveries in flight at once.")
     notifier_lease_s: float = Field(120.0, gt=0, description="A claimed delivery returns to others after this.")
+    notifier_adopt_after_s: float = Field(
+        300.0, ge=0, description="Deliveries queued by another deployment are taken over once this overdue."
+    )
     notifier_poll_interval_s: float = Field(0.5, gt=0, le=60, description="How often due retries are looked for.")
     notifier_dns_timeout_s: float = Field(3.0, gt=0, le=30)
     notifier_dns_cache_s: float = Field(30.0, ge=0, le=3600)

@@ -35,9 +35,12 @@ create index webhooks_disabled on webhooks (disabled_ts) where disabled_ts is no
 -- Deliveries of one (webhook, order_key) are sent in id order (order_key = the event's subject,
 -- the repo_id for catalog events): a row is only sent once every earlier row of its key is
 -- delivered or given up.
+-- `deployment` is the notifier deployment that queued the row and sends it (another deployment on
+-- the same database adopts it only once it is long overdue, so a vanished deployment strands nothing).
 create table webhook_deliveries (
     id                bigserial primary key,
     webhook_id        bigint not null references webhooks (id) on delete cascade,
+    deployment        text not null default 'default',
     event_id          uuid not null,
     event_type        text not null,
     order_key         text not null,
