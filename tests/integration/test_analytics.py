@@ -77,6 +77,7 @@ class AnalyticsProcess:
             "ANALYTICS_USERS_TOPIC": self.users_topic,
             "ANALYTICS_DEAD_LETTER_TOPIC": self.dlq_topic,
             "ANALYTICS_FLUSH_INTERVAL_MS": "100",
+            "ANALYTICS_GROUP_INSTANCE_ID": f"test-analytics-{tag}-0",
             "LOG_LEVEL": "info",
         }
         self.log_path = tmp / "analytics.log"

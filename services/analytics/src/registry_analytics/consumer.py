@@ -4,8 +4,8 @@ How a batch becomes exactly-once:
 
 1. Messages are collected per partition (up to `batch_max_events`, or `flush_interval_ms` after the first).
 2. They are decoded (CloudEvents JSON) in (topic, partition, offset) order; a repeated event id inside the
-   batch is dropped, and so is one the store already holds (looked up in the hours of the events' `ts`:
-   a duplicate carries the same ts).
+   batch is dropped, and so is one the store already holds (the ids of the hours of the events' `ts`, a
+   duplicate carries the same ts, cached per hour: see SeenIds).
 3. A manifest (offset ranges, the offsets dropped by the store look-up, and an insert token built from the
    kept event ids) is written to `ingest_batches` before the rows.
 4. The rows go in as one insert with that `insert_deduplication_token`; the rollup's materialized view
@@ -25,22 +25,20 @@ import hashlib
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, get_args
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from orjson import dumps as _json_dumps
+from orjson import loads as _json_loads
 
 from registry_analytics.settings import AnalyticsSettings
 from registry_analytics.store import Manifest, Store
 from registry_shared.events import AccessKind, FileAccessed, UserRegistered, decode_event
 from registry_shared.logging import correlation_id
 from registry_shared.settings import KafkaSettings
-
-try:  # orjson parses the CloudEvents JSON ~3x faster than the standard library when it is installed
-    from orjson import loads as _json_loads
-except ImportError:  # pragma: no cover
-    from json import loads as _json_loads
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +54,19 @@ class InvalidEvent(ValueError):
 
 
 # ---------------------------------------------------------------- decoding
-AccessRow = tuple[str, int, int, str, str, str, str, int]  # event_id, ts_ms, user_id, kind, repo, version, file, bytes
+#: An access event as the loader keeps it: (event_id, ts in ms, the JSON line ClickHouse parses into a row).
+AccessRow = tuple[str, int, bytes]
 UserRow = tuple[int, str, str, str, int]  # user_id, email, name, role, updated_at_ms
+_MAX_INT = 2**63
 
 
 def decode_message(value: bytes) -> tuple[str, AccessRow | UserRow | None]:
     """Decode one Kafka message value: ("access", row), ("user", row) or ("other", None).
 
     The common case (a well-formed registry.file.accessed.v1 event) takes a fast path of plain type
-    checks; anything else goes through the shared pydantic models, so both accept exactly the same events.
-    Raises InvalidEvent for anything that is not a valid CloudEvent.
+    checks, and its own bytes are what ClickHouse parses into the row (see store.SCHEMA, access_ingest).
+    Anything else goes through the shared pydantic models and is re-encoded canonically, so both paths
+    accept exactly the same events. Raises InvalidEvent for anything that is not a valid CloudEvent.
     """
     try:
         doc = _json_loads(value)
@@ -82,20 +83,21 @@ def decode_message(value: bytes) -> tuple[str, AccessRow | UserRow | None]:
             and data.keys() <= _ACCESS_KEYS
         ):
             uid, kind, ts, nbytes = data.get("user_id"), data.get("kind"), data.get("ts"), data.get("bytes", 0)
-            repo, version, rfile = data.get("repo_id"), data.get("version"), data.get("rfilename")
             if (
                 type(uid) is int
-                and uid >= 0
+                and 0 <= uid < _MAX_INT
                 and kind in _KINDS
                 and type(ts) in (float, int)
                 and 0 <= ts < 1e11
                 and type(nbytes) is int
-                and nbytes >= 0
-                and type(repo) in _OPT_STR
-                and type(version) in _OPT_STR
-                and type(rfile) in _OPT_STR
+                and 0 <= nbytes < _MAX_INT
+                and type(data.get("repo_id")) in _OPT_STR
+                and type(data.get("version")) in _OPT_STR
+                and type(data.get("rfilename")) in _OPT_STR
+                and b"\n" not in value
+                and b"\r" not in value
             ):
-                return "access", (eid, math.floor(ts * 1000), uid, kind, repo or "", version or "", rfile or "", nbytes)
+                return "access", (eid, math.floor(ts * 1000), value)
     return _decode_slow(value)
 
 
@@ -108,21 +110,13 @@ def _decode_slow(value: bytes) -> tuple[str, AccessRow | UserRow | None]:
     except ValueError as exc:  # pydantic.ValidationError is a ValueError
         raise InvalidEvent(str(exc).splitlines()[0]) from exc
     if isinstance(payload, FileAccessed):
-        if payload.user_id < 0 or payload.bytes < 0 or not 0 <= payload.ts < 1e11:
-            raise InvalidEvent("user_id, bytes and ts must not be negative")
-        return "access", (
-            event.id,
-            math.floor(payload.ts * 1000),
-            payload.user_id,
-            payload.kind,
-            payload.repo_id or "",
-            payload.version or "",
-            payload.rfilename or "",
-            payload.bytes,
-        )
+        if not (0 <= payload.user_id < _MAX_INT and 0 <= payload.bytes < _MAX_INT and 0 <= payload.ts < 1e11):
+            raise InvalidEvent("user_id, bytes and ts must be non-negative and in range")
+        line = _json_dumps({"id": event.id, "data": payload.model_dump()})
+        return "access", (event.id, math.floor(payload.ts * 1000), line)
     if isinstance(payload, UserRegistered):
-        if payload.user_id < 0:
-            raise InvalidEvent("user_id must not be negative")
+        if not 0 <= payload.user_id < _MAX_INT:
+            raise InvalidEvent("user_id out of range")
         updated = math.floor(event.time.timestamp() * 1000)
         return "user", (payload.user_id, payload.email, payload.name, payload.role, updated)
     return "other", None
@@ -154,25 +148,35 @@ class RawBatch:
 
 @dataclass
 class PreparedBatch:
-    """A decoded batch, ready to store."""
+    """A decoded batch, ready to store: parallel lists of event ids, ts (ms), JSON lines and positions."""
 
     ranges: list[list[Any]]
-    columns: list[list[Any]]
+    ids: list[str]
+    ts_ms: list[int]
+    lines: list[bytes]
     positions: list[tuple[str, int, int]]
     users: list[UserRow]
     invalid: list[tuple[str, int, int, bytes, str]]
     duplicates_in_batch: int
 
+    def keep(self, flags: list[bool]) -> None:
+        """Keep only the access rows whose flag is true."""
+        self.ids = [v for v, k in zip(self.ids, flags, strict=True) if k]
+        self.ts_ms = [v for v, k in zip(self.ts_ms, flags, strict=True) if k]
+        self.lines = [v for v, k in zip(self.lines, flags, strict=True) if k]
+        self.positions = [v for v, k in zip(self.positions, flags, strict=True) if k]
+
 
 def prepare(raw: RawBatch) -> PreparedBatch:
     """Decode a batch deterministically: the same messages always give the same rows in the same order."""
-    cols: list[list[Any]] = [[] for _ in range(8)]
+    ids: list[str] = []
+    ts_ms: list[int] = []
+    lines: list[bytes] = []
     positions: list[tuple[str, int, int]] = []
     users: list[UserRow] = []
     invalid: list[tuple[str, int, int, bytes, str]] = []
     seen: set[str] = set()
     dups = 0
-    append = [c.append for c in cols]
     for tp, recs in raw._sorted():
         topic, part = tp.topic, tp.partition
         for offset, value in recs:
@@ -182,17 +186,71 @@ def prepare(raw: RawBatch) -> PreparedBatch:
                 invalid.append((topic, part, offset, value, str(exc)))
                 continue
             if kind == "access":
-                eid = row[0]
+                eid, ts, line = row  # type: ignore[misc]
                 if eid in seen:
                     dups += 1
                     continue
                 seen.add(eid)
-                for a, v in zip(append, row, strict=True):
-                    a(v)
+                ids.append(eid)
+                ts_ms.append(ts)
+                lines.append(line)
                 positions.append((topic, part, offset))
             elif kind == "user":
                 users.append(row)  # type: ignore[arg-type]
-    return PreparedBatch(raw.ranges(), cols, positions, users, invalid, dups)
+    return PreparedBatch(raw.ranges(), ids, ts_ms, lines, positions, users, invalid, dups)
+
+
+class SeenIds:
+    """The event ids the store holds, per hour of their `ts`, loaded from the store on first use.
+
+    A duplicate carries the same ts as the event it repeats, so the ids of the hours a batch touches are
+    all it needs to be checked against. Live traffic touches the current hour or two; older hours are
+    dropped least-recently-used first once `max_ids` ids are held. Only the loader writes access_events,
+    so the cache stays exact: ids are added only once their batch is stored.
+    """
+
+    def __init__(self, store: Store, max_ids: int = 2_000_000) -> None:
+        self.store = store
+        self.max_ids = max_ids
+        self.hours: OrderedDict[int, set[str]] = OrderedDict()
+        self.size = 0
+
+    def clear(self) -> None:
+        """Forget everything (after an error: the store is the truth)."""
+        self.hours.clear()
+        self.size = 0
+
+    def _load(self, hours: set[int]) -> None:
+        missing = sorted(h for h in hours if h not in self.hours)
+        for h in missing:
+            self.hours[h] = set()
+        if missing:
+            for h, eid in self.store.event_ids_by_hour([h * 3600 for h in missing]):
+                self.hours[h // 3600].add(eid)
+                self.size += 1
+        for h in hours:
+            self.hours.move_to_end(h)
+
+    def existing(self, ids: list[str], ts_ms: list[int]) -> set[str]:
+        """Which of the ids (with their ts in ms) the store already holds."""
+        hours_of = [t // 3_600_000 for t in ts_ms]
+        self._load(set(hours_of))
+        hours = self.hours
+        return {eid for eid, h in zip(ids, hours_of, strict=True) if eid in hours[h]}
+
+    def add(self, ids: list[str], ts_ms: list[int]) -> None:
+        """Record ids that were just stored, then drop the least recently used hours beyond `max_ids`."""
+        hours = self.hours
+        for eid, t in zip(ids, ts_ms, strict=True):
+            h = t // 3_600_000
+            bucket = hours.get(h)
+            if bucket is None:
+                bucket = hours[h] = set()
+            bucket.add(eid)
+        self.size = sum(len(b) for b in hours.values())
+        while self.size > self.max_ids and len(hours) > 1:
+            _, dropped = hours.popitem(last=False)
+            self.size -= len(dropped)
 
 
 def insert_token(event_ids: Sequence[str]) -> str:
@@ -202,13 +260,6 @@ def insert_token(event_ids: Sequence[str]) -> str:
         h.update(eid.encode())
         h.update(b"\n")
     return f"access-{len(event_ids)}-{h.hexdigest()}"
-
-
-def drop_rows(columns: list[list[Any]], positions: list[tuple[str, int, int]], keep: list[bool]) -> None:
-    """Keep only the rows whose flag is true (in place)."""
-    for i, col in enumerate(columns):
-        columns[i] = [v for v, k in zip(col, keep, strict=True) if k]
-    positions[:] = [p for p, k in zip(positions, keep, strict=True) if k]
 
 
 # ---------------------------------------------------------------- the loader
@@ -225,7 +276,15 @@ class AccessLoader:
         self._seq = 0
         self._flushing: asyncio.Task | None = None
         self._seq_written: Manifest | None = None
-        self.stats = {"batches": 0, "stored": 0, "duplicates": 0, "invalid": 0, "replayed": 0}
+        self.seen = SeenIds(store)
+        self.stats: dict[str, int | str] = {
+            "batches": 0,
+            "stored": 0,
+            "duplicates": 0,
+            "invalid": 0,
+            "replayed": 0,
+            "phase": "starting",
+        }
         self.ready = asyncio.Event()
 
     # ------------------------------------------------------------ lifecycle
@@ -254,12 +313,16 @@ class AccessLoader:
 
     async def _run(self) -> None:
         s = self.settings
+        self.seen.clear()
         self.consumer = AIOKafkaConsumer(
             s.access_topic,
             s.users_topic,
             bootstrap_servers=self.kafka.kafka_bootstrap_servers,
             client_id=f"{self.kafka.kafka_client_id}-analytics",
             group_id=s.group_id,
+            group_instance_id=s.group_instance_id,
+            session_timeout_ms=s.session_timeout_ms,
+            heartbeat_interval_ms=max(500, s.session_timeout_ms // 4),
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_bytes=s.fetch_max_bytes,
@@ -372,6 +435,7 @@ class AccessLoader:
                 break
             except Exception:
                 log.exception("storing a batch failed; retrying in %.1f s", delay)
+                self.seen.clear()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10)
                 if replay is None and self._seq_written:
@@ -386,53 +450,65 @@ class AccessLoader:
         except Exception:  # a rebalance: the next owner re-reads the batch and drops its ids as duplicates
             log.warning("offset commit failed after storing batch %s", manifest.seq if manifest else "-", exc_info=True)
         self.stats["batches"] += 1
+        self.stats["phase"] = "idle"
 
     def _store_batch(self, raw: RawBatch, replay: Manifest | None) -> tuple[PreparedBatch, Manifest | None]:
         """Runs in a worker thread (the insert releases the GIL; decoding overlaps the next fetch)."""
         t0 = time.perf_counter()
+        self.stats["phase"] = "decoding"
         prepared = prepare(raw)
-        cols, positions = prepared.columns, prepared.positions
+        t_decoded = time.perf_counter()
+        skipped_pos: list[list[Any]] = []
         if replay is not None:
             skipped = {tuple(p) for p in replay.skipped}
             if skipped:
-                drop_rows(cols, positions, [p not in skipped for p in positions])
-            if len(cols[0]) != replay.rows:
-                log.error("replayed batch %s has %s rows, its manifest %s", replay.seq, len(cols[0]), replay.rows)
+                prepared.keep([p not in skipped for p in prepared.positions])
+            if len(prepared.ids) != replay.rows:
+                log.error("replayed batch %s has %s rows, its manifest %s", replay.seq, len(prepared.ids), replay.rows)
             manifest: Manifest | None = replay
         else:
-            ids = cols[0]
-            existing = self.store.existing_event_ids(sorted({ts // 3_600_000 * 3600 for ts in cols[1]}), ids)
-            skipped_pos: list[list[Any]] = []
+            self.stats["phase"] = "deduplicating"
+            existing = self.seen.existing(prepared.ids, prepared.ts_ms)
             if existing:
-                keep = [eid not in existing for eid in ids]
-                skipped_pos = [list(p) for p, k in zip(positions, keep, strict=True) if not k]
-                drop_rows(cols, positions, keep)
+                flags = [eid not in existing for eid in prepared.ids]
+                skipped_pos = [list(p) for p, k in zip(prepared.positions, flags, strict=True) if not k]
+                prepared.keep(flags)
             manifest = None
-            if cols[0]:
-                manifest = Manifest(self._seq + 1, insert_token(cols[0]), prepared.ranges, skipped_pos, len(cols[0]))
+            if prepared.ids:
+                self.stats["phase"] = "writing manifest"
+                token = insert_token(prepared.ids)
+                manifest = Manifest(self._seq + 1, token, prepared.ranges, skipped_pos, len(prepared.ids))
                 self.store.write_manifest(self.settings.group_id, manifest)
                 self._seq = manifest.seq
                 self._seq_written = manifest
-            self.stats["duplicates"] += prepared.duplicates_in_batch + len(skipped_pos)
+        t_deduped = time.perf_counter()
+        self.stats["phase"] = "inserting"
         self.store.insert_users(prepared.users)
-        if cols[0]:
-            now_ms = int(time.time() * 1000)
-            token = manifest.token if manifest else insert_token(cols[0])
-            self.store.insert_access([*cols, [now_ms] * len(cols[0])], token)
-        self.stats["stored"] += len(cols[0])
+        if prepared.ids:
+            token = manifest.token if manifest else insert_token(prepared.ids)
+            self.store.insert_access_lines(prepared.lines, token)
+            self.seen.add(prepared.ids, prepared.ts_ms)
+        self.stats["phase"] = "committing"
+        duplicates = prepared.duplicates_in_batch + len(skipped_pos)
+        self.stats["stored"] += len(prepared.ids)
         self.stats["invalid"] += len(prepared.invalid)
+        self.stats["duplicates"] += duplicates
+        t_end = time.perf_counter()
         correlation_id.set(manifest.token if manifest else None)
         log.info(
             "batch stored",
             extra={
                 "fields": {
                     "messages": raw.count,
-                    "rows": len(cols[0]),
+                    "rows": len(prepared.ids),
                     "users": len(prepared.users),
-                    "duplicates": prepared.duplicates_in_batch + (len(replay.skipped) if replay else 0),
+                    "duplicates": duplicates,
                     "invalid": len(prepared.invalid),
                     "replay": replay is not None,
-                    "ms": round((time.perf_counter() - t0) * 1000, 1),
+                    "ms": round((t_end - t0) * 1000, 1),
+                    "decode_ms": round((t_decoded - t0) * 1000, 1),
+                    "dedupe_ms": round((t_deduped - t_decoded) * 1000, 1),
+                    "insert_ms": round((t_end - t_deduped) * 1000, 1),
                 }
             },
         )

@@ -19,6 +19,10 @@ class AnalyticsSettings(BaseSettings):
     users_topic: str = Field(Topics.USERS, description="Topic of the user events (email/name dimension).")
     dead_letter_topic: str = Field(Topics.DEAD_LETTER, description="Where undecodable messages are copied.")
     group_id: str = Field("registry-analytics", description="Kafka consumer group of the loader.")
+    group_instance_id: str | None = Field(
+        None, description="Static group membership: a restarted loader gets its partitions back at once."
+    )
+    session_timeout_ms: int = Field(10_000, ge=1000, description="Kafka group session timeout.")
     batch_max_events: int = Field(50_000, ge=1, description="Flush a batch once it holds this many messages.")
     flush_interval_ms: int = Field(200, ge=1, description="Flush a non-empty batch at least this often.")
     fetch_max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Kafka fetch size (bytes) per request.")

@@ -30,7 +30,6 @@ from registry_shared.settings import ClickHouseSettings
 
 log = logging.getLogger(__name__)
 
-ACCESS_COLUMNS = ("event_id", "ts", "user_id", "kind", "repo_id", "version", "rfilename", "bytes", "ingested_at")
 USER_COLUMNS = ("user_id", "email", "name", "role", "updated_at")
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -52,6 +51,23 @@ SCHEMA: tuple[str, ...] = (
 PARTITION BY toYYYYMM(ts)
 ORDER BY (toStartOfHour(ts), user_id, repo_id)
 SETTINGS non_replicated_deduplication_window = 10000""",
+    # The loader hands ClickHouse the CloudEvents JSON of the events it keeps (checked and deduplicated in
+    # Python); this view parses them into rows, off the Python thread. Null: the lines themselves are not kept.
+    """CREATE TABLE IF NOT EXISTS access_ingest (raw String) ENGINE = Null""",
+    """CREATE MATERIALIZED VIEW IF NOT EXISTS access_ingest_mv TO access_events AS
+WITH JSONExtract(raw, 'Tuple(id String, data Tuple(user_id UInt64, kind String, repo_id Nullable(String),
+    version Nullable(String), rfilename Nullable(String), bytes UInt64, ts Float64))') AS e
+SELECT
+    e.id AS event_id,
+    fromUnixTimestamp64Milli(toInt64(floor(e.data.ts * 1000)), 'UTC') AS ts,
+    e.data.user_id AS user_id,
+    e.data.kind AS kind,
+    ifNull(e.data.repo_id, '') AS repo_id,
+    ifNull(e.data.version, '') AS version,
+    ifNull(e.data.rfilename, '') AS rfilename,
+    e.data.bytes AS bytes,
+    now64(3, 'UTC') AS ingested_at
+FROM access_ingest""",
     """CREATE TABLE IF NOT EXISTS usage_daily (
     day        Date,
     user_id    UInt64,
@@ -140,20 +156,15 @@ class Store:
         """Run a SELECT with server-side parameters and return its rows."""
         return self.client.query(sql, parameters=params or {}).result_rows
 
-    def existing_event_ids(self, hours: Sequence[int], ids: Sequence[str]) -> set[str]:
-        """Which of `ids` the store already holds, looking only at the given hours (epoch seconds).
-
-        A duplicate carries the same `ts` as the event it repeats, so it lies in the same hour.
-        """
-        if not ids:
-            return set()
-        rows = self.query(
-            "SELECT DISTINCT event_id FROM access_events"
-            " WHERE toStartOfHour(ts) IN (SELECT toDateTime(arrayJoin({hours:Array(UInt32)}), 'UTC'))"
-            " AND event_id IN (SELECT arrayJoin({ids:Array(String)}))",
-            {"hours": list(hours), "ids": list(ids)},
+    def event_ids_by_hour(self, hours: Sequence[int]) -> list[tuple[int, str]]:
+        """(hour, event_id) of every stored event whose ts lies in one of the given hours (epoch seconds)."""
+        if not hours:
+            return []
+        return self.query(
+            "SELECT toUInt32(toStartOfHour(ts)), event_id FROM access_events"
+            " WHERE toStartOfHour(ts) IN (SELECT toDateTime(arrayJoin({hours:Array(UInt32)}), 'UTC'))",
+            {"hours": list(hours)},
         )
-        return {r[0] for r in rows}
 
     def last_manifest(self, group_id: str) -> Manifest | None:
         """The most recent batch manifest of a consumer group, if any."""
@@ -186,19 +197,19 @@ class Store:
             column_names=["group_id", "seq", "token", "ranges", "skipped", "rows", "created_at"],
         )
 
-    def insert_access(self, columns: Sequence[Sequence[Any]], token: str) -> None:
-        """Insert access events (column-oriented, ACCESS_COLUMNS order) as one idempotent block.
+    def insert_access_lines(self, lines: Sequence[bytes], token: str) -> None:
+        """Insert access events given as CloudEvents JSON lines (one event a line) as one idempotent block.
 
-        The same `token` on a retry makes ClickHouse drop every part (of this table and of the
+        The same `token` on a retry makes ClickHouse drop every part (of access_events and of the
         rollup's view) that the earlier attempt already committed, and write the missing ones.
         """
-        if not columns or not columns[0]:
+        if not lines:
             return
-        self.client.insert(
-            "access_events",
-            columns,
-            column_names=list(ACCESS_COLUMNS),
-            column_oriented=True,
+        self.client.raw_insert(
+            "access_ingest",
+            ["raw"],
+            b"\n".join(lines),
+            fmt="LineAsString",
             settings={
                 "insert_deduplicate": 1,
                 "insert_deduplication_token": token,
