@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 #: A partition whose lane holds this many records is paused until it is back down to the low mark.
 _BACKLOG_HIGH = 2000
 _BACKLOG_LOW = 200
+#: While records keep coming, a lane commits at least every this many records.
+_COMMIT_EVERY = 200
 
 #: Failures of the infrastructure: retried for as long as it takes, never dead-lettered.
 TRANSIENT = (
@@ -132,30 +134,50 @@ class IngestConsumer:
                     lane.paused = True
 
     async def _work_lane(self, lane: _Lane) -> None:
-        """Handle one partition's records in order, committing each one's offset after its effect is durable."""
+        """Handle one partition's records in order; commit offsets only of records whose effect is durable.
+
+        Commits are batched while records keep coming (a replay of MinIO's topic is mostly other keys),
+        and always made as soon as the lane is idle, so a verdict's offset is committed right after it.
+        """
         tp = lane.tp
         while not self._stopping.is_set():
+            if lane.uncommitted is not None and (lane.queue.empty() or lane.since_commit >= _COMMIT_EVERY):
+                if not await self._commit(lane):
+                    return
             record = await lane.queue.get()
             if record is None:
-                return
+                break
             await self._handle_with_retries(record)
             self.handled += 1
-            try:
-                await self._consumer.commit({tp: OffsetAndMetadata(record.offset + 1, "")})
-            except (CommitFailedError, IllegalStateError):
-                # The partition moved to another member, which resumes from the last commit (idempotently).
-                log.warning("commit refused after rebalance", extra={"fields": {"tp": str(tp)}})
-                return
+            lane.uncommitted = record.offset + 1
+            lane.since_commit += 1
             if lane.paused and lane.queue.qsize() <= _BACKLOG_LOW and tp in self._consumer.assignment():
                 self._consumer.resume(tp)
                 lane.paused = False
+        await self._commit(lane)
+
+    async def _commit(self, lane: _Lane) -> bool:
+        """Commit what the lane has handled; False if the partition is no longer ours."""
+        if lane.uncommitted is None:
+            return True
+        try:
+            await self._consumer.commit({lane.tp: OffsetAndMetadata(lane.uncommitted, "")})
+        except (CommitFailedError, IllegalStateError):
+            # The partition moved to another member, which resumes from the last commit (idempotently).
+            log.warning("commit refused after rebalance", extra={"fields": {"tp": str(lane.tp)}})
+            return False
+        lane.uncommitted, lane.since_commit = None, 0
+        return True
 
     async def drop_lanes(self, partitions: list[TopicPartition]) -> None:
-        """Stop work on partitions taken away; their unprocessed records are redelivered to the new owner."""
+        """Stop work on partitions taken away: commit what was handled, leave the rest to the new owner."""
         lanes = [self._lanes.pop(tp) for tp in partitions if tp in self._lanes]
         for lane in lanes:
             lane.task.cancel()
         await asyncio.gather(*(lane.task for lane in lanes), return_exceptions=True)
+        for lane in lanes:
+            with contextlib.suppress(KafkaError):
+                await self._commit(lane)
 
     async def _handle_with_retries(self, record: ConsumerRecord) -> None:
         failures = 0
@@ -223,6 +245,8 @@ class _Lane:
         self.tp = tp
         self.queue: asyncio.Queue[ConsumerRecord | None] = asyncio.Queue()
         self.paused = False
+        self.uncommitted: int | None = None  # the offset to commit: one past the last record handled
+        self.since_commit = 0
         self.task: asyncio.Task[None]
 
 
