@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from registry_api.catalog.cache import CATALOG_CHANNEL
 from registry_api.catalog.repository import CURRENT_FILES
+from registry_shared.background import BackgroundTask
 from registry_shared.events import (
     CloudEvent,
     FileAccessed,
@@ -119,14 +120,15 @@ async def apply_verdict(pool: AsyncConnectionPool, event: CloudEvent) -> None:
             await apply_rejected(conn, payload)
 
 
-class VerdictConsumer:
+class VerdictConsumer(BackgroundTask):
     """Applies ingest's verdicts to the catalog."""
+
+    name = "verdict-consumer"
 
     def __init__(self, pool: AsyncConnectionPool, bootstrap: str, topic: str = Topics.VERDICTS) -> None:
         self._pool = pool
         self._bootstrap = bootstrap
         self._topic = topic
-        self._task: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         while True:
@@ -168,24 +170,16 @@ class VerdictConsumer:
         finally:
             correlation_id.reset(token)
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self.run(), name="verdict-consumer")
 
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-
-
-class DownloadCounter:
+class DownloadCounter(BackgroundTask):
     """Adds real downloads to models.downloads, exactly once, with offsets stored beside the counts."""
+
+    name = "download-counter"
 
     def __init__(self, pool: AsyncConnectionPool, bootstrap: str, topic: str = Topics.ACCESS) -> None:
         self._pool = pool
         self._bootstrap = bootstrap
         self._topic = topic
-        self._task: asyncio.Task[None] | None = None
 
     async def _seek_stored(self, consumer: AIOKafkaConsumer) -> None:
         async with self._pool.connection() as conn:
@@ -249,12 +243,3 @@ class DownloadCounter:
             finally:
                 with contextlib.suppress(Exception):
                     await consumer.stop()
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self.run(), name="download-counter")
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task

@@ -22,6 +22,7 @@ import psycopg
 from aiokafka import AIOKafkaProducer
 from psycopg_pool import AsyncConnectionPool
 
+from registry_shared.background import BackgroundTask
 from registry_shared.events import EventData, FileAccessed, encode_event, make_event
 
 log = logging.getLogger(__name__)
@@ -41,15 +42,16 @@ async def write_event(conn: psycopg.AsyncConnection, data: EventData, subject: s
     )
 
 
-class AccessRecorder:
+class AccessRecorder(BackgroundTask):
     """Buffers FileAccessed events and writes them to the outbox in batches."""
+
+    name = "access-recorder"
 
     def __init__(self, pool: AsyncConnectionPool, flush_ms: int, on_flush: asyncio.Event) -> None:
         self._pool = pool
         self._interval = flush_ms / 1000
         self._buffer: list[tuple[uuid.UUID, str, str | None, bytes]] = []
         self._on_flush = on_flush
-        self._task: asyncio.Task[None] | None = None
 
     def record(self, event: FileAccessed) -> None:
         """Queue one access event (non-blocking)."""
@@ -106,27 +108,23 @@ class AccessRecorder:
                 log.warning("access events not flushed yet: %s", exc)
                 await asyncio.sleep(0.5)
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self.run(), name="access-recorder")
-
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        """Stop the timer, then write what is still buffered."""
+        await super().stop()
         with contextlib.suppress(Exception):
             await self.flush()
 
 
-class OutboxRelay:
+class OutboxRelay(BackgroundTask):
     """Publishes outbox rows to Kafka, at least once, in order."""
+
+    name = "outbox-relay"
 
     def __init__(self, database_url: str, bootstrap: str, wakeup: asyncio.Event, batch: int = 1000) -> None:
         self._database_url = database_url
         self._bootstrap = bootstrap
         self._wakeup = wakeup
         self._batch = batch
-        self._task: asyncio.Task[None] | None = None
         self.published = 0
 
     async def _publish_pending(self, conn: psycopg.AsyncConnection, producer: AIOKafkaProducer) -> int:
@@ -182,12 +180,3 @@ class OutboxRelay:
                 if producer is not None:
                     with contextlib.suppress(Exception):
                         await producer.stop()
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self.run(), name="outbox-relay")
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task

@@ -85,13 +85,9 @@ async def list_files(
     presign: Presign = False,
     expires: Expires = EXPIRES_DEFAULT,
 ) -> FileList:
-    model = await _visible_model(request, principal, repo_id)
-    async with request.app.state.pool.connection() as conn:
-        rows = await repository.current_files(conn, model["id"])
-    signer = request.app.state.presigner
-    items = [FileItem(**r, presigned_url=signer.get_url(r["object_key"], expires) if presign else None) for r in rows]
+    _, rows = await _current_files(request, principal, repo_id, presign, expires)
     record_access(request, principal, "files_list", repo_id=repo_id)
-    return FileList(repo_id=repo_id, items=items)
+    return FileList(repo_id=repo_id, items=[FileItem(**r) for r in rows])
 
 
 @router.get(
@@ -102,6 +98,19 @@ async def list_files(
 )
 async def get_model(repo_id: str, request: Request, principal: CatalogReader) -> ModelItem:
     return ModelItem.from_row(await _visible_model(request, principal, repo_id))
+
+
+async def _current_files(
+    request: Request, principal: Principal, repo_id: str, presign: bool, expires: int
+) -> tuple[dict, list[dict]]:
+    """The visible model and its current files, each with `presigned_url` (None unless `presign`)."""
+    model = await _visible_model(request, principal, repo_id)
+    async with request.app.state.pool.connection() as conn:
+        rows = await repository.current_files(conn, model["id"])
+    signer = request.app.state.presigner
+    for r in rows:
+        r["presigned_url"] = signer.get_url(r["object_key"], expires) if presign else None
+    return model, rows
 
 
 def _split_file_path(path: str) -> tuple[str, str]:
@@ -219,21 +228,8 @@ async def manifest(
     presign: Presign = False,
     expires: Expires = EXPIRES_DEFAULT,
 ) -> Manifest:
-    model = await _visible_model(request, principal, repo_id)
-    async with request.app.state.pool.connection() as conn:
-        rows = await repository.current_files(conn, model["id"])
-    signer = request.app.state.presigner
-    files = [
-        ManifestFile(
-            rfilename=r["rfilename"],
-            size=r["size"],
-            sha256=r["sha256"],
-            object_key=r["object_key"],
-            version=r["version"],
-            presigned_url=signer.get_url(r["object_key"], expires) if presign else None,
-        )
-        for r in rows
-    ]
+    model, rows = await _current_files(request, principal, repo_id, presign, expires)
+    files = [ManifestFile(**{k: r[k] for k in ManifestFile.model_fields}) for r in rows]
     record_access(request, principal, "manifest", repo_id=repo_id)
     return Manifest(repo_id=repo_id, updated_ts=model["last_update_ts"], files=files)
 
