@@ -82,37 +82,48 @@ async def test_bench_ingest(kafka_settings, minio_settings, pg_settings, tmp_pat
         await reader.start()
 
         # ------------------------------------------------ throughput
+        # The machine is shared: openssl and the worker take turns, twice, and the best of each counts.
         sha = await asyncio.to_thread(write_file, big, 2 * GIB)
-        ossl_s, ossl_sha = await asyncio.to_thread(time_openssl, big)
-        assert ossl_sha == sha
-        up = Upload(config.prefix, "bench/big", "model.bin")
-        await bus.publish(config.uploads_topic, up.initiated())
-        await asyncio.to_thread(client.fput_object, bucket, up.key, str(big), part_size=64 * 1024 * 1024)
+        key_owner = Upload(config.prefix, "bench/big", "model.bin")
+        await bus.publish(config.uploads_topic, key_owner.initiated())
+        await asyncio.to_thread(client.fput_object, bucket, key_owner.key, str(big), part_size=64 * 1024 * 1024)
 
         async def recorded() -> bool:
-            row = await object_row(pg_settings.database_url, up.key)
+            row = await object_row(pg_settings.database_url, key_owner.key)
             return bool(row and row["present"])
 
         deadline = time.monotonic() + 60
         while not await recorded():
             assert time.monotonic() < deadline, "the worker never saw the 2 GiB object"
             await asyncio.sleep(0.2)
-        t0 = time.monotonic()
-        await bus.publish(config.uploads_topic, up.completed(2 * GIB, sha))
-        verdict = await reader.wait_verdict(up.upload_id, within=300)
-        e2e_s = reader.arrival_of(up.upload_id) - t0
-        assert verdict.type == "registry.upload.verified.v1", verdict.data
-        streamed = [x for x in worker.log_lines() if x["msg"] == "object streamed" and x["upload_id"] == up.upload_id]
-
         mb = 2 * GIB / 1e6
-        ossl_mbps, e2e_mbps = mb / ossl_s, mb / e2e_s
+        ossl_runs, e2e_runs, stream_runs = [], [], []
         print()
-        print(f"openssl dgst -sha256, 2 GiB from local disk: {ossl_s:.2f} s = {ossl_mbps:.0f} MB/s")
-        print(f"ingest, complete -> UploadVerified, 2 GiB:    {e2e_s:.2f} s = {e2e_mbps:.0f} MB/s")
-        if streamed:
-            print(f"ingest, streaming + sha256 alone (worker log): {streamed[0]['seconds']:.2f} s")
+        for round_ in range(2):
+            ossl_s, ossl_sha = await asyncio.to_thread(time_openssl, big, 1)
+            assert ossl_sha == sha
+            # Each round is another upload of the same file (a retry of the same key), verified from scratch.
+            up = key_owner if round_ == 0 else Upload(config.prefix, "bench/big", "model.bin")
+            t0 = time.monotonic()
+            await bus.publish(config.uploads_topic, up.completed(2 * GIB, sha))
+            verdict = await reader.wait_verdict(up.upload_id, within=300)
+            e2e_s = reader.arrival_of(up.upload_id) - t0
+            assert verdict.type == "registry.upload.verified.v1", verdict.data
+            streamed = [
+                x for x in worker.log_lines() if x["msg"] == "object streamed" and x["upload_id"] == up.upload_id
+            ]
+            ossl_runs.append(ossl_s)
+            e2e_runs.append(e2e_s)
+            stream_runs.append(streamed[0]["seconds"])
+            print(
+                f"round {round_ + 1}: openssl dgst -sha256 (local disk) {mb / ossl_s:.0f} MB/s;"
+                f" ingest complete -> UploadVerified {mb / e2e_s:.0f} MB/s (streaming alone {mb / stream_runs[-1]:.0f} MB/s)"
+            )
+        ossl_mbps, e2e_mbps = mb / min(ossl_runs), mb / min(e2e_runs)
+        print(f"openssl dgst -sha256, 2 GiB from local disk, best: {min(ossl_runs):.2f} s = {ossl_mbps:.0f} MB/s")
+        print(f"ingest, complete -> UploadVerified, 2 GiB, best:    {min(e2e_runs):.2f} s = {e2e_mbps:.0f} MB/s")
         print(f"ratio ingest / openssl: {e2e_mbps / ossl_mbps:.2f}  (target >= 0.70)")
-        client.remove_object(bucket, up.key)
+        client.remove_object(bucket, key_owner.key)
         big.unlink()
 
         # ------------------------------------------------ latency

@@ -14,4 +14,6 @@ def test_published_event_schemas_are_current():
     present = {p.name for p in DOCS.glob("*.schema.json")}
     assert present == set(expected), "run: uv run python -m registry_shared.schemas_export"
     for name, text in expected.items():
-        assert (DOCS / name).read_text() == text, f"{name} is stale; run: uv run python -m registry_shared.schemas_export"
+        assert (DOCS / name).read_text() == text, (
+            f"{name} is stale; run: uv run python -m registry_shared.schemas_export"
+        )
