@@ -31,46 +31,20 @@ _SOURCE = """
         OR (ts >= toDateTime64({b0:UInt64}, 3, 'UTC') AND ts < toDateTime64({b1:UInt64}, 3, 'UTC'))) {filter}
 """
 
-_FILTERS = {
-    None: "",
-    "user": "AND user_id = {uid:UInt64}",
-    "users": "AND user_id IN (SELECT arrayJoin({uids:Array(UInt64)}))",
-}
-
-_TOTALS = """
-SELECT sum(events), sum(manifests), sum(files_list), sum(downloads), toUnixTimestamp(max(last_ts)),
-       uniqExactIf(repo_id, repo_id != '')
+#: Every number of a usage answer in one pass over the window: the whole window, per model, per day and
+#: per user, told apart by grouping() (0 = the column is part of that row's grouping key).
+_USAGE = """
+SELECT grouping(repo_id), grouping(day), grouping(user_id), repo_id, toString(day), user_id,
+       sum(events), sum(manifests), sum(files_list), sum(downloads), toUnixTimestamp(max(last_ts))
 FROM ({src})
+GROUP BY GROUPING SETS ((), (repo_id), (day), (user_id))
 """
 
-_TOP_MODELS = """
-SELECT repo_id, sum(downloads) AS d
-FROM ({src})
-WHERE repo_id != ''
-GROUP BY repo_id
-HAVING d > 0
-ORDER BY d DESC, repo_id
-LIMIT {{limit:UInt32}}
-"""
-
-_DAILY = """
-SELECT toString(day), sum(events), sum(downloads)
-FROM ({src})
-GROUP BY day
-ORDER BY day
-"""
-
-_TOP_USERS = """
-SELECT t.user_id, u.email, u.name, t.events, t.downloads, t.last_seen
-FROM (
-    SELECT user_id, sum(events) AS events, sum(downloads) AS downloads, toUnixTimestamp(max(last_ts)) AS last_seen
-    FROM ({src})
-    GROUP BY user_id
-    ORDER BY events DESC, downloads DESC, user_id
-    LIMIT {{limit:UInt32}}
-) AS t
-LEFT JOIN (SELECT user_id, email, name FROM users FINAL) AS u ON u.user_id = t.user_id
-ORDER BY t.events DESC, t.downloads DESC, t.user_id
+_USER_NAMES = """
+SELECT user_id, argMax(email, updated_at), argMax(name, updated_at)
+FROM users
+WHERE user_id IN (SELECT arrayJoin({uids:Array(UInt64)}))
+GROUP BY user_id
 """
 
 _DOWNLOADS = """
@@ -82,7 +56,8 @@ HAVING d > 0
 ORDER BY repo_id
 """
 
-_USERS_BY_EMAIL = "SELECT DISTINCT user_id FROM users FINAL WHERE lower(email) = lower({email:String})"
+_BY_USER = "AND user_id = {uid:UInt64}"
+_BY_EMAIL = "AND user_id IN (SELECT user_id FROM users FINAL WHERE lower(email) = lower({email:String}))"
 
 
 @dataclass(frozen=True)
@@ -113,44 +88,46 @@ class Window:
         }
 
 
-def _source(filter_kind: str | None) -> str:
-    return _SOURCE.replace("{filter}", _FILTERS[filter_kind])
-
-
-def _summary(store: Store, window: Window, filter_kind: str | None, params: dict[str, Any]) -> dict[str, Any]:
-    src = _source(filter_kind)
-    p = {**window.params(), **params}
-    events, manifests, files_list, downloads, last_seen, distinct = store.query(_TOTALS.format(src=src), p)[0]
+def _usage(store: Store, window: Window, filters: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Run the one-pass query and split its rows into totals, models, days and users."""
+    sql = _USAGE.format(src=_SOURCE.replace("{filter}", filters))
+    totals = (0, 0, 0, 0, 0)
+    models: list[tuple[str, int]] = []
+    days: list[dict[str, Any]] = []
+    users: list[tuple[int, int, int, int]] = []
+    distinct = 0
+    for g_repo, g_day, g_user, repo, day, uid, ev, man, fl, dl, last in store.query(sql, {**window.params(), **params}):
+        if g_repo and g_day and g_user:
+            totals = (int(ev), int(man), int(fl), int(dl), int(last))
+        elif not g_repo:
+            if repo:
+                distinct += 1
+                if dl:
+                    models.append((repo, int(dl)))
+        elif not g_day:
+            days.append({"day": day, "events": int(ev), "downloads": int(dl)})
+        elif not g_user:
+            users.append((int(uid), int(ev), int(dl), int(last)))
+    models.sort(key=lambda m: (-m[1], m[0]))
+    days.sort(key=lambda d: d["day"])
+    users.sort(key=lambda u: (-u[1], -u[2], u[0]))
+    events = totals[0]
     return {
         "window": {"since": window.since, "until": window.until},
-        "totals": {
-            "events": int(events),
-            "manifests": int(manifests),
-            "files_list": int(files_list),
-            "downloads": int(downloads),
-        },
-        "last_seen_ts": int(last_seen) if events else None,
-        "distinct_models": int(distinct),
+        "totals": {"events": events, "manifests": totals[1], "files_list": totals[2], "downloads": totals[3]},
+        "last_seen_ts": totals[4] if events else None,
+        "distinct_models": distinct,
+        "top_models": [{"repo_id": r, "downloads": d} for r, d in models],
+        "timeseries_daily": days,
+        "_users": users,
     }
-
-
-def _top_models(store: Store, src: str, p: dict[str, Any], limit: int) -> list[dict[str, Any]]:
-    rows = store.query(_TOP_MODELS.format(src=src), {**p, "limit": limit})
-    return [{"repo_id": r, "downloads": int(d)} for r, d in rows]
-
-
-def _daily(store: Store, src: str, p: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = store.query(_DAILY.format(src=src), p)
-    return [{"day": d, "events": int(e), "downloads": int(n)} for d, e, n in rows]
 
 
 def user_usage(store: Store, user_id: int, window: Window, top_models_limit: int) -> dict[str, Any]:
     """The body of `GET /v1/users/me/usage` for one user."""
-    p = {**window.params(), "uid": user_id}
-    src = _source("user")
-    body = _summary(store, window, "user", p)
-    body["top_models"] = _top_models(store, src, p, top_models_limit) if body["totals"]["events"] else []
-    body["timeseries_daily"] = _daily(store, src, p) if body["totals"]["events"] else []
+    body = _usage(store, window, _BY_USER, {"uid": user_id})
+    del body["_users"]
+    body["top_models"] = body["top_models"][:top_models_limit]
     return body
 
 
@@ -163,35 +140,29 @@ def admin_usage(
     filter_email: str | None = None,
 ) -> dict[str, Any]:
     """The body of `GET /v1/admin/usage`, optionally for the users matching an id and/or an e-mail."""
-    p: dict[str, Any] = window.params()
-    kind: str | None = None
-    if filter_user_id is not None or filter_email is not None:
-        ids: set[int] | None = None
-        if filter_email is not None:
-            ids = {int(r[0]) for r in store.query(_USERS_BY_EMAIL, {"email": filter_email})}
-        if filter_user_id is not None:
-            ids = {filter_user_id} if ids is None else ids & {filter_user_id}
-        kind, p["uids"] = "users", sorted(ids or ())
-    src = _source(kind)
-    body = _summary(store, window, kind, p)
-    body["top_users"] = []
-    body["top_models"] = []
-    body["timeseries_daily"] = []
-    if body["totals"]["events"]:
-        rows = store.query(_TOP_USERS.format(src=src), {**p, "limit": top_users_limit})
-        body["top_users"] = [
-            {
-                "user_id": int(uid),
-                "email": email or None,
-                "name": name or None,
-                "events": int(ev),
-                "downloads": int(dl),
-                "last_seen_ts": int(seen),
-            }
-            for uid, email, name, ev, dl, seen in rows
-        ]
-        body["top_models"] = _top_models(store, src, p, top_models_limit)
-        body["timeseries_daily"] = _daily(store, src, p)
+    filters, params = "", {}
+    if filter_user_id is not None:
+        filters, params = _BY_USER, {"uid": filter_user_id}
+    if filter_email is not None:
+        filters, params = f"{filters} {_BY_EMAIL}", {**params, "email": filter_email}
+    body = _usage(store, window, filters, params)
+    top = body.pop("_users")[:top_users_limit]
+    names: dict[int, tuple[str, str]] = {}
+    if top:
+        rows = store.query(_USER_NAMES, {"uids": [u[0] for u in top]})
+        names = {int(uid): (email, name) for uid, email, name in rows}
+    body["top_users"] = [
+        {
+            "user_id": uid,
+            "email": names.get(uid, (None, None))[0] or None,
+            "name": names.get(uid, (None, None))[1] or None,
+            "events": ev,
+            "downloads": dl,
+            "last_seen_ts": last,
+        }
+        for uid, ev, dl, last in top
+    ]
+    body["top_models"] = body["top_models"][:top_models_limit]
     return body
 
 
@@ -199,5 +170,5 @@ def model_downloads(store: Store, since_ts: int, until_ts: int | None = None) ->
     """Downloads per model since `since_ts` (the catalog's downloads counter)."""
     until = until_ts if until_ts is not None else int(datetime.now(UTC).timestamp())
     window = Window(since_ts, max(until, since_ts))
-    rows = store.query(_DOWNLOADS.format(src=_source(None)), window.params())
+    rows = store.query(_DOWNLOADS.format(src=_SOURCE.replace("{filter}", "")), window.params())
     return [{"repo_id": r, "downloads": int(d)} for r, d in rows]

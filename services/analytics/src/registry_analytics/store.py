@@ -50,7 +50,7 @@ SCHEMA: tuple[str, ...] = (
 ) ENGINE = MergeTree
 PARTITION BY toYYYYMM(ts)
 ORDER BY (toStartOfHour(ts), user_id, repo_id)
-SETTINGS non_replicated_deduplication_window = 10000""",
+SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 2048""",
     # The loader hands ClickHouse the CloudEvents JSON of the events it keeps (checked and deduplicated in
     # Python); this view parses them into rows, off the Python thread. Null: the lines themselves are not kept.
     """CREATE TABLE IF NOT EXISTS access_ingest (raw String) ENGINE = Null""",
@@ -81,7 +81,7 @@ FROM access_ingest""",
 ) ENGINE = AggregatingMergeTree
 PARTITION BY toYYYYMM(day)
 ORDER BY (user_id, day, repo_id)
-SETTINGS non_replicated_deduplication_window = 10000""",
+SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 1024""",
     """CREATE MATERIALIZED VIEW IF NOT EXISTS usage_daily_mv TO usage_daily AS
 SELECT
     toDate(ts) AS day,
