@@ -32,6 +32,8 @@ from registry_shared.logging import correlation_id
 
 log = logging.getLogger(__name__)
 _MAX_RESPONSE_BYTES = 64 * 1024
+#: Deliveries of one key claimed and recorded together (sent one after the other, in order).
+_RUN = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,54 +132,67 @@ class DeliveryWorker:
             return Outcome(True, response.status_code, ms, None)
         return Outcome(False, response.status_code, ms, f"HTTP {response.status_code}")
 
-    async def _record(self, row: dict, out: Outcome) -> dict | None:
-        """Store the outcome; returns the next delivery of the same key, claimed, if it may go now."""
+    async def _record(self, run: list[dict], results: list[tuple[dict, Outcome]]) -> list[dict]:
+        """Store the outcomes of a run; returns the next run of the same key, claimed, if it may go now."""
         s = self._s
-        disabled = False
+        webhook_id, order_key = run[0]["webhook_id"], run[0]["order_key"]
+        done = [(r["id"], r["attempts"] + 1, o.status_code, o.latency_ms) for r, o in results if o.ok]
+        failed = results[-1] if results and not results[-1][1].ok else None
+        rest = [r["id"] for r in run[len(results) :]]
+        disabled, follow = False, True
         async with self._pool.connection() as conn, conn.transaction():
-            await repository.insert_attempt(
-                conn, row["id"], row["attempts"], out.status_code, out.latency_ms, out.error
-            )
-            if out.ok:
-                await repository.mark_delivered(conn, row["id"], row["webhook_id"], out.status_code, out.latency_ms)
-                self.sent += 1
-                follow = True
-            else:
-                delay = retry_delay(s.retry_delays, row["attempts"], s.notifier_retry_jitter)
-                await repository.mark_failed_attempt(
-                    conn, row["id"], out.status_code, out.latency_ms, out.error or "failed", delay
+            if done:
+                await repository.record_delivered(conn, webhook_id, done)
+            if failed is not None:
+                row, out = failed
+                delay = retry_delay(s.retry_delays, row["attempts"] + 1, s.notifier_retry_jitter)
+                error = out.error or "failed"
+                await repository.record_failure(
+                    conn, row["id"], row["attempts"] + 1, out.status_code, out.latency_ms, error, delay
                 )
-                disabled = await repository.count_failure(
-                    conn, row["webhook_id"], s.notifier_max_consecutive_failures, out.error or "failed"
-                )
-                self.failed_attempts += 1
+                disabled = await repository.count_failure(conn, webhook_id, s.notifier_max_consecutive_failures, error)
                 follow = delay is None and not disabled
-            nxt = None
-            if follow:
-                nxt = await repository.claim_next(
-                    conn, s.notifier_deployment, row["webhook_id"], row["order_key"], s.notifier_lease_s
-                )
+            if rest:
+                await repository.release(conn, rest)
+            nxt = (
+                await repository.claim_run(conn, s.notifier_deployment, webhook_id, order_key, s.notifier_lease_s, _RUN)
+                if follow
+                else []
+            )
+        self.sent += len(done)
+        self.failed_attempts += failed is not None
         if disabled:
-            log.warning("webhook disabled after repeated failures", extra={"fields": {"webhook_id": row["webhook_id"]}})
+            log.warning("webhook disabled after repeated failures", extra={"fields": {"webhook_id": webhook_id}})
             self._on_disabled()
         return nxt
 
-    async def _pipeline(self, row: dict | None) -> None:
-        while row is not None:
-            token = correlation_id.set(str(row["event_id"]))
-            try:
-                out = await self.attempt(row)
+    async def _pipeline(self, run: list[dict]) -> None:
+        """Send a key's deliveries one after the other; record them a run at a time."""
+        while run:
+            started = time.monotonic()
+            results: list[tuple[dict, Outcome]] = []
+            for row in run:
+                token = correlation_id.set(str(row["event_id"]))
+                try:
+                    out = await self.attempt(row)
+                finally:
+                    correlation_id.reset(token)
+                results.append((row, out))
                 if not out.ok:
                     log.info(
                         "delivery attempt failed",
-                        extra={"fields": {"delivery_id": row["id"], "attempt": row["attempts"], "error": out.error}},
+                        extra={
+                            "fields": {"delivery_id": row["id"], "attempt": row["attempts"] + 1, "error": out.error}
+                        },
                     )
-                row = await self._record(row, out)
-            except Exception as exc:  # database away: the lease expires and the delivery is claimed again
-                log.warning("delivery not recorded: %s", exc)
-                row = None
-            finally:
-                correlation_id.reset(token)
+                    break
+                if time.monotonic() - started > self._s.notifier_lease_s / 2:
+                    break  # record before the lease runs out; the rest is claimed again
+            try:
+                run = await self._record(run, results)
+            except Exception as exc:  # database away: the lease expires and the deliveries are claimed again
+                log.warning("deliveries not recorded: %s", exc)
+                run = []
 
     async def run(self) -> None:
         """Claim and send due deliveries until cancelled."""
@@ -195,7 +210,7 @@ class DeliveryWorker:
                 except Exception as exc:
                     log.warning("cannot claim deliveries: %s", exc)
                 for row in rows:
-                    task = asyncio.create_task(self._pipeline(row))
+                    task = asyncio.create_task(self._pipeline([row]))
                     self._tasks.add(task)
                     task.add_done_callback(self._done)
             if rows and len(rows) == free:

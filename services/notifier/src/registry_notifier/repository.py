@@ -113,7 +113,7 @@ with heads as (
     for update of d skip locked
 )
 update webhook_deliveries d
-   set status = 'sending', attempts = d.attempts + 1, deployment = %(dep)s,
+   set status = 'sending', deployment = %(dep)s,
        lease_until = now() + make_interval(secs => %(lease)s)
   from due, webhooks w
  where d.id = due.id and w.id = d.webhook_id
@@ -129,61 +129,60 @@ async def claim_heads(
     return await cur.fetchall()
 
 
-async def claim_next(
-    conn: psycopg.AsyncConnection, deployment: str, webhook_id: int, order_key: str, lease_s: float
-) -> dict | None:
-    """Claim the next delivery of a (webhook, order key) if it is first in line, due, and the webhook enabled."""
+async def claim_run(
+    conn: psycopg.AsyncConnection, deployment: str, webhook_id: int, order_key: str, lease_s: float, limit: int
+) -> list[dict]:
+    """Claim, in order, the run of due deliveries at the head of a (webhook, order key), at most `limit`.
+
+    The run stops before anything not pending or not yet due: an earlier delivery always goes first."""
     cur = await conn.execute(
         "select d.id, d.status, d.next_attempt_at <= now() as due, w.enabled from webhook_deliveries d"
         " join webhooks w on w.id = d.webhook_id"
         " where d.webhook_id = %s and d.order_key = %s and d.status in ('pending', 'sending')"
-        " order by d.id limit 1 for update of d",
-        [webhook_id, order_key],
+        " order by d.id limit %s for update of d",
+        [webhook_id, order_key, limit],
     )
-    head = await cur.fetchone()
-    if head is None or head["status"] != "pending" or not head["due"] or not head["enabled"]:
-        return None
+    ids: list[int] = []
+    for row in await cur.fetchall():
+        if row["status"] != "pending" or not row["due"] or not row["enabled"]:
+            break
+        ids.append(row["id"])
+    if not ids:
+        return []
     cur = await conn.execute(
-        "update webhook_deliveries d set status = 'sending', attempts = d.attempts + 1, deployment = %s,"
+        "update webhook_deliveries d set status = 'sending', deployment = %s,"
         " lease_until = now() + make_interval(secs => %s) from webhooks w"
-        f" where d.id = %s and w.id = d.webhook_id returning {_CLAIMED}",
-        [deployment, lease_s, head["id"]],
+        f" where d.id = any(%s) and w.id = d.webhook_id returning {_CLAIMED}",
+        [deployment, lease_s, ids],
     )
-    return await cur.fetchone()
+    return sorted(await cur.fetchall(), key=lambda r: r["id"])
 
 
-async def insert_attempt(
-    conn: psycopg.AsyncConnection,
-    delivery_id: int,
-    attempt: int,
-    status_code: int | None,
-    latency_ms: int | None,
-    error: str | None,
+async def record_delivered(
+    conn: psycopg.AsyncConnection, webhook_id: int, done: list[tuple[int, int, int, int]]
 ) -> None:
-    """Log one attempt of a delivery."""
+    """Deliveries the receiver accepted, as (id, attempt, status code, latency ms); the failure streak ends."""
+    ids, attempts, codes, latencies = (list(col) for col in zip(*done, strict=True))
     await conn.execute(
-        "insert into webhook_attempts (delivery_id, attempt, status_code, latency_ms, error) values (%s, %s, %s, %s, %s)",
-        [delivery_id, attempt, status_code, latency_ms, error],
+        "update webhook_deliveries d set status = 'delivered', delivered_at = now(), lease_until = null,"
+        " attempts = v.attempt, last_status_code = v.code, last_latency_ms = v.ms, last_error = null"
+        " from unnest(%s::bigint[], %s::int[], %s::int[], %s::int[]) as v(id, attempt, code, ms) where d.id = v.id",
+        [ids, attempts, codes, latencies],
     )
-
-
-async def mark_delivered(
-    conn: psycopg.AsyncConnection, delivery_id: int, webhook_id: int, status_code: int, latency_ms: int
-) -> None:
-    """The receiver accepted the delivery; the webhook's failure streak ends."""
     await conn.execute(
-        "update webhook_deliveries set status = 'delivered', delivered_at = now(), lease_until = null,"
-        " last_status_code = %s, last_latency_ms = %s, last_error = null where id = %s",
-        [status_code, latency_ms, delivery_id],
+        "insert into webhook_attempts (delivery_id, attempt, status_code, latency_ms)"
+        " select * from unnest(%s::bigint[], %s::int[], %s::int[], %s::int[])",
+        [ids, attempts, codes, latencies],
     )
     await conn.execute(
         "update webhooks set consecutive_failures = 0 where id = %s and consecutive_failures <> 0", [webhook_id]
     )
 
 
-async def mark_failed_attempt(
+async def record_failure(
     conn: psycopg.AsyncConnection,
     delivery_id: int,
+    attempt: int,
     status_code: int | None,
     latency_ms: int | None,
     error: str,
@@ -191,16 +190,29 @@ async def mark_failed_attempt(
 ) -> None:
     """An attempt failed: try again in `retry_in_s` seconds, or give up (None)."""
     await conn.execute(
-        "update webhook_deliveries set status = %s, next_attempt_at = now() + make_interval(secs => %s),"
+        "update webhook_deliveries set status = %s, attempts = %s, next_attempt_at = now() + make_interval(secs => %s),"
         " lease_until = null, last_status_code = %s, last_latency_ms = %s, last_error = %s where id = %s",
         [
             "failed" if retry_in_s is None else "pending",
+            attempt,
             retry_in_s or 0.0,
             status_code,
             latency_ms,
             error,
             delivery_id,
         ],
+    )
+    await conn.execute(
+        "insert into webhook_attempts (delivery_id, attempt, status_code, latency_ms, error) values (%s, %s, %s, %s, %s)",
+        [delivery_id, attempt, status_code, latency_ms, error],
+    )
+
+
+async def release(conn: psycopg.AsyncConnection, ids: list[int]) -> None:
+    """Hand claimed deliveries that were not attempted back to the queue."""
+    await conn.execute(
+        "update webhook_deliveries set status = 'pending', lease_until = null where id = any(%s) and status = 'sending'",
+        [ids],
     )
 
 

@@ -36,7 +36,7 @@ class NotifierSettings(PostgresSettings, KafkaSettings):
     )
     notifier_delivery_timeout_s: float = Field(10.0, gt=0, le=120)
     notifier_delivery_concurrency: int = Field(64, ge=1, le=1000, description="Deliveries in flight at once.")
-    notifier_lease_s: float = Field(120.0, gt=0, description="A claimed delivery returns to others after this.")
+    notifier_lease_s: float = Field(300.0, gt=0, description="A claimed delivery returns to others after this.")
     notifier_adopt_after_s: float = Field(
         300.0, ge=0, description="Deliveries queued by another deployment are taken over once this overdue."
     )
