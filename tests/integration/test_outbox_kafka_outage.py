@@ -42,6 +42,7 @@ async def test_kafka_outage_loses_no_event(registry, kafka_settings, pg_settings
     )
     await consumer.start()
     try:
+        await consumer.topics()  # fetch the cluster's metadata
         parts = [TopicPartition(Topics.USERS, p) for p in sorted(consumer.partitions_for_topic(Topics.USERS) or [])]
         assert parts
         consumer.assign(parts)
