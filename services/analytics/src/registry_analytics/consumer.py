@@ -242,11 +242,9 @@ class SeenIds:
         """Record ids that were just stored, then drop the least recently used hours beyond `max_ids`."""
         hours = self.hours
         for eid, t in zip(ids, ts_ms, strict=True):
-            h = t // 3_600_000
-            bucket = hours.get(h)
-            if bucket is None:
-                bucket = hours[h] = set()
-            bucket.add(eid)
+            bucket = hours.get(t // 3_600_000)
+            if bucket is not None:  # an hour not loaded yet is read from the store, these ids included
+                bucket.add(eid)
         self.size = sum(len(b) for b in hours.values())
         while self.size > self.max_ids and len(hours) > 1:
             _, dropped = hours.popitem(last=False)
