@@ -34,7 +34,7 @@ from ingest_helpers import (
 from minio import Minio
 from minio.error import S3Error
 
-from registry_shared.events import CloudEvent, Topics, make_event
+from registry_shared.events import CloudEvent, Topics, decode_event, make_event
 from registry_shared.storage import minio_client, quarantine_key
 
 pytestmark = pytest.mark.timeout(150)
@@ -131,6 +131,14 @@ async def ingest(kafka_settings, minio_settings, pg_settings, tmp_path_factory):
     )
     try:
         yield ctx
+        # Audit of the whole module, once the worker has stopped (in-flight work finished): no upload and no
+        # stray object ever got a second verdict, whatever duplicates and orderings the tests played.
+        worker.stop()
+        records = await verdicts.read_to_end(bootstrap)
+        events = [decode_event(r.value) for r in records]
+        subjects = [e.data["upload_id"] if "upload_id" in e.data else e.data["object_key"] for e in events]
+        assert len(subjects) == len(set(subjects)), f"duplicate verdicts: {subjects}"
+        assert len({e.id for e in events}) == len(events)
     finally:
         worker.stop()
         await verdicts.stop()
