@@ -32,6 +32,7 @@ import psycopg
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
 from registry_shared.events import FileAccessed, UserRegistered, decode_event, encode_event, make_event
 
 pytestmark = pytest.mark.bench
@@ -173,6 +174,13 @@ async def timed(http: httpx.AsyncClient, path: str, params_list: list[dict]) -> 
     return out
 
 
+def copy_file(conn: psycopg.Connection, path: Path, sql: str) -> None:
+    """Stream a TSV file into Postgres with COPY."""
+    with conn.cursor().copy(sql) as copy, open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            copy.write(block)
+
+
 PG_SOURCE = "bench.access_events WHERE ts >= to_timestamp(%(since)s) AND ts < to_timestamp(%(until)s + 1) {f}"
 PG_USER = {
     "totals": "SELECT count(*), count(*) FILTER (WHERE kind IN ('manifest','platform_manifest')),"
@@ -263,7 +271,10 @@ async def test_bench_analytics(kafka_settings, pg_settings):
             )
             batches = [json.loads(line) for line in svc.log.read_text().splitlines() if '"batch stored"' in line]
             if batches:
-                avg = {k: statistics.mean(b[k] for b in batches) for k in ("messages", "decode_ms", "dedupe_ms", "insert_ms")}
+                avg = {
+                    k: statistics.mean(b[k] for b in batches)
+                    for k in ("messages", "decode_ms", "dedupe_ms", "insert_ms")
+                }
                 print(
                     f"  {len(batches)} batches, avg {avg['messages']:,.0f} messages: decode {avg['decode_ms']:.0f} ms,"
                     f" dedupe {avg['dedupe_ms']:.0f} ms, insert {avg['insert_ms']:.0f} ms"
@@ -330,9 +341,7 @@ async def test_bench_analytics(kafka_settings, pg_settings):
                 " kind text, repo_id text, bytes bigint)"
             )
             t = time.perf_counter()
-            with conn.cursor().copy("COPY bench.access_raw FROM STDIN") as copy, open(dump, "rb") as f:
-                while block := f.read(8 << 20):
-                    copy.write(block)
+            copy_file(conn, dump, "COPY bench.access_raw FROM STDIN")
             conn.execute(
                 "CREATE UNLOGGED TABLE bench.access_events AS SELECT event_id, to_timestamp(ts) AS ts, user_id, kind,"
                 " repo_id, bytes FROM bench.access_raw"

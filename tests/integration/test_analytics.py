@@ -8,6 +8,7 @@ from the events sent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import random
@@ -101,13 +102,12 @@ class AnalyticsProcess:
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
         await admin.start()
         try:
-            await admin.delete_topics([self.access_topic, self.users_topic, self.dlq_topic])
-        except Exception:  # best effort
-            pass
+            with contextlib.suppress(Exception):  # best effort
+                await admin.delete_topics([self.access_topic, self.users_topic, self.dlq_topic])
         finally:
             await admin.close()
 
-    async def start(self) -> None:
+    def spawn(self) -> None:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 ["uv", "run", "--no-sync", "registry-analytics"],
@@ -117,6 +117,10 @@ class AnalyticsProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+
+    async def start(self) -> None:
+        """Spawn the process and wait until its loader is ready (assigned, crash replay done)."""
+        self.spawn()
         async with httpx.AsyncClient(base_url=self.url, timeout=2) as http:
             async with asyncio.timeout(60):
                 while True:
@@ -234,9 +238,9 @@ def make_events(rng: random.Random, n: int, users: list[int], models: list[str],
     return out
 
 
-async def wait_for_total(http: httpx.AsyncClient, params: dict, total: int, timeout: float = 60) -> dict:
+async def wait_for_total(http: httpx.AsyncClient, params: dict, total: int, limit: float = 60) -> dict:
     body: dict = {}
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(limit):
         while True:
             body = (await http.get("/v1/usage/admin", params=params)).json()
             if body.get("totals", {}).get("events") == total:
@@ -485,7 +489,7 @@ async def test_sigkill_mid_batch_loses_and_doubles_nothing(tmp_path, kafka_setti
             replays += (await http.get("/healthz")).json()["loader"]["replayed"]
             assert replays >= 1, "no kill landed inside a batch"
             wide = {"since": int(START) - DAY, "until": int(START) + 10 * DAY}
-            await wait_for_total(http, wide, len(events), timeout=90)
+            await wait_for_total(http, wide, len(events), limit=90)
             await asyncio.sleep(1)
             admin = (await http.get("/v1/usage/admin", params={**wide, "top_users_limit": 500})).json()
             assert admin == expected(

@@ -318,7 +318,7 @@ class AccessLoader:
             bootstrap_servers=self.kafka.kafka_bootstrap_servers,
             client_id=f"{self.kafka.kafka_client_id}-analytics",
             group_id=s.group_id,
-            group_instance_id=s.group_instance_id,
+            group_instance_id=s.group_instance_id or None,
             session_timeout_ms=s.session_timeout_ms,
             heartbeat_interval_ms=max(500, s.session_timeout_ms // 4),
             enable_auto_commit=False,
