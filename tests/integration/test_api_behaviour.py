@@ -177,3 +177,10 @@ def test_catalog_downloads_counter_counts_real_downloads(registry, pg_settings, 
         assert n < 5, f"downloads counted twice: {n}"
         assert time.monotonic() < deadline, f"downloads counter at {n} of 5 after 20 s"
         time.sleep(0.2)
+
+
+def test_every_response_carries_a_request_id(registry):
+    r = registry.http.get("/healthz", headers={"x-request-id": "trace-123"})
+    assert r.headers["x-request-id"] == "trace-123"
+    r = registry.http.get("/v1/models")
+    assert r.status_code == 401 and len(r.headers["x-request-id"]) == 32

@@ -24,6 +24,7 @@ from registry_api.db.pool import make_pool
 from registry_api.dev.endpoints import router as dev_router
 from registry_api.errors import install_error_handlers
 from registry_api.kit.presign import Presigner
+from registry_api.kit.request_id import RequestIdMiddleware
 from registry_api.outbox import AccessRecorder, OutboxRelay
 from registry_api.platform.endpoints import router as platform_router
 from registry_api.settings import ApiSettings, get_settings
@@ -103,6 +104,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(RequestIdMiddleware)
 
     @app.exception_handler(PoolTimeout)
     async def _pool_timeout(_: Request, exc: PoolTimeout) -> JSONResponse:

@@ -19,6 +19,7 @@ class RequestBody(BaseModel):
 class ErrorOut(BaseModel):
     """Every error: `{"detail": "message"}`."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [{"detail": "model not found"}]})
     detail: str
 
 
