@@ -34,6 +34,10 @@ if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modu
 fi
 
 if [ "$mode" = "--bench" ]; then
+  # The load tool of the HTTP benchmarks and the openssl baseline of the ingest benchmark.
+  for tool in wrk openssl; do
+    command -v "$tool" >/dev/null 2>&1 || { log "installing $tool"; apt-get update -qq && apt-get install -y -qq "$tool" >/dev/null; }
+  done
   uv run --no-sync pytest tests/bench -m bench -s -p no:cacheprovider "${@:2}"
   exit $?
 fi
