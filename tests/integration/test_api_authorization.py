@@ -1,6 +1,6 @@
 """Every endpoint × role × relationship (owner / not owner / granted / not yet granted / revoked / expired).
 
-Files are seeded straight into the catalog (Postgres + the object in MinIO), the way an operator loads
+Files are seeded straight into the catalog (Postgres + the object in MinIO under hf/), the way an operator loads
 an existing 0.3.0 catalog, so this test does not depend on the ingest worker's timing.
 """
 
@@ -14,14 +14,14 @@ import httpx
 import psycopg
 import pytest
 
-from registry_shared.storage import minio_client, upload_object_key
+from registry_shared.storage import legacy_object_key, minio_client
 
 FILE = "config/model.safetensors"
 BODY = b"seeded-bytes-" + uuid.uuid4().hex.encode()
 
 
 def seed_file(pg_settings, minio_settings, repo_id: str, version: str) -> None:
-    key = upload_object_key(repo_id, version, FILE)
+    key = legacy_object_key(repo_id, f"{version}/{FILE}")  # hf/: an operator-loaded file, never judged by ingest
     minio_client(minio_settings).put_object(minio_settings.minio_bucket, key, io.BytesIO(BODY), len(BODY))
     with psycopg.connect(pg_settings.database_url) as conn:
         conn.execute(
