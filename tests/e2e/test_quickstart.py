@@ -5,10 +5,18 @@ download through the returned URL that yields the same bytes."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import struct
 import time
 
 import httpx
+
+
+def safetensors_bytes() -> bytes:
+    """A small valid safetensors file: one float32 tensor of 4 values."""
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
+    return struct.pack("<Q", len(header)) + header + struct.pack("<4f", 1, 2, 3, 4)
 
 
 def test_developer_admin_platform_quickstart(registry):
@@ -38,9 +46,10 @@ def test_developer_admin_platform_quickstart(registry):
     # random bytes are not a valid safetensors file: ingest must refuse them
     assert verdict["status"] == "rejected" and verdict["reason"] == "bad_safetensors_header", verdict
 
-    # A correct file goes through
+    # A correct file goes through; the rejected name can be uploaded again, correctly this time
     payload = os.urandom(300_000)
     registry.publish(dev, repo, "v1", "weights/model.bin", payload)
+    registry.publish(dev, repo, "v1", "model.safetensors", safetensors_bytes())
 
     # Admin: platform user and grant
     plat = registry.create_user("platform", "Plat")
@@ -52,8 +61,10 @@ def test_developer_admin_platform_quickstart(registry):
     assert r.status_code == 200
     item = next(i for i in r.json()["items"] if i["repo_id"] == repo)
     files = item["versions"][0]["files"]
-    assert [f["rfilename"] for f in files] == ["weights/model.bin"]  # the rejected file is never listed
-    assert httpx.get(files[0]["presigned_url"]).content == payload
+    assert [f["rfilename"] for f in files] == ["model.safetensors", "weights/model.bin"]
+    by_name = {f["rfilename"]: f for f in files}
+    assert httpx.get(by_name["weights/model.bin"]["presigned_url"]).content == payload
+    assert httpx.get(by_name["model.safetensors"]["presigned_url"]).content == safetensors_bytes()
 
     r = http.get(
         f"/v1/files/{repo}/weights/model.bin/download", params={"version": "v1", "expires": 900}, headers=plat.headers
@@ -69,15 +80,16 @@ def test_developer_admin_platform_quickstart(registry):
 
     # The catalog reflects the available file only
     model = http.get(f"/v1/models/{repo}", headers=plat.headers).json()
-    assert model["file_count"] == 1 and model["has_bin"] == 1 and model["has_safetensors"] == 0
+    assert model["file_count"] == 2 and model["has_bin"] == 1 and model["has_safetensors"] == 1
     manifest = http.get(f"/v1/manifest/{repo}", headers=dev.headers).json()
     assert manifest["schema"] == "hf-model-manifest/v1"
-    assert [f["rfilename"] for f in manifest["files"]] == ["weights/model.bin"]
+    assert [f["rfilename"] for f in manifest["files"]] == ["model.safetensors", "weights/model.bin"]
     uploads = http.get(f"/v1/dev/models/{repo}/versions/v1/uploads", headers=dev.headers).json()["items"]
-    assert {u["rfilename"]: u["status"] for u in uploads} == {
-        "model.safetensors": "rejected",
-        "weights/model.bin": "available",
-    }
+    assert [(u["rfilename"], u["status"], u["reason"]) for u in uploads] == [
+        ("model.safetensors", "rejected", "bad_safetensors_header"),
+        ("weights/model.bin", "available", None),
+        ("model.safetensors", "available", None),
+    ]
 
 
 def test_v030_quickstart_register_and_list(registry):
