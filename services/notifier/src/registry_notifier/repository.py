@@ -44,21 +44,23 @@ async def user_emails(conn: psycopg.AsyncConnection, user_ids: Iterable[int]) ->
     return {r["id"]: r["email"] for r in await cur.fetchall()}
 
 
-async def version_audience(
-    conn: psycopg.AsyncConnection, repo_id: str, event_ts: int, now: int
-) -> tuple[str, set[int]]:
-    """(visibility of the model, platform users whose grant covers `event_ts` and is in force now)."""
-    cur = await conn.execute("select id, visibility from models where repo_id = %s", [repo_id])
-    model = await cur.fetchone()
-    if model is None:
-        return "private", set()
+async def model_audiences(conn: psycopg.AsyncConnection, repo_ids: Sequence[str], now: int) -> dict[str, dict]:
+    """repo_id → {visibility, grants: [(platform user, permitted_from_ts)]} with the grants in force now."""
+    if not repo_ids:
+        return {}
     cur = await conn.execute(
-        "select distinct platform_user_id from grants where model_id = %(m)s and revoked_ts is null"
-        " and permitted_from_ts <= %(ev)s and (permitted_until_ts is null or permitted_until_ts > %(now)s)"
-        " and (permitted_until_ts is null or permitted_until_ts > %(ev)s)",
-        {"m": model["id"], "ev": event_ts, "now": now},
+        "select m.repo_id, m.visibility, g.platform_user_id, g.permitted_from_ts from models m"
+        " left join grants g on g.model_id = m.id and g.revoked_ts is null"
+        "  and (g.permitted_until_ts is null or g.permitted_until_ts > %(now)s)"
+        " where m.repo_id = any(%(repos)s)",
+        {"repos": sorted(set(repo_ids)), "now": now},
     )
-    return model["visibility"], {r["platform_user_id"] for r in await cur.fetchall()}
+    out: dict[str, dict] = {}
+    for r in await cur.fetchall():
+        model = out.setdefault(r["repo_id"], {"visibility": r["visibility"], "grants": []})
+        if r["platform_user_id"] is not None:
+            model["grants"].append((r["platform_user_id"], r["permitted_from_ts"]))
+    return out
 
 
 async def insert_deliveries(conn: psycopg.AsyncConnection, rows: list[tuple]) -> int:
@@ -129,6 +131,24 @@ async def claim_heads(
     return await cur.fetchall()
 
 
+CLAIM_RUN = f"""
+with line as (
+    select d.id, (d.status = 'pending' and d.next_attempt_at <= now() and w.enabled) as ready
+    from webhook_deliveries d join webhooks w on w.id = d.webhook_id
+    where d.webhook_id = %(wid)s and d.order_key = %(key)s and d.status in ('pending', 'sending')
+    order by d.id limit %(limit)s
+    for update of d
+), run as (
+    select id from (select id, bool_and(ready) over (order by id) as go from line) x where go
+)
+update webhook_deliveries d
+   set status = 'sending', deployment = %(dep)s, lease_until = now() + make_interval(secs => %(lease)s)
+  from run, webhooks w
+ where d.id = run.id and w.id = d.webhook_id
+returning {_CLAIMED}
+"""
+
+
 async def claim_run(
     conn: psycopg.AsyncConnection, deployment: str, webhook_id: int, order_key: str, lease_s: float, limit: int
 ) -> list[dict]:
@@ -136,26 +156,29 @@ async def claim_run(
 
     The run stops before anything not pending or not yet due: an earlier delivery always goes first."""
     cur = await conn.execute(
-        "select d.id, d.status, d.next_attempt_at <= now() as due, w.enabled from webhook_deliveries d"
-        " join webhooks w on w.id = d.webhook_id"
-        " where d.webhook_id = %s and d.order_key = %s and d.status in ('pending', 'sending')"
-        " order by d.id limit %s for update of d",
-        [webhook_id, order_key, limit],
-    )
-    ids: list[int] = []
-    for row in await cur.fetchall():
-        if row["status"] != "pending" or not row["due"] or not row["enabled"]:
-            break
-        ids.append(row["id"])
-    if not ids:
-        return []
-    cur = await conn.execute(
-        "update webhook_deliveries d set status = 'sending', deployment = %s,"
-        " lease_until = now() + make_interval(secs => %s) from webhooks w"
-        f" where d.id = any(%s) and w.id = d.webhook_id returning {_CLAIMED}",
-        [deployment, lease_s, ids],
+        CLAIM_RUN, {"wid": webhook_id, "key": order_key, "limit": limit, "dep": deployment, "lease": lease_s}
     )
     return sorted(await cur.fetchall(), key=lambda r: r["id"])
+
+
+RECORD_DELIVERED = """
+with v as (
+    select * from unnest(%(ids)s::bigint[], %(attempts)s::int[], %(codes)s::int[], %(ms)s::int[])
+        as v(id, attempt, code, ms)
+), done as (
+    update webhook_deliveries d
+       set status = 'delivered', delivered_at = now(), lease_until = null, attempts = v.attempt,
+           last_status_code = v.code, last_latency_ms = v.ms, last_error = null
+      from v where d.id = v.id
+    returning d.id
+), log as (
+    insert into webhook_attempts (delivery_id, attempt, status_code, latency_ms)
+    select id, attempt, code, ms from v
+), streak as (
+    update webhooks set consecutive_failures = 0 where id = %(wid)s and consecutive_failures <> 0
+)
+select count(*) as n from done
+"""
 
 
 async def record_delivered(
@@ -164,18 +187,7 @@ async def record_delivered(
     """Deliveries the receiver accepted, as (id, attempt, status code, latency ms); the failure streak ends."""
     ids, attempts, codes, latencies = (list(col) for col in zip(*done, strict=True))
     await conn.execute(
-        "update webhook_deliveries d set status = 'delivered', delivered_at = now(), lease_until = null,"
-        " attempts = v.attempt, last_status_code = v.code, last_latency_ms = v.ms, last_error = null"
-        " from unnest(%s::bigint[], %s::int[], %s::int[], %s::int[]) as v(id, attempt, code, ms) where d.id = v.id",
-        [ids, attempts, codes, latencies],
-    )
-    await conn.execute(
-        "insert into webhook_attempts (delivery_id, attempt, status_code, latency_ms)"
-        " select * from unnest(%s::bigint[], %s::int[], %s::int[], %s::int[])",
-        [ids, attempts, codes, latencies],
-    )
-    await conn.execute(
-        "update webhooks set consecutive_failures = 0 where id = %s and consecutive_failures <> 0", [webhook_id]
+        RECORD_DELIVERED, {"ids": ids, "attempts": attempts, "codes": codes, "ms": latencies, "wid": webhook_id}
     )
 
 

@@ -76,25 +76,32 @@ class Router:
         routable = [i for i in batch if i.event.type in SUBSCRIBABLE]
         if not routable:
             return plan
-        hooks = await repository.enabled_webhooks(conn)
+        by_owner: dict[int, list[dict]] = {}
+        by_repo: dict[str, list[dict]] = {}
+        for h in await repository.enabled_webhooks(conn):
+            by_owner.setdefault(h["owner_id"], []).append(h)
+            if h["repo_id"] is not None:
+                by_repo.setdefault(h["repo_id"], []).append(h)
         upload_ids = [int(i.event.data["upload_id"]) for i in routable if i.event.type.startswith("registry.upload.")]
         uploads = await repository.upload_developers(conn, upload_ids)
         grant_users = [
             int(i.event.data["platform_user_id"]) for i in routable if i.event.type.startswith("registry.grant.")
         ]
         emails = await repository.user_emails(conn, grant_users) if self._email else {}
-        now = int(time.time())
+        version_repos = [i.event.data["repo_id"] for i in routable if i.event.type == "registry.version.created.v1"]
+        models = await repository.model_audiences(conn, version_repos, int(time.time()))
         for item in routable:
             ev, name = item.event, SUBSCRIBABLE[item.event.type]
-            owners, anyone_filtering = await self._audience(conn, ev, name, uploads, now)
+            owners, anyone_filtering = self._audience(ev, name, uploads, models)
             repo = ev.data.get("repo_id")
             order_key = ev.subject or repo or "-"
-            for h in hooks:
+            candidates = {h["id"]: h for owner in sorted(owners) for h in by_owner.get(owner, ())}
+            if anyone_filtering and repo is not None:  # a public model: whoever names it in a filter
+                candidates.update((h["id"], h) for h in by_repo.get(repo, ()))
+            for h in sorted(candidates.values(), key=lambda h: h["id"]):
                 if name not in h["event_types"] or h["created_at"] > ev.time:
                     continue
                 if h["repo_id"] is not None and h["repo_id"] != repo:
-                    continue
-                if h["owner_id"] not in owners and not (anyone_filtering and h["repo_id"] == repo):
                     continue
                 if not self._reachable(h["url"]):
                     log.debug("webhook target left to another notifier", extra={"fields": {"webhook_id": h["id"]}})
@@ -106,8 +113,8 @@ class Router:
                 plan.emails.extend(self._emails(ev, name, uploads, emails))
         return plan
 
-    async def _audience(
-        self, conn: psycopg.AsyncConnection, ev: CloudEvent, name: str, uploads: dict[int, dict], now: int
+    def _audience(
+        self, ev: CloudEvent, name: str, uploads: dict[int, dict], models: dict[str, dict]
     ) -> tuple[set[int], bool]:
         """(user ids who may receive `ev`, whether any subscription naming the model may)."""
         d = ev.data
@@ -119,8 +126,10 @@ class Router:
         if name == "user.key_rotated":
             return {int(d["user_id"])}, False
         if name == "version.created":
-            visibility, granted = await repository.version_audience(conn, d["repo_id"], int(ev.time.timestamp()), now)
-            return {int(d["owner_id"]), *granted}, visibility == "public"
+            model = models.get(d["repo_id"], {"visibility": "private", "grants": []})
+            at = ev.time.timestamp()
+            granted = {user for user, from_ts in model["grants"] if from_ts <= at}
+            return {int(d["owner_id"]), *granted}, model["visibility"] == "public"
         return set(), False
 
     def _emails(self, ev: CloudEvent, name: str, uploads: dict[int, dict], emails: dict[int, str]) -> list[tuple]:
