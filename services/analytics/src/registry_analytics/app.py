@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
 
+from clickhouse_connect.driver.exceptions import ClickHouseError
 from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -69,6 +70,12 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 @app.exception_handler(InvalidQuery)
 async def _invalid_query(_: Request, exc: InvalidQuery) -> JSONResponse:
     return JSONResponse(status_code=422, content={"detail": str(exc)})
+
+
+@app.exception_handler(ClickHouseError)
+async def _store_unavailable(_: Request, exc: ClickHouseError) -> JSONResponse:
+    log.error("analytics store error: %s", exc)
+    return JSONResponse(status_code=503, content={"detail": "the analytics store is unavailable"})
 
 
 @app.get("/healthz", summary="Liveness")

@@ -239,6 +239,8 @@ def connect(settings: ClickHouseSettings, database: str | None = None) -> Client
             port=settings.clickhouse_port,
             username=settings.clickhouse_user,
             password=settings.clickhouse_password.get_secret_value(),
+            # No HTTP session: the query API calls one client from several threads at once.
+            autogenerate_session_id=False,
         )
     if database:
         if not _IDENT.match(database):
