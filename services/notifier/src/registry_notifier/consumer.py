@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer
@@ -22,6 +23,7 @@ from registry_shared.events import Topics, decode_event
 
 log = logging.getLogger(__name__)
 TOPICS = (Topics.USERS, Topics.CATALOG, Topics.UPLOADS, Topics.VERDICTS)
+COMMIT_INTERVAL_S = 0.5
 
 
 class EventConsumer:
@@ -60,8 +62,11 @@ class EventConsumer:
         return items
 
     async def store(self, items: list[Incoming]) -> int:
-        """Queue the deliveries and e-mails of `items` in one transaction; returns the deliveries planned."""
-        async with self._pool.connection() as conn, conn.transaction():
+        """Queue the deliveries and e-mails of `items`; returns the deliveries planned.
+
+        No transaction is needed: every insert is idempotent, and offsets are committed only after this
+        returns, so a failure half-way is repaired by reading the batch again."""
+        async with self._pool.connection() as conn:
             plan = await self._router.plan(conn, items)
             await repository.insert_deliveries(conn, plan.deliveries)
             await repository.insert_emails(conn, plan.emails)
@@ -83,17 +88,21 @@ class EventConsumer:
                 await self._wait_assignment(consumer)
                 self.ready = True
                 log.info("consuming", extra={"fields": {"group": self._s.notifier_group_id}})
+                uncommitted, last_commit = False, time.monotonic()
                 while True:
-                    batch = await consumer.getmany(timeout_ms=500, max_records=500)
-                    if not batch:
-                        continue
-                    items = self._decode(batch)
-                    queued = await self.store(items) if items else 0
-                    await consumer.commit()
-                    self.events_seen += len(items)
-                    self.deliveries_queued += queued
-                    if queued or items:
-                        self._on_stored()
+                    batch = await consumer.getmany(timeout_ms=200, max_records=500)
+                    if batch:
+                        items = self._decode(batch)
+                        queued = await self.store(items) if items else 0
+                        uncommitted = True
+                        self.events_seen += len(items)
+                        self.deliveries_queued += queued
+                        if queued:
+                            self._on_stored()
+                    # Offsets of stored batches, at most every COMMIT_INTERVAL_S (a replay is harmless).
+                    if uncommitted and (not batch or time.monotonic() - last_commit >= COMMIT_INTERVAL_S):
+                        await consumer.commit()
+                        uncommitted, last_commit = False, time.monotonic()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Kafka or Postgres away: re-read from the committed offsets

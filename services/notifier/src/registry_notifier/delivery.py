@@ -140,17 +140,22 @@ class DeliveryWorker:
         failed = results[-1] if results and not results[-1][1].ok else None
         rest = [r["id"] for r in run[len(results) :]]
         disabled, follow = False, True
-        async with self._pool.connection() as conn, conn.transaction():
+        # Each statement commits on its own: a crash between them loses nothing (a delivered row is
+        # final, a claimed row returns when its lease ends, a failure is logged with its attempt).
+        async with self._pool.connection() as conn:
             if done:
                 await repository.record_delivered(conn, webhook_id, done)
             if failed is not None:
                 row, out = failed
                 delay = retry_delay(s.retry_delays, row["attempts"] + 1, s.notifier_retry_jitter)
                 error = out.error or "failed"
-                await repository.record_failure(
-                    conn, row["id"], row["attempts"] + 1, out.status_code, out.latency_ms, error, delay
-                )
-                disabled = await repository.count_failure(conn, webhook_id, s.notifier_max_consecutive_failures, error)
+                async with conn.transaction():
+                    await repository.record_failure(
+                        conn, row["id"], row["attempts"] + 1, out.status_code, out.latency_ms, error, delay
+                    )
+                    disabled = await repository.count_failure(
+                        conn, webhook_id, s.notifier_max_consecutive_failures, error
+                    )
                 follow = delay is None and not disabled
             if rest:
                 await repository.release(conn, rest)
@@ -203,7 +208,7 @@ class DeliveryWorker:
             rows: list[dict] = []
             if free > 0:
                 try:
-                    async with self._pool.connection() as conn, conn.transaction():
+                    async with self._pool.connection() as conn:  # one statement: its own transaction
                         rows = await repository.claim_heads(
                             conn, s.notifier_deployment, free, s.notifier_lease_s, s.notifier_adopt_after_s
                         )
