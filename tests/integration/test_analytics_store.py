@@ -50,6 +50,8 @@ def test_schema(store):
         "usage_daily_mv": "MaterializedView",
         "users": "ReplacingMergeTree",
         "ingest_batches": "MergeTree",
+        **{f"usage_{p}_{k}": "AggregatingMergeTree" for p in ("daily", "hourly") for k in ("users", "models")},
+        **{f"usage_{p}_{k}_mv": "MaterializedView" for p in ("daily", "hourly") for k in ("users", "models")},
     }
     (part, sort), *_ = store.query(
         "SELECT partition_key, sorting_key FROM system.tables WHERE database = 'registry' AND name = 'access_events'"
@@ -83,8 +85,9 @@ def test_insert_token_makes_retries_idempotent_in_table_and_rollup(store):
     for _ in range(3):  # a retried batch, as after a crash
         store.insert_access_lines(lines, token)
     raw = store.query("SELECT count() FROM access_events WHERE user_id IN (201, 202)")[0][0]
-    rolled = store.query("SELECT sum(events) FROM usage_daily WHERE user_id IN (201, 202)")[0][0]
-    assert raw == rolled == 500
+    assert raw == 500
+    for rollup in ("usage_daily", "usage_daily_users", "usage_hourly_users"):
+        assert store.query(f"SELECT sum(events) FROM {rollup} WHERE user_id IN (201, 202)")[0][0] == 500, rollup
 
 
 def test_usage_queries_match_the_reference(store):
@@ -104,6 +107,15 @@ def test_usage_queries_match_the_reference(store):
         assert got == expected(events, since, until, names=names, top_models_limit=100)
         got = queries.admin_usage(store, queries.Window(since, until), 50, 100, filter_email="ADA@new.example.com")
         assert got == expected(events, since, until, users={101}, names=names, top_models_limit=100)
+
+
+def test_a_rollup_added_later_is_backfilled(store):
+    before = store.query("SELECT repo_id, sum(downloads) FROM usage_daily_models GROUP BY repo_id ORDER BY repo_id")
+    store.client.command("DROP VIEW usage_daily_models_mv")
+    store.client.command("DROP TABLE usage_daily_models")
+    store.migrate()
+    after = store.query("SELECT repo_id, sum(downloads) FROM usage_daily_models GROUP BY repo_id ORDER BY repo_id")
+    assert after == before and after
 
 
 def test_seen_ids_knows_what_the_store_holds(store):

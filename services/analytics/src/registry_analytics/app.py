@@ -24,7 +24,7 @@ from registry_shared.settings import ClickHouseSettings
 log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW = 30 * 86_400
-MAX_TS = 10**11
+MAX_TS = 4_102_444_800  # 2100-01-01: beyond, DateTime arithmetic of the rollups would overflow
 
 
 class InvalidQuery(ValueError):

@@ -14,6 +14,7 @@ from typing import Any
 from registry_analytics.store import Store
 
 DAY = 86_400
+HOUR = 3_600
 _EPOCH = date(1970, 1, 1)
 
 #: Rows of the window as (day, user_id, repo_id, events, manifests, files_list, downloads, last_ts):
@@ -40,6 +41,55 @@ FROM ({src})
 GROUP BY GROUPING SETS ((), (repo_id), (day), (user_id))
 """
 
+#: The same window over the per-user or per-model rollups: whole days, then whole hours of the edge days,
+#: then the raw events of the partial hours. {key} is user_id or repo_id, {rollup} users or models.
+_NARROW_SOURCE = """
+    SELECT day, {key}, events, manifests, files_list, downloads, last_ts
+    FROM usage_daily_{rollup}
+    WHERE day >= {{d0:Date}} AND day <= {{d1:Date}}
+    UNION ALL
+    SELECT toDate(hour) AS day, {key}, events, manifests, files_list, downloads, last_ts
+    FROM usage_hourly_{rollup}
+    WHERE (hour >= toDateTime({{h0:UInt64}}, 'UTC') AND hour < toDateTime({{h1:UInt64}}, 'UTC'))
+       OR (hour >= toDateTime({{h2:UInt64}}, 'UTC') AND hour < toDateTime({{h3:UInt64}}, 'UTC'))
+    UNION ALL
+    SELECT toDate(ts) AS day, {key}, toUInt64(1) AS events,
+           toUInt64(kind IN ('manifest', 'platform_manifest')) AS manifests,
+           toUInt64(kind = 'files_list') AS files_list, toUInt64(kind = 'download') AS downloads, ts AS last_ts
+    FROM access_events
+    WHERE {raw}
+"""
+_RAW_RANGES = " OR ".join(
+    f"(ts >= toDateTime64({{r{i}:UInt64}}, 3, 'UTC') AND ts < toDateTime64({{r{i + 1}:UInt64}}, 3, 'UTC'))"
+    for i in range(0, 8, 2)
+)
+_USERS_SOURCE = _NARROW_SOURCE.format(key="user_id", rollup="users", raw=_RAW_RANGES)
+_MODELS_SOURCE = _NARROW_SOURCE.format(key="repo_id", rollup="models", raw=_RAW_RANGES)
+
+#: The admin overview without a user filter: totals, days and users from the per-user rollups ...
+_OVERVIEW_USERS = (
+    """
+SELECT grouping(day), grouping(user_id), toString(day), user_id,
+       sum(events), sum(manifests), sum(files_list), sum(downloads), toUnixTimestamp(max(last_ts))
+FROM ("""
+    + _USERS_SOURCE
+    + """)
+GROUP BY GROUPING SETS ((), (day), (user_id))
+"""
+)
+
+#: ... and models from the per-model rollups.
+_OVERVIEW_MODELS = (
+    """
+SELECT repo_id, sum(downloads)
+FROM ("""
+    + _MODELS_SOURCE
+    + """)
+WHERE repo_id != ''
+GROUP BY repo_id
+"""
+)
+
 _USER_NAMES = """
 SELECT user_id, argMax(email, updated_at), argMax(name, updated_at)
 FROM users
@@ -47,14 +97,18 @@ WHERE user_id IN (SELECT arrayJoin({uids:Array(UInt64)}))
 GROUP BY user_id
 """
 
-_DOWNLOADS = """
+_DOWNLOADS = (
+    """
 SELECT repo_id, sum(downloads) AS d
-FROM ({src})
+FROM ("""
+    + _MODELS_SOURCE
+    + """)
 WHERE repo_id != ''
 GROUP BY repo_id
 HAVING d > 0
 ORDER BY repo_id
 """
+)
 
 _BY_USER = "AND user_id = {uid:UInt64}"
 _BY_EMAIL = "AND user_id IN (SELECT user_id FROM users FINAL WHERE lower(email) = lower({email:String}))"
@@ -78,7 +132,7 @@ class Window:
         else:  # no whole day: the rollup part is empty, the raw part is the whole window
             d0, d1 = 1, 0
             a0, a1, b0, b1 = self.since, end, 0, 0
-        return {
+        params: dict[str, Any] = {
             "d0": _EPOCH.fromordinal(_EPOCH.toordinal() + d0),
             "d1": _EPOCH.fromordinal(_EPOCH.toordinal() + d1),
             "a0": a0,
@@ -86,6 +140,18 @@ class Window:
             "b0": b0,
             "b1": b1,
         }
+        # The edges (a, b) again, as whole hours (h0..h3, for the hourly rollups) and partial hours (r0..r7).
+        raw: list[int] = []
+        for i, (lo, hi) in enumerate(((a0, a1), (b0, b1))):
+            first_hour, last_hour_end = -(-lo // HOUR) * HOUR, hi // HOUR * HOUR
+            if lo < hi and first_hour < last_hour_end:
+                params[f"h{2 * i}"], params[f"h{2 * i + 1}"] = first_hour, last_hour_end
+                raw += [lo, first_hour, last_hour_end, hi]
+            else:
+                params[f"h{2 * i}"] = params[f"h{2 * i + 1}"] = 0
+                raw += [lo, hi, 0, 0]
+        params.update({f"r{i}": v for i, v in enumerate(raw)})
+        return params
 
 
 def _usage(store: Store, window: Window, filters: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -123,6 +189,35 @@ def _usage(store: Store, window: Window, filters: str, params: dict[str, Any]) -
     }
 
 
+def _overview(store: Store, window: Window) -> dict[str, Any]:
+    """The unfiltered admin overview from the per-user and per-model rollups (two small passes)."""
+    p = window.params()
+    totals = (0, 0, 0, 0, 0)
+    days: list[dict[str, Any]] = []
+    users: list[tuple[int, int, int, int]] = []
+    for g_day, g_user, day, uid, ev, man, fl, dl, last in store.query(_OVERVIEW_USERS, p):
+        if g_day and g_user:
+            totals = (int(ev), int(man), int(fl), int(dl), int(last))
+        elif not g_day:
+            days.append({"day": day, "events": int(ev), "downloads": int(dl)})
+        else:
+            users.append((int(uid), int(ev), int(dl), int(last)))
+    models = [(repo, int(dl)) for repo, dl in store.query(_OVERVIEW_MODELS, p)]
+    days.sort(key=lambda d: d["day"])
+    users.sort(key=lambda u: (-u[1], -u[2], u[0]))
+    top_models = sorted((m for m in models if m[1]), key=lambda m: (-m[1], m[0]))
+    events = totals[0]
+    return {
+        "window": {"since": window.since, "until": window.until},
+        "totals": {"events": events, "manifests": totals[1], "files_list": totals[2], "downloads": totals[3]},
+        "last_seen_ts": totals[4] if events else None,
+        "distinct_models": len(models),
+        "top_models": [{"repo_id": r, "downloads": d} for r, d in top_models],
+        "timeseries_daily": days,
+        "_users": users,
+    }
+
+
 def user_usage(store: Store, user_id: int, window: Window, top_models_limit: int) -> dict[str, Any]:
     """The body of `GET /v1/users/me/usage` for one user."""
     body = _usage(store, window, _BY_USER, {"uid": user_id})
@@ -145,7 +240,7 @@ def admin_usage(
         filters, params = _BY_USER, {"uid": filter_user_id}
     if filter_email is not None:
         filters, params = f"{filters} {_BY_EMAIL}", {**params, "email": filter_email}
-    body = _usage(store, window, filters, params)
+    body = _usage(store, window, filters, params) if filters else _overview(store, window)
     top = body.pop("_users")[:top_users_limit]
     names: dict[int, tuple[str, str]] = {}
     if top:
@@ -170,5 +265,5 @@ def model_downloads(store: Store, since_ts: int, until_ts: int | None = None) ->
     """Downloads per model since `since_ts` (the catalog's downloads counter)."""
     until = until_ts if until_ts is not None else int(datetime.now(UTC).timestamp())
     window = Window(since_ts, max(until, since_ts))
-    rows = store.query(_DOWNLOADS.format(src=_SOURCE.replace("{filter}", "")), window.params())
+    rows = store.query(_DOWNLOADS, window.params())
     return [{"repo_id": r, "downloads": int(d)} for r, d in rows]

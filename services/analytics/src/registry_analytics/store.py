@@ -117,6 +117,42 @@ TTL toDateTime(created_at) + INTERVAL 30 DAY""",
 )
 
 
+_COUNTS = """
+    toUInt64(count()) AS events,
+    toUInt64(countIf(kind IN ('manifest', 'platform_manifest'))) AS manifests,
+    toUInt64(countIf(kind = 'files_list')) AS files_list,
+    toUInt64(countIf(kind = 'download')) AS downloads,
+    max(ts) AS last_ts"""
+
+_COUNT_COLUMNS = """
+    events     SimpleAggregateFunction(sum, UInt64),
+    manifests  SimpleAggregateFunction(sum, UInt64),
+    files_list SimpleAggregateFunction(sum, UInt64),
+    downloads  SimpleAggregateFunction(sum, UInt64),
+    last_ts    SimpleAggregateFunction(max, DateTime64(3, 'UTC'))"""
+
+#: Narrower rollups for the admin overview and the catalog's counters: per user and per model, by UTC day
+#: and by hour (the hourly ones cover the partial days at a window's edges). name -> (key columns, DDL, SELECT).
+ROLLUPS: dict[str, tuple[str, str]] = {
+    name: (
+        f"""CREATE TABLE IF NOT EXISTS {name} (
+    {period} {period_type},
+    {key} {key_type},{_COUNT_COLUMNS}
+) ENGINE = AggregatingMergeTree
+PARTITION BY toYYYYMM({period})
+ORDER BY ({period}, {key})
+SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 1024""",
+        f"SELECT {period_expr} AS {period}, {key},{_COUNTS}\nFROM access_events\nGROUP BY {period}, {key}",
+    )
+    for name, period, period_type, period_expr, key, key_type in (
+        ("usage_daily_users", "day", "Date", "toDate(ts)", "user_id", "UInt64"),
+        ("usage_hourly_users", "hour", "DateTime('UTC')", "toStartOfHour(ts)", "user_id", "UInt64"),
+        ("usage_daily_models", "day", "Date", "toDate(ts)", "repo_id", "String"),
+        ("usage_hourly_models", "hour", "DateTime('UTC')", "toStartOfHour(ts)", "repo_id", "String"),
+    )
+}
+
+
 @dataclass(frozen=True)
 class Manifest:
     """What a batch was made of: enough to rebuild it identically after a crash."""
@@ -147,9 +183,20 @@ class Store:
         self.client.close()
 
     def migrate(self) -> None:
-        """Create every table and view that is missing."""
+        """Create every table and view that is missing; a rollup added later is filled from access_events.
+
+        Run before the loader starts (nothing inserts while a new rollup is backfilled).
+        """
         for stmt in SCHEMA:
             self.client.command(stmt)
+        existing = {r[0] for r in self.query("SELECT name FROM system.tables WHERE database = currentDatabase()")}
+        for name, (ddl, select) in ROLLUPS.items():
+            if f"{name}_mv" in existing:  # the view is created last: it exists once the rollup is complete
+                continue
+            self.client.command(ddl)
+            self.client.command(f"TRUNCATE TABLE {name}")
+            self.client.command(f"INSERT INTO {name} {select}")
+            self.client.command(f"CREATE MATERIALIZED VIEW IF NOT EXISTS {name}_mv TO {name} AS {select}")
 
     # ------------------------------------------------------------ reads
     def query(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple]:
