@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import subprocess
 import time
@@ -12,9 +13,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
+import psycopg
 import pytest
 
 from registry_shared.settings import KafkaSettings, MinioSettings, PostgresSettings
+from registry_shared.storage import legacy_object_key, minio_client
 
 
 @pytest.fixture(scope="session")
@@ -198,3 +201,22 @@ def api_process_without_admin_token() -> Iterator[str]:
     proc, base = spawn_api(REGISTRY_ADMIN_TOKEN="")
     yield base
     stop_process(proc)
+
+
+SEED_FILE = "config/model.safetensors"
+SEED_BODY = b"seeded-bytes-" + uuid.uuid4().hex.encode()
+
+
+def seed_file(pg_settings, minio_settings, repo_id: str, version: str) -> None:
+    """Put SEED_FILE into a version straight into the catalog (Postgres + the object in MinIO under hf/),
+    the way an operator loads an existing catalog: tests of authorization and caching then do not
+    depend on the ingest worker's timing. hf/ objects are never judged by ingest."""
+    key = legacy_object_key(repo_id, f"{version}/{SEED_FILE}")
+    minio_client(minio_settings).put_object(minio_settings.minio_bucket, key, io.BytesIO(SEED_BODY), len(SEED_BODY))
+    with psycopg.connect(pg_settings.database_url) as conn:
+        conn.execute(
+            "insert into files (model_id, version_id, rfilename, size, sha256, object_key)"
+            " select m.id, v.id, %s, %s, %s, %s from models m join versions v on v.model_id = m.id"
+            " where m.repo_id = %s and v.version = %s",
+            [SEED_FILE, len(SEED_BODY), hashlib.sha256(SEED_BODY).hexdigest(), key, repo_id, version],
+        )

@@ -6,30 +6,13 @@ an existing 0.3.0 catalog, so this test does not depend on the ingest worker's t
 
 from __future__ import annotations
 
-import io
 import time
 import uuid
 
 import httpx
-import psycopg
 import pytest
-
-from registry_shared.storage import legacy_object_key, minio_client
-
-FILE = "config/model.safetensors"
-BODY = b"seeded-bytes-" + uuid.uuid4().hex.encode()
-
-
-def seed_file(pg_settings, minio_settings, repo_id: str, version: str) -> None:
-    key = legacy_object_key(repo_id, f"{version}/{FILE}")  # hf/: an operator-loaded file, never judged by ingest
-    minio_client(minio_settings).put_object(minio_settings.minio_bucket, key, io.BytesIO(BODY), len(BODY))
-    with psycopg.connect(pg_settings.database_url) as conn:
-        conn.execute(
-            "insert into files (model_id, version_id, rfilename, size, sha256, object_key)"
-            " select m.id, v.id, %s, %s, %s, %s from models m join versions v on v.model_id = m.id"
-            " where m.repo_id = %s and v.version = %s",
-            [FILE, len(BODY), "ab" * 32, key, repo_id, version],
-        )
+from conftest import SEED_FILE as FILE
+from conftest import seed_file
 
 
 @pytest.fixture(scope="module")

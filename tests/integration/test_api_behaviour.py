@@ -7,8 +7,7 @@ import time
 
 import httpx
 import pytest
-from conftest import spawn_api, stop_process
-from test_api_authorization import seed_file
+from conftest import seed_file, spawn_api, stop_process
 
 
 @pytest.fixture(scope="module")
