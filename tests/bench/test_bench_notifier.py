@@ -30,7 +30,7 @@ from notifier_helpers import Api, api_process, free_port, notifier_process, wait
 from registry_shared.events import Topics, VersionCreated, encode_event, make_event
 from registry_shared.settings import KafkaSettings, PostgresSettings
 
-EVENTS = 10_000
+EVENTS = int(os.environ.get("NOTIFIER_BENCH_EVENTS", "10000"))
 SUBSCRIBERS = 10
 #: Events offered per second (steady); NOTIFIER_BENCH_RATE overrides it to find where latency gives way.
 RATE = int(os.environ.get("NOTIFIER_BENCH_RATE", "200"))

@@ -143,6 +143,12 @@ class DeliveryWorker:
         # Each statement commits on its own: a crash between them loses nothing (a delivered row is
         # final, a claimed row returns when its lease ends, a failure is logged with its attempt).
         async with self._pool.connection() as conn:
+            if done and failed is None and not rest:  # the usual case: one round trip
+                nxt = await repository.record_delivered_and_claim(
+                    conn, s.notifier_deployment, webhook_id, order_key, done, s.notifier_lease_s, _RUN
+                )
+                self.sent += len(done)
+                return nxt
             if done:
                 await repository.record_delivered(conn, webhook_id, done)
             if failed is not None:

@@ -191,6 +191,70 @@ async def record_delivered(
     )
 
 
+# Both at once, in one round trip: the deliveries just sent are recorded and the next run of the same
+# key is claimed (every part of one statement sees the same snapshot, so the rows just sent are left
+# out of the line explicitly).
+RECORD_AND_CLAIM = f"""
+with v as (
+    select * from unnest(%(ids)s::bigint[], %(attempts)s::int[], %(codes)s::int[], %(ms)s::int[])
+        as v(id, attempt, code, ms)
+), done as (
+    update webhook_deliveries d
+       set status = 'delivered', delivered_at = now(), lease_until = null, attempts = v.attempt,
+           last_status_code = v.code, last_latency_ms = v.ms, last_error = null
+      from v where d.id = v.id
+    returning d.id
+), log as (
+    insert into webhook_attempts (delivery_id, attempt, status_code, latency_ms)
+    select id, attempt, code, ms from v
+), streak as (
+    update webhooks set consecutive_failures = 0 where id = %(wid)s and consecutive_failures <> 0
+), line as (
+    select d.id, (d.status = 'pending' and d.next_attempt_at <= now() and w.enabled) as ready
+    from webhook_deliveries d join webhooks w on w.id = d.webhook_id
+    where d.webhook_id = %(wid)s and d.order_key = %(key)s and d.status in ('pending', 'sending')
+      and d.id <> all(%(ids)s::bigint[])
+    order by d.id limit %(limit)s
+    for update of d
+), run as (
+    select id from (select id, bool_and(ready) over (order by id) as go from line) x where go
+)
+update webhook_deliveries d
+   set status = 'sending', deployment = %(dep)s, lease_until = now() + make_interval(secs => %(lease)s)
+  from run, webhooks w
+ where d.id = run.id and w.id = d.webhook_id
+returning {_CLAIMED}
+"""
+
+
+async def record_delivered_and_claim(
+    conn: psycopg.AsyncConnection,
+    deployment: str,
+    webhook_id: int,
+    order_key: str,
+    done: list[tuple[int, int, int, int]],
+    lease_s: float,
+    limit: int,
+) -> list[dict]:
+    """record_delivered + claim_run of the same key in one statement; returns the claimed run in order."""
+    ids, attempts, codes, latencies = (list(col) for col in zip(*done, strict=True))
+    cur = await conn.execute(
+        RECORD_AND_CLAIM,
+        {
+            "ids": ids,
+            "attempts": attempts,
+            "codes": codes,
+            "ms": latencies,
+            "wid": webhook_id,
+            "key": order_key,
+            "limit": limit,
+            "dep": deployment,
+            "lease": lease_s,
+        },
+    )
+    return sorted(await cur.fetchall(), key=lambda r: r["id"])
+
+
 async def record_failure(
     conn: psycopg.AsyncConnection,
     delivery_id: int,
