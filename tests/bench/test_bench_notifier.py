@@ -25,7 +25,7 @@ from aiokafka import AIOKafkaProducer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 
-from notifier_helpers import Api, api_process, free_port, notifier_process, wait_consumer_ready, wait_for
+from notifier_helpers import LOOPBACK, Api, api_process, free_port, notifier_process, wait_consumer_ready, wait_for
 
 from registry_shared.events import Topics, VersionCreated, encode_event, make_event
 from registry_shared.settings import KafkaSettings, PostgresSettings
@@ -42,7 +42,7 @@ class FastReceiver:
     """A minimal HTTP/1.1 server on its own event loop (thread): records (event id, version, repo, time)."""
 
     def __init__(self) -> None:
-        self.port = free_port()
+        self.port = free_port(LOOPBACK)
         self.received: list[tuple[str, str, str, float]] = []
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -51,7 +51,7 @@ class FastReceiver:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", self.port))
+        self._loop.run_until_complete(asyncio.start_server(self._serve, LOOPBACK, self.port))
         self._ready.set()
         self._loop.run_forever()
 
@@ -74,7 +74,7 @@ class FastReceiver:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
+        return f"http://{LOOPBACK}:{self.port}/hook"
 
     def stop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -111,7 +111,7 @@ async def _publish(users: list, published: dict[str, float]) -> float:
 
 @pytest.mark.bench
 def test_bench_notifier_10k_events_to_10_subscribers() -> None:
-    api_proc = api_process(allow_private="127.0.0.1/32").start()
+    api_proc = api_process(allow_private=f"{LOOPBACK}/32").start()
     token = uuid.uuid4().hex[:8]
     notifier = notifier_process(
         f"bench-notifier-{token}", f"bench-{token}", None, NOTIFIER_DELIVERY_CONCURRENCY="64", LOG_LEVEL="warning"

@@ -8,6 +8,7 @@ import contextlib
 import http.server
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -29,6 +30,11 @@ from registry_shared.events import EVENT_TYPES, EventData, encode_event, make_ev
 from registry_shared.settings import KafkaSettings
 
 ADMIN_TOKEN = os.environ.get("REGISTRY_ADMIN_TOKEN", "changeme")
+
+#: The loopback address of this test run's receivers, and the only private target its notifier may reach.
+#: Two runs at once (two engineers, or CI beside a developer) pick different addresses, so neither
+#: notifier queues the other's deliveries; the stack's notifier, without an allowlist, queues none.
+LOOPBACK = f"127.0.0.{random.randint(2, 250)}"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -135,7 +141,7 @@ def notifier_process(group: str, deployment: str, smtp_port: int | None, **extra
         "NOTIFIER_GROUP_ID": group,
         "NOTIFIER_AUTO_OFFSET_RESET": "latest",
         "NOTIFIER_DEPLOYMENT": deployment,
-        "WEBHOOK_ALLOW_PRIVATE_TARGETS": "127.0.0.1/32",
+        "WEBHOOK_ALLOW_PRIVATE_TARGETS": f"{LOOPBACK}/32",
         "NOTIFIER_POLL_INTERVAL_S": "0.1",
         "DB_POOL_MIN": "1",
         "DB_POOL_MAX": "10",
@@ -266,7 +272,7 @@ class Received:
 class Receiver:
     """A webhook receiver on loopback (a thread): records every POST, answers `status`; can go down."""
 
-    host: str = "127.0.0.1"
+    host: str = LOOPBACK
     status: int = 204
     port: int = 0
     received: list[Received] = field(default_factory=list)

@@ -2,13 +2,15 @@
 Kafka through the stack's outbox relay), verdict events published to Kafka directly, webhooks received by
 real HTTP servers on loopback, e-mail by a real SMTP server (aiosmtpd) on loopback.
 
-Our notifier runs in its own consumer group and deployment. The stack's notifier leaves our subscriptions
-alone: their targets are loopback literals outside its allowlist, so it never queues them; and e-mail rows
-belong to the deployment that queued them, so ours reach our SMTP server.
+Our notifier runs in its own consumer group and deployment, and may reach only this run's loopback address
+(LOOPBACK). The stack's notifier and any other run's notifier leave our subscriptions alone: their targets
+are literal addresses outside those notifiers' allowlists, so they never queue them; and e-mail rows belong
+to the deployment that queued them, so ours reach our SMTP server.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 from notifier_helpers import (
+    LOOPBACK,
     Api,
     Receiver,
     ServiceProcess,
@@ -302,11 +305,13 @@ def test_a_subscription_that_keeps_failing_is_disabled_and_its_owner_emailed(
 
 
 def test_an_ssrf_target_is_refused_at_delivery(api: Api, notifier: ServiceProcess, hooks: list) -> None:
-    """The api (allowing 127.0.0.0/8) accepts a host name that resolves to 127.0.0.2; the notifier, whose
-    allowlist is 127.0.0.1/32, resolves it before sending and refuses: nothing reaches the target."""
+    """The api (allowing 127.0.0.0/8) accepts a host name (an address written as one number) that resolves
+    to another loopback address; the notifier, whose allowlist is only LOOPBACK/32, resolves it before
+    sending and refuses: nothing reaches the target."""
     dev = api.register("Dev")
-    with receiver(host="127.0.0.2") as target, receiver() as control:
-        hidden = _subscribe(api, hooks, dev, f"http://2130706434:{target.port}/hook", ["user.key_rotated"])
+    other = ipaddress.IPv4Address(LOOPBACK) + 1
+    with receiver(host=str(other)) as target, receiver() as control:
+        hidden = _subscribe(api, hooks, dev, f"http://{int(other)}:{target.port}/hook", ["user.key_rotated"])
         _subscribe(api, hooks, dev, control.url, ["user.key_rotated"])
         api.rotate_key(dev)
         wait_for(lambda: control.events(), 20, "the allowed delivery")
@@ -317,11 +322,13 @@ def test_an_ssrf_target_is_refused_at_delivery(api: Api, notifier: ServiceProces
 
         d = wait_for(refused, 20, "the refused attempt")
         assert d["last_status_code"] is None
-        assert "refused" in d["last_error"] and "127.0.0.2" in d["last_error"]
+        assert "refused" in d["last_error"] and str(other) in d["last_error"]
         assert target.events() == []
 
 
-def test_emails_are_not_duplicated_on_a_replayed_event(api: Api, notifier: ServiceProcess, smtp: SmtpSink) -> None:
+def test_emails_are_not_duplicated_on_a_replayed_event(
+    api: Api, notifier: ServiceProcess, smtp: SmtpSink, notifier_ids: tuple[str, str]
+) -> None:
     dev = api.register("Dev")
     repo = api.create_model(dev)
     api.create_version(dev, repo, "v1")
@@ -349,6 +356,7 @@ def test_emails_are_not_duplicated_on_a_replayed_event(api: Api, notifier: Servi
     ]
     with psycopg.connect(PostgresSettings().database_url) as conn:
         n = conn.execute(
-            "select count(*) from notifier_emails where dedupe_key = %s", [f"upload_rejected:{event.id}"]
+            "select count(*) from notifier_emails where deployment = %s and dedupe_key = %s",
+            [notifier_ids[1], f"upload_rejected:{event.id}"],
         ).fetchone()[0]
     assert n == 1

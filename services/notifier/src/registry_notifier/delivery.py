@@ -81,6 +81,8 @@ class DeliveryWorker:
         )
         self._signers: dict[str, Webhook] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Deliveries claimed by this process and not recorded yet (handed back on a graceful stop).
+        self._claimed: set[int] = set()
         self._task: asyncio.Task[None] | None = None
         self.wakeup = asyncio.Event()
         self.sent = 0
@@ -179,6 +181,7 @@ class DeliveryWorker:
 
     async def _pipeline(self, run: list[dict]) -> None:
         """Send a key's deliveries one after the other; record them a run at a time."""
+        self._claimed.update(r["id"] for r in run)
         while run:
             started = time.monotonic()
             results: list[tuple[dict, Outcome]] = []
@@ -200,10 +203,12 @@ class DeliveryWorker:
                 if time.monotonic() - started > self._s.notifier_lease_s / 2:
                     break  # record before the lease runs out; the rest is claimed again
             try:
-                run = await self._record(run, results)
+                recorded, run = run, await self._record(run, results)
             except Exception as exc:  # database away: the lease expires and the deliveries are claimed again
                 log.warning("deliveries not recorded: %s", exc)
-                run = []
+                recorded, run = run, []
+            self._claimed.difference_update(r["id"] for r in recorded)
+            self._claimed.update(r["id"] for r in run)
 
     async def run(self) -> None:
         """Claim and send due deliveries until cancelled."""
@@ -241,7 +246,7 @@ class DeliveryWorker:
         self._task = asyncio.create_task(self.run(), name="delivery-worker")
 
     async def stop(self) -> None:
-        """Stop claiming, let in-flight attempts finish briefly, close the HTTP client."""
+        """Stop claiming, let in-flight attempts finish briefly, hand back what was claimed but not sent."""
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -250,4 +255,11 @@ class DeliveryWorker:
             await asyncio.wait(self._tasks, timeout=5)
             for t in self._tasks:
                 t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._claimed:
+            try:
+                async with self._pool.connection(timeout=5) as conn:
+                    await repository.release(conn, sorted(self._claimed))
+            except Exception as exc:  # their leases run out instead
+                log.warning("claimed deliveries not handed back: %s", exc)
         await self._client.aclose()
