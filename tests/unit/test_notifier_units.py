@@ -12,6 +12,7 @@ from standardwebhooks import Webhook
 from registry_notifier import mail
 from registry_notifier.delivery import retry_delay, sign
 from registry_notifier.repository import message_id
+from registry_notifier.routing import Router
 from registry_notifier.settings import DEFAULT_RETRY_SCHEDULE, NotifierSettings
 from registry_notifier.targets import (
     TargetGuard,
@@ -19,6 +20,14 @@ from registry_notifier.targets import (
     address_allowed,
     parse_networks,
     statically_allowed,
+)
+from registry_shared.events import (
+    CloudEvent,
+    GrantRevoked,
+    UploadVerified,
+    UserKeyRotated,
+    VersionCreated,
+    make_event,
 )
 
 
@@ -140,3 +149,42 @@ def test_email_texts() -> None:
     assert subject == "Model granted: acme/bert" and "1970-01-01 00:00:00 UTC" in body
     assert mail.key_rotated({"rotated_ts": 0, "key_prefix": "abc"})[0] == "Your API key was rotated"
     assert "PATCH /v1/webhooks/5" in mail.webhook_disabled(5, "https://x", "boom")[1]
+
+
+def _event(data: object, at: float) -> CloudEvent:
+    return make_event(data, source="/tests", time=datetime.fromtimestamp(at, UTC))  # type: ignore[arg-type]
+
+
+def test_who_may_receive_what() -> None:
+    router = Router([], "test", email_enabled=True)
+    t = 1_700_000_000.0
+    uploads = {5: {"developer_id": 11, "email": "dev@example.com"}}
+    models = {"acme/bert": {"visibility": "private", "grants": [(21, t - 100), (22, t + 100)]}}
+    version = _event(VersionCreated(repo_id="acme/bert", version="v2", owner_id=11), t)
+    # the owner, and the platform user whose grant started before the event; not the one granted later
+    assert router._audience(version, "version.created", uploads, models) == ({11, 21}, False)
+    public = {"acme/bert": {"visibility": "public", "grants": []}}
+    assert router._audience(version, "version.created", uploads, public) == ({11}, True)
+    verified = _event(
+        UploadVerified(
+            upload_id=5, repo_id="acme/bert", version="v2", rfilename="m", object_key="k", size=1, sha256="0" * 64
+        ),
+        t,
+    )
+    assert router._audience(verified, "upload.verified", uploads, models) == ({11}, False)
+    unknown = _event(
+        UploadVerified(
+            upload_id=6, repo_id="acme/bert", version="v2", rfilename="m", object_key="k", size=1, sha256="0" * 64
+        ),
+        t,
+    )
+    assert router._audience(unknown, "upload.verified", uploads, models) == (set(), False)
+    grant = _event(GrantRevoked(grant_id=1, platform_user_id=21, repo_id="acme/bert", permitted_from_ts=0), t)
+    assert router._audience(grant, "grant.revoked", uploads, models) == ({21}, False)
+    rotated = _event(UserKeyRotated(user_id=11, email="dev@example.com", key_prefix="abc", rotated_ts=1), t)
+    assert router._audience(rotated, "user.key_rotated", uploads, models) == ({11}, False)
+    # e-mails: grant revoked to the platform user, key rotated to the account, deduplicated per event
+    mails = router._emails(grant, "grant.revoked", uploads, {21: "plat@example.com"})
+    assert [(m[1], m[2], m[3]) for m in mails] == [(f"grant_revoked:{grant.id}", "grant_revoked", "plat@example.com")]
+    assert router._emails(rotated, "user.key_rotated", uploads, {})[0][3] == "dev@example.com"
+    assert router._emails(verified, "upload.verified", uploads, {}) == []
