@@ -33,7 +33,7 @@ from notifier_helpers import (
 )
 from standardwebhooks import Webhook
 
-from registry_shared.events import UploadRejected, UploadVerified
+from registry_shared.events import CloudEvent, UploadRejected, UploadVerified, UserKeyRotated
 from registry_shared.settings import PostgresSettings
 
 MAX_FAILURES = 8
@@ -360,3 +360,17 @@ def test_emails_are_not_duplicated_on_a_replayed_event(
             [notifier_ids[1], f"upload_rejected:{event.id}"],
         ).fetchone()[0]
     assert n == 1
+
+
+def test_an_event_with_a_bad_payload_does_not_stop_the_flow(api: Api, notifier: ServiceProcess, hooks: list) -> None:
+    dev = api.register("Dev")
+    with receiver() as r:
+        _subscribe(api, hooks, dev, r.url, ["user.key_rotated"])
+        bad = CloudEvent(
+            source="/tests/notifier", type=UserKeyRotated.event_type, subject=f"user:{dev.user_id}", data={"x": 1}
+        )
+        publish(events=[bad])
+        api.rotate_key(dev)  # same key, same partition: after the bad event
+        wait_for(lambda: r.events(), 20, "the event after the bad one")
+        assert [x.event["type"] for x in r.events()] == [UserKeyRotated.event_type]
+        assert bad.id not in r.event_ids()

@@ -17,7 +17,7 @@ from psycopg_pool import AsyncConnectionPool
 from pydantic import ValidationError
 
 from registry_notifier import repository
-from registry_notifier.routing import Incoming, Router
+from registry_notifier.routing import SUBSCRIBABLE, Incoming, Router
 from registry_notifier.settings import NotifierSettings
 from registry_shared.events import Topics, decode_event
 
@@ -53,7 +53,11 @@ class EventConsumer:
         for records in batch.values():
             for msg in records:
                 try:
-                    items.append(Incoming(decode_event(msg.value), msg.value.decode()))
+                    event = decode_event(msg.value)
+                    if event.type not in SUBSCRIBABLE:
+                        continue  # nobody subscribes to it
+                    event.payload()  # a payload that does not match its type is refused here, not half-routed
+                    items.append(Incoming(event, msg.value.decode()))
                 except (ValidationError, ValueError, UnicodeDecodeError) as exc:
                     log.error(
                         "unreadable event skipped",

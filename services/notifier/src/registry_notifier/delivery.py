@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 _MAX_RESPONSE_BYTES = 64 * 1024
 #: Deliveries of one key claimed and recorded together (sent one after the other, in order).
 _RUN = 20
+#: Shortest pause between two claims of heads of line.
+_MIN_CLAIM_GAP_S = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +211,9 @@ class DeliveryWorker:
                 recorded, run = run, []
             self._claimed.difference_update(r["id"] for r in recorded)
             self._claimed.update(r["id"] for r in run)
+        # A delivery of this key queued while the last run was being recorded may not have been seen by
+        # either that run or the last claim: look for heads again soon.
+        self.wakeup.set()
 
     async def run(self) -> None:
         """Claim and send due deliveries until cancelled."""
@@ -234,6 +239,7 @@ class DeliveryWorker:
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wakeup.wait(), timeout=s.notifier_poll_interval_s)
+            await asyncio.sleep(_MIN_CLAIM_GAP_S)  # wake-ups that come together are served by one claim
 
     def _done(self, task: asyncio.Task[None]) -> None:
         full = len(self._tasks) >= self._s.notifier_delivery_concurrency
