@@ -124,26 +124,63 @@ def _decode_slow(value: bytes) -> tuple[str, AccessRow | UserRow | None]:
 
 # ---------------------------------------------------------------- batches
 @dataclass
-class RawBatch:
-    """Messages collected for one flush, per partition in offset order."""
+class _Partition:
+    """What one partition contributed to a batch, decoded as it arrived (offset order)."""
 
-    records: dict[TopicPartition, list[tuple[int, bytes]]] = field(default_factory=dict)
+    first: int
+    last: int = -1
+    #: (offset, event_id, ts_ms, line) of the access events
+    access: list[tuple[int, str, int, bytes]] = field(default_factory=list)
+    users: list[UserRow] = field(default_factory=list)
+    invalid: list[tuple[int, bytes, str]] = field(default_factory=list)
+
+
+@dataclass
+class RawBatch:
+    """Messages collected for one flush, per partition, decoded as they arrive.
+
+    Decoding happens on the event loop as each fetch comes in (no thread fights the fetcher for the GIL);
+    `prepare` then merges the partitions in a fixed order, so the batch does not depend on arrival order.
+    """
+
+    parts: dict[TopicPartition, _Partition] = field(default_factory=dict)
     count: int = 0
     started: float = 0.0
 
     def add(self, tp: TopicPartition, offset: int, value: bytes) -> None:
-        """Append a message (messages of one partition arrive in offset order)."""
+        """Decode and append one message (messages of one partition arrive in offset order)."""
+        self.add_many(tp, [(offset, value)])
+
+    def add_many(self, tp: TopicPartition, messages: Sequence[tuple[int, bytes]]) -> None:
+        """Decode and append messages of one partition, in offset order."""
+        if not messages:
+            return
         if not self.count:
             self.started = time.monotonic()
-        self.records.setdefault(tp, []).append((offset, value))
-        self.count += 1
+        part = self.parts.get(tp)
+        if part is None:
+            part = self.parts[tp] = _Partition(first=messages[0][0])
+        access, users, invalid = part.access.append, part.users.append, part.invalid.append
+        for offset, value in messages:
+            try:
+                kind, row = decode_message(value)
+            except InvalidEvent as exc:
+                invalid((offset, value, str(exc)))
+                continue
+            if kind == "access":
+                eid, ts, line = row  # type: ignore[misc]
+                access((offset, eid, ts, line))
+            elif kind == "user":
+                users(row)  # type: ignore[arg-type]
+        part.last = messages[-1][0]
+        self.count += len(messages)
 
     def ranges(self) -> list[list[Any]]:
         """[[topic, partition, first_offset, last_offset], ...] sorted."""
-        return [[tp.topic, tp.partition, recs[0][0], recs[-1][0]] for tp, recs in self._sorted() if recs]
+        return [[tp.topic, tp.partition, p.first, p.last] for tp, p in self._sorted()]
 
-    def _sorted(self) -> list[tuple[TopicPartition, list[tuple[int, bytes]]]]:
-        return sorted(self.records.items(), key=lambda kv: (kv[0].topic, kv[0].partition))
+    def _sorted(self) -> list[tuple[TopicPartition, _Partition]]:
+        return sorted(self.parts.items(), key=lambda kv: (kv[0].topic, kv[0].partition))
 
 
 @dataclass
@@ -168,7 +205,7 @@ class PreparedBatch:
 
 
 def prepare(raw: RawBatch) -> PreparedBatch:
-    """Decode a batch deterministically: the same messages always give the same rows in the same order."""
+    """Merge a batch deterministically: the same messages always give the same rows in the same order."""
     ids: list[str] = []
     ts_ms: list[int] = []
     lines: list[bytes] = []
@@ -177,26 +214,19 @@ def prepare(raw: RawBatch) -> PreparedBatch:
     invalid: list[tuple[str, int, int, bytes, str]] = []
     seen: set[str] = set()
     dups = 0
-    for tp, recs in raw._sorted():
-        topic, part = tp.topic, tp.partition
-        for offset, value in recs:
-            try:
-                kind, row = decode_message(value)
-            except InvalidEvent as exc:
-                invalid.append((topic, part, offset, value, str(exc)))
+    for tp, part in raw._sorted():
+        topic, partition = tp.topic, tp.partition
+        for offset, eid, ts, line in part.access:
+            if eid in seen:
+                dups += 1
                 continue
-            if kind == "access":
-                eid, ts, line = row  # type: ignore[misc]
-                if eid in seen:
-                    dups += 1
-                    continue
-                seen.add(eid)
-                ids.append(eid)
-                ts_ms.append(ts)
-                lines.append(line)
-                positions.append((topic, part, offset))
-            elif kind == "user":
-                users.append(row)  # type: ignore[arg-type]
+            seen.add(eid)
+            ids.append(eid)
+            ts_ms.append(ts)
+            lines.append(line)
+            positions.append((topic, partition, offset))
+        users.extend(part.users)
+        invalid.extend((topic, partition, offset, value, err) for offset, value, err in part.invalid)
     return PreparedBatch(raw.ranges(), ids, ts_ms, lines, positions, users, invalid, dups)
 
 
@@ -389,11 +419,9 @@ class AccessLoader:
                 got = await self.consumer.getmany(*todo, timeout_ms=500)
                 for tp, records in got.items():
                     last = targets[tp][1]
-                    for r in records:
-                        if r.offset <= last:
-                            raw.add(tp, r.offset, r.value)
-                        if r.offset >= last:
-                            todo.pop(tp, None)
+                    raw.add_many(tp, [(r.offset, r.value) for r in records if r.offset <= last])
+                    if records and records[-1].offset >= last:
+                        todo.pop(tp, None)
         for tp, (_, last) in targets.items():
             self.consumer.seek(tp, last + 1)
         await self._flush(raw, replay=manifest)
@@ -407,12 +435,12 @@ class AccessLoader:
         raw = RawBatch()
         while True:
             timeout = max(0.0, raw.started + interval - time.monotonic()) if raw.count else 1.0
+            # Small fetches: each is decoded right here, so the loop never stalls for long.
             got = await self.consumer.getmany(
-                timeout_ms=int(timeout * 1000), max_records=max(1, s.batch_max_events - raw.count)
+                timeout_ms=int(timeout * 1000), max_records=max(1, min(5_000, s.batch_max_events - raw.count))
             )
             for tp, records in got.items():
-                for r in records:
-                    raw.add(tp, r.offset, r.value)
+                raw.add_many(tp, [(r.offset, r.value) for r in records])
             due = raw.count and (raw.count >= s.batch_max_events or time.monotonic() >= raw.started + interval)
             if due:
                 if self._flushing is not None:
@@ -451,7 +479,7 @@ class AccessLoader:
         self.stats["phase"] = "idle"
 
     def _store_batch(self, raw: RawBatch, replay: Manifest | None) -> tuple[PreparedBatch, Manifest | None]:
-        """Runs in a worker thread (the insert releases the GIL; decoding overlaps the next fetch)."""
+        """Runs in a worker thread (the insert releases the GIL while the loop fetches and decodes the next)."""
         t0 = time.perf_counter()
         self.stats["phase"] = "decoding"
         prepared = prepare(raw)
