@@ -302,6 +302,16 @@ def test_a_subscription_that_keeps_failing_is_disabled_and_its_owner_emailed(
         assert len(r.events()) == seen
         log = api.deliveries(dev, hook["id"])
         assert all(d["last_status_code"] == 500 for d in log if d["attempts"])
+        # The owner fixes the receiver and re-enables the webhook: the kept deliveries go out.
+        r.status = 204
+        resp = api.http.patch(f"/v1/webhooks/{hook['id']}", headers=dev.headers, json={"enabled": True})
+        assert resp.status_code == 200 and resp.json()["consecutive_failures"] == 0
+        wait_for(
+            lambda: all(d["status"] == "delivered" for d in api.deliveries(dev, hook["id"])),
+            20,
+            "the kept deliveries after re-enabling",
+        )
+        assert len({x.event["id"] for x in r.events()}) == 3
 
 
 def test_an_ssrf_target_is_refused_at_delivery(api: Api, notifier: ServiceProcess, hooks: list) -> None:
