@@ -384,3 +384,26 @@ def test_an_event_with_a_bad_payload_does_not_stop_the_flow(api: Api, notifier: 
         wait_for(lambda: r.events(), 20, "the event after the bad one")
         assert [x.event["type"] for x in r.events()] == [UserKeyRotated.event_type]
         assert bad.id not in r.event_ids()
+
+
+def test_a_retried_version_event_is_withheld_once_the_grant_is_revoked(
+    api: Api, notifier: ServiceProcess, hooks: list
+) -> None:
+    dev, plat = api.register("Dev"), api.create_platform_user("Plat")
+    repo = api.create_model(dev)
+    r = Receiver().start()
+    hook = _subscribe(api, hooks, plat, r.url, ["version.created", "grant.revoked"])
+    grant = api.grant(plat, repo)
+    r.stop()  # the platform user's receiver is down
+    try:
+        api.create_version(dev, repo, "v1")  # visible to the platform user now: queued for it
+        wait_for(lambda: any(d["attempts"] >= 1 for d in api.deliveries(plat, hook["id"])), 20, "a failed attempt")
+        api.revoke(grant["grant_id"])
+        r.start()
+        wait_for(lambda: r.events("registry.grant.revoked.v1"), 20, "the revocation, after the version event")
+        assert [x.event["type"] for x in r.events()] == ["registry.grant.revoked.v1"]
+        (version,) = [d for d in api.deliveries(plat, hook["id"]) if d["event_type"] == "registry.version.created.v1"]
+        assert version["status"] == "failed" and version["last_error"].startswith("withheld")
+        assert api.webhook(plat, hook["id"])["consecutive_failures"] == 0
+    finally:
+        r.stop()

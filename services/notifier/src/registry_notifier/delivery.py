@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import time
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 _MAX_RESPONSE_BYTES = 64 * 1024
 #: Deliveries of one key claimed and recorded together (sent one after the other, in order).
 _RUN = 20
+VERSION_CREATED = "registry.version.created.v1"
 #: Shortest pause between two claims of heads of line.
 _MIN_CLAIM_GAP_S = 0.02
 
@@ -46,6 +48,9 @@ class Outcome:
     status_code: int | None
     latency_ms: int | None
     error: str | None
+    #: False when the delivery is withheld (not the receiver's fault): it is given up at once and does
+    #: not count against the webhook.
+    receiver_failed: bool = True
 
 
 def retry_delay(delays: list[float], attempts: int, jitter: float) -> float | None:
@@ -136,6 +141,17 @@ class DeliveryWorker:
             return Outcome(True, response.status_code, ms, None)
         return Outcome(False, response.status_code, ms, f"HTTP {response.status_code}")
 
+    async def _withheld(self, row: dict) -> Outcome | None:
+        """A retried version.created goes out only while its model is still visible to the subscriber
+        (a grant revoked meanwhile withholds it); first attempts were checked when routed."""
+        if row["event_type"] != VERSION_CREATED or row["attempts"] == 0:
+            return None
+        async with self._pool.connection() as conn:
+            repo_id = json.loads(row["payload"])["data"]["repo_id"]
+            if await repository.still_visible(conn, row["webhook_id"], repo_id, int(time.time())):
+                return None
+        return Outcome(False, None, None, "withheld: the model is no longer visible to the subscriber", False)
+
     async def _record(self, run: list[dict], results: list[tuple[dict, Outcome]]) -> list[dict]:
         """Store the outcomes of a run; returns the next run of the same key, claimed, if it may go now."""
         s = self._s
@@ -157,15 +173,20 @@ class DeliveryWorker:
                 await repository.record_delivered(conn, webhook_id, done)
             if failed is not None:
                 row, out = failed
-                delay = retry_delay(s.retry_delays, row["attempts"] + 1, s.notifier_retry_jitter)
+                delay = (
+                    retry_delay(s.retry_delays, row["attempts"] + 1, s.notifier_retry_jitter)
+                    if out.receiver_failed
+                    else None
+                )
                 error = out.error or "failed"
                 async with conn.transaction():
                     await repository.record_failure(
                         conn, row["id"], row["attempts"] + 1, out.status_code, out.latency_ms, error, delay
                     )
-                    disabled = await repository.count_failure(
-                        conn, webhook_id, s.notifier_max_consecutive_failures, error
-                    )
+                    if out.receiver_failed:
+                        disabled = await repository.count_failure(
+                            conn, webhook_id, s.notifier_max_consecutive_failures, error
+                        )
                 follow = delay is None and not disabled
             if rest:
                 await repository.release(conn, rest)
@@ -190,7 +211,7 @@ class DeliveryWorker:
             for row in run:
                 token = correlation_id.set(str(row["event_id"]))
                 try:
-                    out = await self.attempt(row)
+                    out = await self._withheld(row) or await self.attempt(row)
                 finally:
                     correlation_id.reset(token)
                 results.append((row, out))

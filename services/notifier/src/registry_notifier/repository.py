@@ -92,7 +92,8 @@ async def insert_emails(conn: psycopg.AsyncConnection, rows: list[tuple]) -> Non
 
 # ---------------------------------------------------------------- delivering
 
-_CLAIMED = """d.id, d.webhook_id, d.order_key, d.message_id, d.payload, d.attempts, d.event_id, w.url, w.secret"""
+_CLAIMED = """d.id, d.webhook_id, d.order_key, d.message_id, d.payload, d.attempts, d.event_id, d.event_type,
+    w.url, w.secret"""
 
 # Heads of line: the first undelivered delivery of every (webhook, order key). One ordered pass over the
 # partial index of undelivered rows finds them; only the due heads of enabled webhooks that belong to
@@ -290,6 +291,19 @@ async def release(conn: psycopg.AsyncConnection, ids: list[int]) -> None:
         "update webhook_deliveries set status = 'pending', lease_until = null where id = any(%s) and status = 'sending'",
         [ids],
     )
+
+
+async def still_visible(conn: psycopg.AsyncConnection, webhook_id: int, repo_id: str, now: int) -> bool:
+    """Whether the webhook's owner may see the model now: owner, public, or a grant in force."""
+    cur = await conn.execute(
+        "select exists (select 1 from webhooks w join models m on m.repo_id = %(repo)s where w.id = %(wid)s"
+        " and (m.owner_id = w.owner_id or m.visibility = 'public' or exists ("
+        "  select 1 from grants g where g.model_id = m.id and g.platform_user_id = w.owner_id"
+        "  and g.revoked_ts is null and g.permitted_from_ts <= %(now)s"
+        "  and (g.permitted_until_ts is null or g.permitted_until_ts > %(now)s)))) as visible",
+        {"wid": webhook_id, "repo": repo_id, "now": now},
+    )
+    return (await cur.fetchone())["visible"]
 
 
 async def count_failure(conn: psycopg.AsyncConnection, webhook_id: int, max_failures: int, error: str) -> bool:
