@@ -117,13 +117,15 @@ class ServiceProcess:
             self.proc.wait(timeout=5)
 
 
-def api_process(allow_private: str) -> ServiceProcess:
-    """An api of our own: no outbox relay and no consumers (the stack's api relays the shared outbox)."""
+def api_process(allow_private: str, relay: bool = False) -> ServiceProcess:
+    """An api of our own, without consumers. With `relay`, it also runs the outbox relay: only one relay of
+    the shared outbox publishes at a time (advisory lock), so it takes over only if the stack's api is not
+    relaying, and the tests do not depend on the stack's api being up."""
     return ServiceProcess(
         "registry_api.main",
         "API_PORT",
         {
-            "OUTBOX_RELAY": "false",
+            "OUTBOX_RELAY": "true" if relay else "false",
             "API_CONSUME_EVENTS": "false",
             "WEBHOOK_ALLOW_PRIVATE_TARGETS": allow_private,
             "REGISTRY_ADMIN_TOKEN": ADMIN_TOKEN,

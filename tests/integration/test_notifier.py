@@ -52,7 +52,7 @@ def smtp() -> Iterator[SmtpSink]:
 
 @pytest.fixture(scope="module")
 def api() -> Iterator[Api]:
-    proc = api_process(allow_private="127.0.0.0/8").start()
+    proc = api_process(allow_private="127.0.0.0/8", relay=True).start()
     client = Api(proc.url)
     try:
         yield client
