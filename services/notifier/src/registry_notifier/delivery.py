@@ -212,6 +212,9 @@ class DeliveryWorker:
                 token = correlation_id.set(str(row["event_id"]))
                 try:
                     out = await self._withheld(row) or await self.attempt(row)
+                except Exception as exc:  # a URL httpx refuses, or a bug: a failed attempt, retried like any
+                    log.exception("delivery attempt broke")
+                    out = Outcome(False, None, None, f"{type(exc).__name__}: {exc}"[:500])
                 finally:
                     correlation_id.reset(token)
                 results.append((row, out))
