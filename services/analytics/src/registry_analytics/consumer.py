@@ -434,17 +434,27 @@ class AccessLoader:
         interval = s.flush_interval_ms / 1000
         raw = RawBatch()
         while True:
-            timeout = max(0.0, raw.started + interval - time.monotonic()) if raw.count else 1.0
+            busy = self._flushing is not None and not self._flushing.done()
+            if not raw.count:
+                timeout = 1.0
+            elif busy:
+                timeout = 0.05
+            else:
+                timeout = max(0.0, raw.started + interval - time.monotonic())
             # Small fetches: each is decoded right here, so the loop never stalls for long.
             got = await self.consumer.getmany(
                 timeout_ms=int(timeout * 1000), max_records=max(1, min(5_000, s.batch_max_events - raw.count))
             )
             for tp, records in got.items():
                 raw.add_many(tp, [(r.offset, r.value) for r in records])
-            due = raw.count and (raw.count >= s.batch_max_events or time.monotonic() >= raw.started + interval)
-            if due:
+            full = raw.count >= s.batch_max_events
+            due = raw.count and (full or time.monotonic() >= raw.started + interval)
+            busy = self._flushing is not None and not self._flushing.done()
+            # While a batch is being stored the next one keeps growing (up to batch_max_events): under load
+            # batches get bigger and the loop never idles; when idle a batch leaves after flush_interval_ms.
+            if due and (full or not busy):
                 if self._flushing is not None:
-                    await self._flushing  # one batch in flight: the next is decoded only after it is stored
+                    await self._flushing  # one batch in flight; raises if it failed
                 self._flushing = asyncio.create_task(self._flush(raw))
                 raw = RawBatch()
             elif self._flushing is not None and self._flushing.done():
