@@ -16,7 +16,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import psycopg
 from fastapi import Depends, Request
@@ -136,7 +136,8 @@ async def listen_for_invalidations(database_url: str, stop: asyncio.Event) -> No
                 await asyncio.wait_for(stop.wait(), timeout=1.0)
 
 
-async def _principal_for_key(request: Request, key: str) -> Principal:
+async def principal_for_key(app: Any, key: str) -> Principal:
+    """The user behind an api key (401 unless it is known and not rotated); cached per process."""
     prefix = lookup_prefix(key)
     if prefix is None:
         raise Unauthorized("invalid or revoked api key")
@@ -146,8 +147,7 @@ async def _principal_for_key(request: Request, key: str) -> Principal:
         if hmac.compare_digest(cached[0], presented):
             return cached[1]
         raise Unauthorized("invalid or revoked api key")
-    pool = request.app.state.pool
-    async with pool.connection() as conn:
+    async with app.state.pool.connection() as conn:
         cur = await conn.execute(
             "select k.key_hash, u.id, u.role, u.email, u.name from api_keys k join users u on u.id = k.user_id"
             " where k.prefix = %s and k.revoked_ts is null",
@@ -161,20 +161,21 @@ async def _principal_for_key(request: Request, key: str) -> Principal:
     return principal
 
 
-def check_admin_token(request: Request, token: str | None) -> None:
-    """Raise unless `token` is this deployment's admin token (constant-time comparison)."""
-    configured = request.app.state.settings.registry_admin_token
+def check_admin_token(app: Any, token: str | None) -> Principal:
+    """The admin token holder; raises unless `token` is this deployment's admin token (constant time)."""
+    configured = app.state.settings.registry_admin_token
     if configured is None:
         raise Unavailable("admin token not configured")
     if token is None or not hmac.compare_digest(token.encode(), configured.get_secret_value().encode()):
         raise Unauthorized("invalid admin token")
+    return ADMIN_TOKEN_PRINCIPAL
 
 
 async def current_user(request: Request, x_api_key: Annotated[str | None, Depends(api_key_header)]) -> Principal:
     """The user behind x-api-key (401 if missing, unknown or rotated)."""
     if not x_api_key:
         raise Unauthorized("missing x-api-key")
-    return await _principal_for_key(request, x_api_key)
+    return await principal_for_key(request.app, x_api_key)
 
 
 async def catalog_reader(
@@ -183,16 +184,10 @@ async def catalog_reader(
     x_admin_token: Annotated[str | None, Depends(admin_token_header)],
 ) -> Principal:
     """A user by x-api-key, or (without one) the admin token holder, who sees the whole catalog."""
-    return await resolve_catalog_reader(request, x_api_key, x_admin_token)
-
-
-async def resolve_catalog_reader(request: Request, x_api_key: str | None, x_admin_token: str | None) -> Principal:
-    """The rule of `catalog_reader`, callable without FastAPI's dependency injection."""
     if x_api_key:
-        return await _principal_for_key(request, x_api_key)
+        return await principal_for_key(request.app, x_api_key)
     if x_admin_token:
-        check_admin_token(request, x_admin_token)
-        return ADMIN_TOKEN_PRINCIPAL
+        return check_admin_token(request.app, x_admin_token)
     raise Unauthorized("missing x-api-key")
 
 
@@ -200,8 +195,7 @@ async def require_admin(
     request: Request, x_admin_token: Annotated[str | None, Depends(admin_token_header)]
 ) -> Principal:
     """The admin endpoints' guard: x-admin-token must equal REGISTRY_ADMIN_TOKEN."""
-    check_admin_token(request, x_admin_token)
-    return ADMIN_TOKEN_PRINCIPAL
+    return check_admin_token(request.app, x_admin_token)
 
 
 async def require_developer(principal: Annotated[Principal, Depends(current_user)]) -> Principal:

@@ -52,7 +52,8 @@ class Unavailable(ApiError):
     status_code = 503
 
 
-def _describe(err: dict) -> str:
+def describe_error(err: dict) -> str:
+    """One pydantic error as the api words it: `<where>: <message>`."""
     loc = [str(p) for p in err.get("loc", ()) if p != "body" or len(err.get("loc", ())) == 1]
     where = ".".join(loc)
     if err.get("type") == "json_invalid":
@@ -74,7 +75,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
-        detail = "; ".join(_describe(e) for e in errors[:5]) or "invalid request"
+        detail = "; ".join(describe_error(e) for e in errors[:5]) or "invalid request"
         return JSONResponse({"detail": detail}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)

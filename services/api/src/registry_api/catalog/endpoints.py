@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from registry_api.auth import CatalogReader, Principal, resolve_catalog_reader
+from registry_api.auth import CatalogReader, Principal
 from registry_api.catalog import repository
 from registry_api.catalog.cache import download_cache
 from registry_api.catalog.schemas import (
@@ -23,7 +23,7 @@ from registry_api.catalog.schemas import (
     ModelList,
 )
 from registry_api.catalog.visibility import visibility_params
-from registry_api.errors import NotFound, Unprocessable
+from registry_api.errors import NotFound
 from registry_api.kit.presign import EXPIRES_DEFAULT, EXPIRES_MAX, EXPIRES_MIN
 from registry_api.kit.schemas import errors
 from registry_api.kit.validate import check_repo_id, check_rfilename, check_version
@@ -120,14 +120,15 @@ def _split_file_path(path: str) -> tuple[str, str]:
     return check_repo_id(f"{parts[0]}/{parts[1]}"), check_rfilename(parts[2])
 
 
-async def serve_download(
-    request: Request, principal: Principal, file_path: str, expires: int, version: str | None
-) -> JSONResponse:
+async def download_answer(
+    app: Any, principal: Principal, file_path: str, expires: int, version: str | None
+) -> dict[str, object]:
     """The download rule: visible file → presigned GET + a counted access event.
 
-    The hottest path of the registry: lookups are cached (catalog.cache), the URL is signed locally,
-    the access event is buffered, and the answer is serialized once, without re-validation.
+    The hottest path of the registry: lookups are cached (catalog.cache), the URL is signed locally
+    (and reused within the second it was signed in), and the access event is buffered.
     """
+    state = app.state
     cache_key = (principal.user_id, principal.role, file_path, version)
     row = download_cache.get(cache_key)
     if row is None:
@@ -135,30 +136,26 @@ async def serve_download(
         if version is not None:
             check_version(version)
         generation = download_cache.generation
-        async with request.app.state.pool.connection() as conn:
+        async with state.pool.connection() as conn:
             row = await repository.find_download(conn, visibility_params(principal), repo_id, rfilename, version)
         if row is None:
             raise NotFound("file not found")
         download_cache.put(cache_key, row, row["access_until"], generation)
     try:
-        url = request.app.state.presigner.get_url(row["object_key"], expires)
+        url = state.presigner.get_url(row["object_key"], expires)
     except Exception as exc:
         raise NotFound(f"object not accessible: {row['object_key']}") from exc
-    request.app.state.access.record_download(
-        principal.user_id, row["repo_id"], row["version"], row["rfilename"], row["size"]
-    )
-    return JSONResponse(
-        {
-            "repo_id": row["repo_id"],
-            "rfilename": row["rfilename"],
-            "version": row["version"],
-            "size": row["size"],
-            "sha256": row["sha256"],
-            "object_key": row["object_key"],
-            "url": url,
-            "expires_in": expires,
-        }
-    )
+    state.access.record_download(principal.user_id, row["repo_id"], row["version"], row["rfilename"], row["size"])
+    return {
+        "repo_id": row["repo_id"],
+        "rfilename": row["rfilename"],
+        "version": row["version"],
+        "size": row["size"],
+        "sha256": row["sha256"],
+        "object_key": row["object_key"],
+        "url": url,
+        "expires_in": expires,
+    }
 
 
 DOWNLOAD_PATH = "/v1/files/{file_path:path}/download"
@@ -179,38 +176,7 @@ async def download(
     expires: Expires = EXPIRES_DEFAULT,
     version: Annotated[str | None, Query(max_length=64, description="A version label, e.g. v1")] = None,
 ) -> JSONResponse:
-    return await serve_download(request, principal, file_path, expires, version)
-
-
-def _query_int(request: Request, name: str, default: int, lo: int, hi: int) -> int:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise Unprocessable(f"query.{name}: Input should be a valid integer") from None
-    if value < lo:
-        raise Unprocessable(f"query.{name}: Input should be greater than or equal to {lo}")
-    if value > hi:
-        raise Unprocessable(f"query.{name}: Input should be less than or equal to {hi}")
-    return value
-
-
-async def download_fast(request: Request) -> JSONResponse:
-    """The same endpoint as `download`, served without FastAPI's per-request dependency solving.
-
-    Mounted ahead of the documented route (see app.py); parameters are checked exactly as the
-    documented route declares them, and the rule itself is `serve_download`.
-    """
-    principal = await resolve_catalog_reader(
-        request, request.headers.get("x-api-key"), request.headers.get("x-admin-token")
-    )
-    expires = _query_int(request, "expires", EXPIRES_DEFAULT, EXPIRES_MIN, EXPIRES_MAX)
-    version = request.query_params.get("version")
-    if version is not None and len(version) > 64:
-        raise Unprocessable("query.version: String should have at most 64 characters")
-    return await serve_download(request, principal, request.path_params["file_path"], expires, version)
+    return JSONResponse(await download_answer(request.app, principal, file_path, expires, version))
 
 
 @router.get(

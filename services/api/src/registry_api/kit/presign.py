@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 from datetime import UTC, datetime, timedelta
 from urllib.parse import quote
 
@@ -40,6 +41,8 @@ class Presigner:
         self._secret = settings.minio_root_password.get_secret_value()
         self._day = ""
         self._signing_key = b""
+        self._second = 0
+        self._recent: dict[tuple[str, int], str] = {}
 
     def _key_for(self, day: str) -> bytes:
         if day != self._day:
@@ -50,8 +53,25 @@ class Presigner:
         return self._signing_key
 
     def get_url(self, object_key: str, expires: int, now: datetime | None = None) -> str:
-        """A presigned GET of `object_key`, valid `expires` seconds (SigV4, UNSIGNED-PAYLOAD)."""
-        now = now or datetime.now(UTC)
+        """A presigned GET of `object_key`, valid `expires` seconds (SigV4, UNSIGNED-PAYLOAD).
+
+        X-Amz-Date has a resolution of one second, so every URL signed for the same object and lifetime
+        within one second is the same string: it is signed once and reused until the clock moves on.
+        """
+        if now is not None:
+            return self._sign(object_key, expires, now)
+        second = int(time.time())
+        if second != self._second:
+            self._second = second
+            self._recent.clear()
+        url = self._recent.get((object_key, expires))
+        if url is None:
+            url = self._sign(object_key, expires, datetime.fromtimestamp(second, UTC))
+            if len(self._recent) < 10_000:
+                self._recent[(object_key, expires)] = url
+        return url
+
+    def _sign(self, object_key: str, expires: int, now: datetime) -> str:
         amz_date = now.strftime("%Y%m%dT%H%M%SZ")
         day = amz_date[:8]
         scope = f"{day}/{self._region}/s3/aws4_request"
