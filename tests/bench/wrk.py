@@ -16,6 +16,7 @@ class WrkResult:
     p50_ms: float
     p99_ms: float
     errors: int
+    requests: int = 0
 
 
 def _ms(text: str) -> float:
@@ -43,4 +44,5 @@ def run_wrk(
     errors = int(non2xx.group(1)) if non2xx else 0
     if socket_err:
         errors += sum(int(x) for x in socket_err.groups())
-    return WrkResult(rps, p50, p99, errors)
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    return WrkResult(rps, p50, p99, errors, requests)

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
 from datetime import UTC, datetime
 
+import orjson
 import psycopg
 from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
 from psycopg_pool import AsyncConnectionPool
 
 from registry_shared.background import BackgroundTask
@@ -80,7 +81,7 @@ class AccessRecorder(BackgroundTask):
                 "ts": now,
             },
         }
-        self._buffer.append((event_id, FileAccessed.topic, repo_id, json.dumps(doc, separators=(",", ":")).encode()))
+        self._buffer.append((event_id, FileAccessed.topic, repo_id, orjson.dumps(doc)))
 
     async def flush(self) -> int:
         """Write what is buffered; keeps it on failure to retry."""
@@ -125,6 +126,8 @@ class OutboxRelay(BackgroundTask):
         self._bootstrap = bootstrap
         self._wakeup = wakeup
         self._batch = batch
+        self._partitioner = DefaultPartitioner()
+        self._placement: dict[tuple[str, str | None], tuple[str, int]] = {}  # (topic, key) → partition
         self.published = 0
 
     async def _publish_pending(self, conn: psycopg.AsyncConnection, producer: AIOKafkaProducer) -> int:
@@ -135,14 +138,38 @@ class OutboxRelay(BackgroundTask):
         rows = await cur.fetchall()
         if not rows:
             return 0
-        futures = [
-            await producer.send(topic, value=bytes(payload), key=key.encode() if key else None)
-            for _, topic, key, payload in rows
-        ]
+        futures = []
+        for i in range(0, len(rows), 250):  # give requests a turn between chunks
+            futures += await self._send(producer, rows[i : i + 250])
+            await asyncio.sleep(0)
         await asyncio.gather(*futures)
         await conn.execute("update outbox set published_at = now() where id = any(%s)", [[r[0] for r in rows]])
         self.published += len(rows)
         return len(rows)
+
+    async def _send(self, producer: AIOKafkaProducer, rows: list[tuple]) -> list[asyncio.Future]:
+        """Queue `rows` as record batches, one per partition (the key picks it, as `send` would);
+        each partition's rows keep their outbox order. Returns the batches' delivery futures."""
+        batches: dict[tuple[str, int], object] = {}
+        futures = []
+        for _, topic, key, payload in rows:
+            key_bytes = key.encode() if key else None
+            tp = self._placement.get((topic, key))
+            if tp is None:
+                partitions = sorted(await producer.partitions_for(topic))
+                tp = (topic, self._partitioner(key_bytes, partitions, partitions))
+                if key_bytes is not None and len(self._placement) < 100_000:
+                    self._placement[(topic, key)] = tp
+            batch = batches.get(tp)
+            if batch is None:
+                batch = batches[tp] = producer.create_batch()
+            if batch.append(key=key_bytes, value=bytes(payload), timestamp=None) is None:  # full: ship it
+                futures.append(await producer.send_batch(batches.pop(tp), tp[0], partition=tp[1]))
+                batch = batches[tp] = producer.create_batch()
+                batch.append(key=key_bytes, value=bytes(payload), timestamp=None)
+        for (topic, partition), batch in batches.items():
+            futures.append(await producer.send_batch(batch, topic, partition=partition))
+        return futures
 
     async def run(self) -> None:
         """Relay until cancelled; survives Kafka and Postgres outages."""
@@ -160,9 +187,11 @@ class OutboxRelay(BackgroundTask):
                         acks="all",
                         enable_idempotence=True,
                         linger_ms=2,
+                        max_batch_size=512 * 1024,
                         request_timeout_ms=10_000,
                     )
                     await producer.start()
+                    self._placement.clear()
                     backoff = 0.2
                     while True:
                         n = await self._publish_pending(conn, producer)
