@@ -1,5 +1,8 @@
 """The batch loader: access and user events from Kafka into the analytics store, each exactly once.
 
+A FastStream app: a `KafkaBroker` with one batch subscriber on the access and users topics, whose offsets
+FastStream never commits (`AckPolicy.MANUAL`); the loader commits them once a batch is stored.
+
 How a batch becomes exactly-once:
 
 1. Messages are collected per partition (up to `batch_max_events`, or `flush_interval_ms` after the first).
@@ -12,8 +15,8 @@ How a batch becomes exactly-once:
    follows with deduplication too.
 5. Only then are the Kafka offsets committed.
 
-After a crash (even SIGKILL half-way through an insert), the last manifest is replayed before anything
-else: the same messages give the same rows and the same token, so ClickHouse drops every part the
+After a crash (even SIGKILL half-way through an insert), the last manifest is replayed before the broker
+starts: the same messages give the same rows and the same token, so ClickHouse drops every part the
 interrupted attempt had committed and writes only the missing ones. A batch whose offsets were committed
 is not replayed; redelivered messages of any other batch are found by the store look-up.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import math
 import time
@@ -30,7 +34,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, get_args
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from faststream import AckPolicy
+from faststream.kafka import KafkaBroker
+from faststream.kafka.message import FAKE_CONSUMER, KafkaMessage
 from orjson import dumps as _json_dumps
 from orjson import loads as _json_loads
 
@@ -291,19 +299,84 @@ def insert_token(event_ids: Sequence[str]) -> str:
 
 
 # ---------------------------------------------------------------- the loader
+def _parse_records(records: tuple[ConsumerRecord, ...]) -> KafkaMessage:
+    """FastStream parser of a fetched batch: the records as they are (no per-message work here)."""
+    first = records[0]
+    msg_id = f"{first.topic}/{first.partition}@{first.offset}+{len(records)}"
+    # KafkaMessage counts as acknowledged: FastStream never commits, the loader does once a batch is stored.
+    return KafkaMessage(raw_message=records, body=b"", consumer=FAKE_CONSUMER, message_id=msg_id, correlation_id=msg_id)
+
+
+def _decode_records(msg: KafkaMessage) -> tuple[ConsumerRecord, ...]:
+    """FastStream decoder: the handler gets the ConsumerRecords themselves (values stay bytes)."""
+    return msg.raw_message  # type: ignore[return-value]
+
+
+class _Assigned(ConsumerRebalanceListener):
+    def __init__(self, event: asyncio.Event) -> None:
+        self.event = event
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        pass
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        if assigned:
+            self.event.set()
+
+
 class AccessLoader:
-    """Consumes the access and users topics and stores them in batches, exactly once."""
+    """Consumes the access and users topics through FastStream and stores them in batches, exactly once.
+
+    A FastStream `KafkaBroker` with one batch subscriber on both topics (`AckPolicy.MANUAL`: nothing is
+    committed by FastStream). Fetched batches are appended to the batch being collected; a collected batch
+    is stored in a worker thread while the subscriber keeps fetching, and its offsets are committed once
+    it is stored (one batch in flight, commits in order).
+    """
 
     def __init__(self, store: Store, settings: AnalyticsSettings, kafka: KafkaSettings | None = None) -> None:
         self.store = store
         self.settings = settings
         self.kafka = kafka or KafkaSettings()
-        self.consumer: AIOKafkaConsumer | None = None
-        self.producer: AIOKafkaProducer | None = None
+        s = settings
+        self._assigned = asyncio.Event()
+        self.broker = KafkaBroker(
+            self.kafka.kafka_bootstrap_servers,
+            client_id=f"{self.kafka.kafka_client_id}-analytics",
+            apply_types=False,
+            logger=log,
+            log_level=logging.DEBUG,  # FastStream's per-batch Received/Processed lines
+            graceful_timeout=60,
+        )
+        self.subscriber = self.broker.subscriber(
+            s.access_topic,
+            s.users_topic,
+            batch=True,
+            max_records=s.batch_max_events,
+            batch_timeout_ms=min(s.flush_interval_ms, 500),
+            group_id=s.group_id,
+            group_instance_id=s.group_instance_id or None,
+            ack_policy=AckPolicy.MANUAL,
+            auto_offset_reset="earliest",
+            session_timeout_ms=s.session_timeout_ms,
+            heartbeat_interval_ms=max(500, s.session_timeout_ms // 4),
+            fetch_max_bytes=s.fetch_max_bytes,
+            max_partition_fetch_bytes=s.max_partition_fetch_bytes,
+            fetch_max_wait_ms=min(s.flush_interval_ms, 500),
+            max_poll_records=s.batch_max_events,
+            listener=_Assigned(self._assigned),
+            parser=_parse_records,
+            decoder=_decode_records,
+        )
+        self.subscriber(self._on_records)
         self._task: asyncio.Task | None = None
+        self._ticker: asyncio.Task | None = None
         self._seq = 0
+        self._pending = RawBatch()
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
         self._flushing: asyncio.Task | None = None
         self._seq_written: Manifest | None = None
+        self._stopping = False
         self.seen = SeenIds(store)
         self.stats: dict[str, int | str] = {
             "batches": 0,
@@ -317,153 +390,145 @@ class AccessLoader:
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        """Start consuming in the background (returns at once)."""
-        self._task = asyncio.create_task(self._run_forever(), name="access-loader")
+        """Replay an interrupted batch, then start the broker, in the background (returns at once)."""
+        self._task = asyncio.create_task(self._start(), name="access-loader")
 
-    async def stop(self) -> None:
-        """Stop consuming; a batch being stored is finished first, an unfinished one is dropped (and re-read)."""
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-
-    async def _run_forever(self) -> None:
+    async def _start(self) -> None:
+        delay = 1.0
         while True:
             try:
-                await self._run()
-            except asyncio.CancelledError:
-                raise
+                manifest = await asyncio.to_thread(self.store.last_manifest, self.settings.group_id)
+                self._seq = manifest.seq if manifest else 0
+                if manifest:
+                    await self._replay(manifest)
+                break
             except Exception:
-                log.exception("loader failed; restarting in 2 s")
-                await asyncio.sleep(2)
+                log.exception("loader start-up failed; retrying in %.0f s", delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10)
+        self._ticker = asyncio.create_task(self._tick(), name="access-loader-flush")
+        await self.broker.start()
+        await self._assigned.wait()
+        self.stats["phase"] = "idle"
+        self.ready.set()
 
-    async def _run(self) -> None:
-        s = self.settings
-        self.seen.clear()
-        self.consumer = AIOKafkaConsumer(
-            s.access_topic,
-            s.users_topic,
-            bootstrap_servers=self.kafka.kafka_bootstrap_servers,
-            client_id=f"{self.kafka.kafka_client_id}-analytics",
-            group_id=s.group_id,
-            group_instance_id=s.group_instance_id or None,
-            session_timeout_ms=s.session_timeout_ms,
-            heartbeat_interval_ms=max(500, s.session_timeout_ms // 4),
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            fetch_max_bytes=s.fetch_max_bytes,
-            max_partition_fetch_bytes=s.max_partition_fetch_bytes,
-            fetch_max_wait_ms=min(s.flush_interval_ms, 500),
-            max_poll_records=s.batch_max_events,
-            metadata_max_age_ms=5000,
-        )
-        self.producer = AIOKafkaProducer(bootstrap_servers=self.kafka.kafka_bootstrap_servers, acks="all")
-        await self.consumer.start()
-        await self.producer.start()
-        try:
-            manifest = await asyncio.to_thread(self.store.last_manifest, s.group_id)
-            self._seq = manifest.seq if manifest else 0
-            await self._wait_assignment()
-            if manifest:
-                await self._replay(manifest)
-            self.ready.set()
-            await self._consume()
-        finally:
-            self.ready.clear()
-            if self._flushing is not None:  # let a batch being stored finish and commit
+    async def stop(self) -> None:
+        """Stop consuming: a batch being stored is finished and committed, a collected one is dropped (re-read)."""
+        self._stopping = True
+        self.ready.clear()
+        for task in (self._task, self._ticker):
+            if task is not None and not task.done():
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        if self._flushing is not None:
+            try:
                 await asyncio.shield(self._flushing)
-                self._flushing = None
-            await self.consumer.stop()
-            await self.producer.stop()
-
-    async def _wait_assignment(self) -> None:
-        assert self.consumer is not None
-        async with asyncio.timeout(60):
-            while not self.consumer.assignment():
-                await self.consumer.getmany(timeout_ms=100, max_records=1)  # drives the group join
-                if self.consumer.assignment():
-                    break
-        # getmany above may have fetched a record: rewind every partition to its committed offset.
-        for tp in self.consumer.assignment():
-            committed = await self.consumer.committed(tp)
-            if committed is not None:
-                self.consumer.seek(tp, committed)
-            else:
-                await self.consumer.seek_to_beginning(tp)
+            except Exception:
+                log.exception("the last batch failed")
+        await self.broker.stop()
 
     # ------------------------------------------------------------ replay after a crash
     async def _replay(self, manifest: Manifest) -> None:
-        """Store the last manifest's batch again if its offsets were never committed."""
-        assert self.consumer is not None
-        targets: dict[TopicPartition, tuple[int, int]] = {}
-        for topic, part, first, last in manifest.ranges:
-            tp = TopicPartition(topic, part)
-            committed = await self.consumer.committed(tp)
-            if committed is None or committed <= last:
-                targets[tp] = (first, last)
-        if not targets:
-            return
-        missing = set(targets) - self.consumer.assignment()
-        if missing:
-            log.warning("cannot replay batch %s: partitions %s are not assigned here", manifest.seq, missing)
-            return
-        log.info("replaying batch %s (%s rows) interrupted before its commit", manifest.seq, manifest.rows)
-        raw = RawBatch()
-        for tp, (first, _) in targets.items():
-            self.consumer.seek(tp, first)
-        todo = dict(targets)
-        async with asyncio.timeout(120):
-            while todo:
-                got = await self.consumer.getmany(*todo, timeout_ms=500)
-                for tp, records in got.items():
-                    last = targets[tp][1]
-                    raw.add_many(tp, [(r.offset, r.value) for r in records if r.offset <= last])
-                    if records and records[-1].offset >= last:
-                        todo.pop(tp, None)
-        for tp, (_, last) in targets.items():
-            self.consumer.seek(tp, last + 1)
-        await self._flush(raw, replay=manifest)
+        """Store the last manifest's batch again if its offsets were never committed.
+
+        Runs before the broker starts, with a consumer of the same group that only reads (manual assignment,
+        no group membership, no commit): the subscriber then re-reads those messages from the committed
+        offsets and drops them as duplicates (the store holds them), committing past them.
+        """
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.kafka.kafka_bootstrap_servers,
+            client_id=f"{self.kafka.kafka_client_id}-analytics-replay",
+            group_id=self.settings.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_bytes=self.settings.fetch_max_bytes,
+            max_partition_fetch_bytes=self.settings.max_partition_fetch_bytes,
+        )
+        await consumer.start()
+        try:
+            targets: dict[TopicPartition, tuple[int, int]] = {}
+            for topic, part, first, last in manifest.ranges:
+                tp = TopicPartition(topic, part)
+                committed = await consumer.committed(tp)
+                if committed is None or committed <= last:
+                    targets[tp] = (first, last)
+            if not targets:
+                return
+            log.info("replaying batch %s (%s rows) interrupted before its commit", manifest.seq, manifest.rows)
+            consumer.assign(list(targets))
+            for tp, (first, _) in targets.items():
+                consumer.seek(tp, first)
+            raw = RawBatch()
+            todo = dict(targets)
+            async with asyncio.timeout(120):
+                while todo:
+                    got = await consumer.getmany(*todo, timeout_ms=500)
+                    for tp, records in got.items():
+                        last = targets[tp][1]
+                        raw.add_many(tp, [(r.offset, r.value) for r in records if r.offset <= last])
+                        if records and records[-1].offset >= last:
+                            todo.pop(tp, None)
+        finally:
+            await consumer.stop()
+        await self._flush(raw, replay=manifest, commit=False)
         self.stats["replayed"] += 1
 
-    # ------------------------------------------------------------ the main loop
-    async def _consume(self) -> None:
-        assert self.consumer is not None
-        s = self.settings
-        interval = s.flush_interval_ms / 1000
-        raw = RawBatch()
-        while True:
-            busy = self._flushing is not None and not self._flushing.done()
-            if not raw.count:
-                timeout = 1.0
-            elif busy:
-                timeout = 0.05
-            else:
-                timeout = max(0.0, raw.started + interval - time.monotonic())
-            # Small fetches: each is decoded right here, so the loop never stalls for long.
-            got = await self.consumer.getmany(
-                timeout_ms=int(timeout * 1000), max_records=max(1, min(5_000, s.batch_max_events - raw.count))
-            )
-            for tp, records in got.items():
-                raw.add_many(tp, [(r.offset, r.value) for r in records])
-            full = raw.count >= s.batch_max_events
-            due = raw.count and (full or time.monotonic() >= raw.started + interval)
-            busy = self._flushing is not None and not self._flushing.done()
-            # While a batch is being stored the next one keeps growing (up to batch_max_events): under load
-            # batches get bigger and the loop never idles; when idle a batch leaves after flush_interval_ms.
-            if due and (full or not busy):
-                if self._flushing is not None:
-                    await self._flushing  # one batch in flight; raises if it failed
-                self._flushing = asyncio.create_task(self._flush(raw))
-                raw = RawBatch()
-            elif self._flushing is not None and self._flushing.done():
-                await self._flushing
-                self._flushing = None
+    # ------------------------------------------------------------ batches
+    async def _on_records(self, records: tuple[ConsumerRecord, ...]) -> None:
+        """The FastStream handler: one fetch (records of several partitions, each in offset order)."""
+        if self._stopping or not records:
+            return  # not committed: re-read by the next run
+        raw = self._pending
+        for (topic, partition), recs in itertools.groupby(records, key=lambda r: (r.topic, r.partition)):
+            raw.add_many(TopicPartition(topic, partition), [(r.offset, r.value) for r in recs])
+        self._wake.set()
+        await self._maybe_flush()
 
-    async def _flush(self, raw: RawBatch, replay: Manifest | None = None) -> None:
-        """Decode, deduplicate, store and commit one batch; retried until it succeeds."""
-        assert self.consumer is not None
+    def _busy(self) -> bool:
+        return self._flushing is not None and not self._flushing.done()
+
+    async def _maybe_flush(self) -> None:
+        """Hand the collected batch to storage when it is full, or due (flush_interval_ms) and none is in flight.
+
+        While a batch is being stored the next one keeps growing (up to batch_max_events): under load batches
+        get bigger and fetching never stops; when idle a batch leaves after flush_interval_ms.
+        """
+        async with self._lock:
+            raw = self._pending
+            if not raw.count:
+                return
+            full = raw.count >= self.settings.batch_max_events
+            due = time.monotonic() >= raw.started + self.settings.flush_interval_ms / 1000
+            if not (full or (due and not self._busy())):
+                return
+            if self._flushing is not None:
+                await self._flushing  # one batch in flight, committed in order
+            self._pending = RawBatch()
+            self._flushing = asyncio.create_task(self._flush(raw))
+
+    async def _tick(self) -> None:
+        """Flush a collected batch once it is due, even when no more messages arrive."""
+        interval = self.settings.flush_interval_ms / 1000
+        while True:
+            raw = self._pending
+            if not raw.count:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            delay = raw.started + interval - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+                continue
+            if self._busy():
+                await asyncio.wait([self._flushing])  # type: ignore[list-item]
+            await self._maybe_flush()
+            await asyncio.sleep(0)
+
+    async def _flush(self, raw: RawBatch, replay: Manifest | None = None, commit: bool = True) -> None:
+        """Deduplicate, store and commit one batch; retried until it succeeds."""
         delay = 0.5
         while True:
             try:
@@ -480,11 +545,15 @@ class AccessLoader:
         self._seq_written = None
         if replay is None and prepared.invalid:
             await self._dead_letter(prepared.invalid)
-        offsets = {TopicPartition(t, p): last + 1 for t, p, _, last in prepared.ranges}
-        try:
-            await self.consumer.commit(offsets)
-        except Exception:  # a rebalance: the next owner re-reads the batch and drops its ids as duplicates
-            log.warning("offset commit failed after storing batch %s", manifest.seq if manifest else "-", exc_info=True)
+        consumer = self.subscriber.consumer
+        if commit and consumer is not None:
+            offsets = {TopicPartition(t, p): last + 1 for t, p, _, last in prepared.ranges}
+            try:
+                await consumer.commit(offsets)
+            except Exception:  # a rebalance: the next owner re-reads the batch and drops its ids as duplicates
+                log.warning(
+                    "offset commit failed after storing batch %s", manifest.seq if manifest else "-", exc_info=True
+                )
         self.stats["batches"] += 1
         self.stats["phase"] = "idle"
 
@@ -553,17 +622,15 @@ class AccessLoader:
     async def _dead_letter(self, invalid: list[tuple[str, int, int, bytes, str]]) -> None:
         for topic, part, offset, value, error in invalid:
             log.warning("invalid event at %s/%s@%s: %s", topic, part, offset, error)
-            if self.producer is None:
-                continue
             try:
-                await self.producer.send_and_wait(
-                    self.settings.dead_letter_topic,
-                    value,
-                    headers=[
-                        ("x-origin", f"{topic}/{part}@{offset}".encode()),
-                        ("x-error", error.encode()[:1000]),
-                        ("x-consumer", b"analytics"),
-                    ],
+                await self.broker.publish(
+                    value or b"",
+                    topic=self.settings.dead_letter_topic,
+                    headers={
+                        "x-origin": f"{topic}/{part}@{offset}",
+                        "x-error": error[:1000],
+                        "x-consumer": "analytics",
+                    },
                 )
             except Exception:
                 log.warning("could not publish to the dead-letter topic", exc_info=True)
