@@ -39,23 +39,44 @@ TARGET_P95_MS = 500
 
 
 class FastReceiver:
-    """A minimal HTTP/1.1 server on its own event loop (thread): records (event id, version, repo, time)."""
+    """A minimal HTTP/1.1 server on its own event loop (thread): records (event id, version, repo, time).
+
+    `stop` closes it cleanly: the server, then every connection (their tasks cancelled and awaited), then
+    the loop, so no task is left pending when the loop goes away."""
 
     def __init__(self) -> None:
         self.port = free_port(LOOPBACK)
         self.received: list[tuple[str, str, str, float]] = []
         self._loop = asyncio.new_event_loop()
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
         self._ready = threading.Event()
-        threading.Thread(target=self._run, daemon=True).start()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
         self._ready.wait(5)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(asyncio.start_server(self._serve, LOOPBACK, self.port))
+        self._server = self._loop.run_until_complete(asyncio.start_server(self._serve, LOOPBACK, self.port))
         self._ready.set()
-        self._loop.run_forever()
+        try:
+            self._loop.run_forever()
+            self._loop.run_until_complete(self._close())
+        finally:
+            self._loop.close()
+
+    async def _close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._connections:
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -70,6 +91,9 @@ class FastReceiver:
                 writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the notifier closed the connection
+        finally:
+            self._connections.discard(task)
             writer.close()
 
     @property
@@ -77,7 +101,10 @@ class FastReceiver:
         return f"http://{LOOPBACK}:{self.port}/hook"
 
     def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        """Close the server and its connections, then end the loop and its thread."""
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
 
 
 async def _publish(users: list, published: dict[str, float]) -> float:

@@ -1,33 +1,42 @@
 """Pure logic of the notifier: the SSRF guard (with a stand-in resolver, to play DNS rebinding), the retry
-schedule, message ids, signatures and e-mail texts."""
+schedule, message ids, signatures, e-mail texts, and which consumed records become events to route."""
 
 from __future__ import annotations
 
 import ipaddress
 from datetime import UTC, datetime
+from typing import get_args
 
 import pytest
+from aiokafka import ConsumerRecord
 from standardwebhooks import Webhook
 
 from registry_notifier import mail
+from registry_notifier.consumer import decode_records
 from registry_notifier.delivery import retry_delay, sign
 from registry_notifier.repository import message_id
 from registry_notifier.routing import Router
 from registry_notifier.settings import DEFAULT_RETRY_SCHEDULE, NotifierSettings
-from registry_notifier.targets import (
+from registry_shared.events import (
+    EVENT_TYPES,
+    CloudEvent,
+    GrantRevoked,
+    UploadVerified,
+    UserKeyRotated,
+    UserRegistered,
+    VersionCreated,
+    encode_event,
+    make_event,
+)
+from registry_shared.webhooks import (
+    SUBSCRIBABLE_EVENTS,
+    SUBSCRIPTION_NAME_OF,
+    SubscriptionName,
     TargetGuard,
     TargetRefused,
     address_allowed,
     parse_networks,
     statically_allowed,
-)
-from registry_shared.events import (
-    CloudEvent,
-    GrantRevoked,
-    UploadVerified,
-    UserKeyRotated,
-    VersionCreated,
-    make_event,
 )
 
 
@@ -188,3 +197,46 @@ def test_who_may_receive_what() -> None:
     assert [(m[1], m[2], m[3]) for m in mails] == [(f"grant_revoked:{grant.id}", "grant_revoked", "plat@example.com")]
     assert router._emails(rotated, "user.key_rotated", uploads, {})[0][3] == "dev@example.com"
     assert router._emails(verified, "upload.verified", uploads, {}) == []
+
+
+async def test_the_api_check_refuses_what_the_notifier_would_refuse() -> None:
+    guard = TargetGuard(parse_networks("127.0.0.1/32"), _resolver({"inside.example": ["10.0.0.5"]}), cache_s=0)
+    with pytest.raises(TargetRefused, match=r"^10\.1\.2\.3 is not a public address"):
+        await guard.check("http://10.1.2.3/x")
+    with pytest.raises(TargetRefused, match=r"^inside\.example resolves to 10\.0\.0\.5, which is not a public"):
+        await guard.check("http://inside.example/x")
+    with pytest.raises(TargetRefused, match="must be http or https"):
+        await guard.check("ftp://hooks.example.com/x")
+    assert [str(ip) for ip in await guard.check("http://127.0.0.1:9/x")] == ["127.0.0.1"]
+
+
+def test_the_subscribable_types_are_one_list() -> None:
+    assert set(get_args(SubscriptionName)) == {e.name for e in SUBSCRIBABLE_EVENTS}
+    assert all(SUBSCRIPTION_NAME_OF[e.cloudevents_type] == e.name for e in SUBSCRIBABLE_EVENTS)
+    assert all(t in EVENT_TYPES for t in SUBSCRIPTION_NAME_OF)  # every one is a published event type
+
+
+def _record(offset: int, value: bytes) -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord(
+        topic="registry.users.v1",
+        partition=0,
+        offset=offset,
+        timestamp=0,
+        timestamp_type=0,
+        key=None,
+        value=value,
+        checksum=None,
+        serialized_key_size=0,
+        serialized_value_size=len(value),
+        headers=[],
+    )
+
+
+def test_a_batch_keeps_only_readable_subscribable_events() -> None:
+    rotated = make_event(UserKeyRotated(user_id=1, email="a@example.com", key_prefix="abc", rotated_ts=1), source="/t")
+    bad = CloudEvent(source="/t", type=UserKeyRotated.event_type, subject="user:1", data={"x": 1})
+    other = make_event(UserRegistered(user_id=2, email="b@example.com", name="B", role="developer"), source="/t")
+    values = [encode_event(bad), encode_event(other), encode_event(rotated), b"\xff not json"]
+    items = decode_records([_record(offset, value) for offset, value in enumerate(values)])
+    assert [i.event.id for i in items] == [rotated.id]
+    assert items[0].raw == encode_event(rotated).decode()

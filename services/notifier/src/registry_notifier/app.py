@@ -20,7 +20,7 @@ from registry_notifier.delivery import DeliveryWorker
 from registry_notifier.mailer import MailWorker
 from registry_notifier.routing import Router
 from registry_notifier.settings import NotifierSettings, get_settings
-from registry_notifier.targets import TargetGuard, parse_networks
+from registry_shared.webhooks import TargetGuard, parse_networks
 
 
 def create_app(settings: NotifierSettings | None = None) -> FastAPI:

@@ -28,8 +28,8 @@ from standardwebhooks import Webhook
 
 from registry_notifier import repository
 from registry_notifier.settings import NotifierSettings
-from registry_notifier.targets import TargetGuard, TargetRefused
 from registry_shared.logging import correlation_id
+from registry_shared.webhooks import TargetGuard, TargetRefused
 
 log = logging.getLogger(__name__)
 _MAX_RESPONSE_BYTES = 64 * 1024
@@ -109,7 +109,7 @@ class DeliveryWorker:
         try:
             target = await self._guard.pin(row["url"])
         except TargetRefused as exc:
-            return Outcome(False, None, None, str(exc))
+            return Outcome(False, None, None, f"refused: {exc}")
         now = datetime.now(UTC)
         headers = {
             "host": target.host_header,

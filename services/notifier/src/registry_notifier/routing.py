@@ -19,22 +19,10 @@ from dataclasses import dataclass, field
 import psycopg
 
 from registry_notifier import mail, repository
-from registry_notifier.targets import IPNetwork, statically_allowed
 from registry_shared.events import CloudEvent
+from registry_shared.webhooks import SUBSCRIPTION_NAME_OF, IPNetwork, statically_allowed
 
 log = logging.getLogger(__name__)
-
-#: CloudEvents type → the name subscriptions use.
-SUBSCRIBABLE: dict[str, str] = {
-    "registry.upload.completed.v1": "upload.completed",
-    "registry.upload.verified.v1": "upload.verified",
-    "registry.upload.rejected.v1": "upload.rejected",
-    "registry.grant.created.v1": "grant.created",
-    "registry.grant.updated.v1": "grant.updated",
-    "registry.grant.revoked.v1": "grant.revoked",
-    "registry.version.created.v1": "version.created",
-    "registry.user.key_rotated.v1": "user.key_rotated",
-}
 
 
 @dataclass
@@ -73,7 +61,7 @@ class Router:
     async def plan(self, conn: psycopg.AsyncConnection, batch: list[Incoming]) -> Plan:
         """Deliveries and e-mails for `batch`, in the batch's order."""
         plan = Plan()
-        routable = [i for i in batch if i.event.type in SUBSCRIBABLE]
+        routable = [i for i in batch if i.event.type in SUBSCRIPTION_NAME_OF]
         if not routable:
             return plan
         by_owner: dict[int, list[dict]] = {}
@@ -91,7 +79,7 @@ class Router:
         version_repos = [i.event.data["repo_id"] for i in routable if i.event.type == "registry.version.created.v1"]
         models = await repository.model_audiences(conn, version_repos, int(time.time()))
         for item in routable:
-            ev, name = item.event, SUBSCRIBABLE[item.event.type]
+            ev, name = item.event, SUBSCRIPTION_NAME_OF[item.event.type]
             owners, anyone_filtering = self._audience(ev, name, uploads, models)
             repo = ev.data.get("repo_id")
             order_key = ev.subject or repo or "-"

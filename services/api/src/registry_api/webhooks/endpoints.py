@@ -10,7 +10,6 @@ from registry_api.auth import CurrentUser
 from registry_api.kit.schemas import errors
 from registry_api.webhooks import service
 from registry_api.webhooks.schemas import (
-    EVENT_TYPES,
     DeliveryDetail,
     DeliveryList,
     DeliveryOut,
@@ -22,6 +21,7 @@ from registry_api.webhooks.schemas import (
     WebhookOut,
     WebhookUpdate,
 )
+from registry_shared.webhooks import SUBSCRIBABLE_EVENTS
 
 router = APIRouter(prefix="/v1/webhooks", tags=["Webhooks"])
 _ERR = errors(401, 404, 409, 422)
@@ -44,7 +44,10 @@ _SIGNING = (
 )
 async def event_types(_: CurrentUser) -> EventTypeList:
     return EventTypeList(
-        items=[EventTypeOut(name=n, cloudevents_type=t, description=d) for n, (t, d) in EVENT_TYPES.items()]
+        items=[
+            EventTypeOut(name=e.name, cloudevents_type=e.cloudevents_type, description=e.description)
+            for e in SUBSCRIBABLE_EVENTS
+        ]
     )
 
 

@@ -1,4 +1,4 @@
-"""Bodies of the webhooks endpoints, and the documented list of event types one can subscribe to."""
+"""Bodies of the webhooks endpoints."""
 
 from __future__ import annotations
 
@@ -8,42 +8,10 @@ from pydantic import BaseModel, Field, field_validator
 
 from registry_api.kit.schemas import RequestBody
 from registry_api.kit.validate import REPO_ID_PATTERN
+from registry_shared.webhooks import SUBSCRIBABLE_EVENTS, SubscriptionName
 
-#: What a subscription may ask for: name → (CloudEvents type, who receives it).
-EVENT_TYPES: dict[str, tuple[str, str]] = {
-    "upload.completed": (
-        "registry.upload.completed.v1",
-        "A file you uploaded was declared complete and awaits verification (to its developer).",
-    ),
-    "upload.verified": (
-        "registry.upload.verified.v1",
-        "A file you uploaded was verified and is now served (to its developer).",
-    ),
-    "upload.rejected": (
-        "registry.upload.rejected.v1",
-        "A file you uploaded was rejected, with the reason (to its developer).",
-    ),
-    "grant.created": ("registry.grant.created.v1", "You were granted a model (to the platform user)."),
-    "grant.updated": ("registry.grant.updated.v1", "The window of your grant changed (to the platform user)."),
-    "grant.revoked": ("registry.grant.revoked.v1", "Your grant was revoked (to the platform user)."),
-    "version.created": (
-        "registry.version.created.v1",
-        "A new version of a model you may see: your own, one granted to you and in force at the event's "
-        "time, or a public model named in the subscription's repo_id filter.",
-    ),
-    "user.key_rotated": ("registry.user.key_rotated.v1", "Your API key was rotated (to the account's owner)."),
-}
-
-EventTypeName = Literal[
-    "upload.completed",
-    "upload.verified",
-    "upload.rejected",
-    "grant.created",
-    "grant.updated",
-    "grant.revoked",
-    "version.created",
-    "user.key_rotated",
-]
+#: The names accepted in `event_types` (the list, with who receives what, is shared with the notifier).
+EventTypeName = SubscriptionName
 
 _URL_EXAMPLE = "https://hooks.example.com/registry"
 
@@ -59,7 +27,7 @@ class WebhookIn(RequestBody):
 
     url: str = Field(min_length=8, max_length=2000, examples=[_URL_EXAMPLE])
     event_types: list[EventTypeName] = Field(
-        min_length=1, max_length=len(EVENT_TYPES), examples=[["upload.verified", "upload.rejected"]]
+        min_length=1, max_length=len(SUBSCRIBABLE_EVENTS), examples=[["upload.verified", "upload.rejected"]]
     )
     repo_id: str | None = Field(
         None, pattern=REPO_ID_PATTERN, max_length=193, description="Only events of this model.", examples=[None]
@@ -74,7 +42,7 @@ class WebhookUpdate(RequestBody):
     """Change a subscription. Enabling it again resets its failure count."""
 
     url: str | None = Field(None, min_length=8, max_length=2000, examples=[_URL_EXAMPLE])
-    event_types: list[EventTypeName] | None = Field(None, min_length=1, max_length=len(EVENT_TYPES))
+    event_types: list[EventTypeName] | None = Field(None, min_length=1, max_length=len(SUBSCRIBABLE_EVENTS))
     repo_id: str | None = Field(None, pattern=REPO_ID_PATTERN, max_length=193)
     description: str | None = Field(None, max_length=500)
     enabled: bool | None = Field(None, examples=[True])

@@ -11,7 +11,7 @@ from registry_api.auth import Principal
 from registry_api.errors import Conflict, NotFound, Unprocessable
 from registry_api.webhooks import repository
 from registry_api.webhooks.schemas import WebhookIn, WebhookUpdate
-from registry_api.webhooks.targets import TargetRefused, check_target, target_settings
+from registry_api.webhooks.targets import TargetRefused, check_target
 
 MAX_WEBHOOKS_PER_USER = 50
 
@@ -23,9 +23,8 @@ def new_secret() -> str:
 
 async def check_url(url: str) -> None:
     """422 unless `url` is an http(s) URL whose every address is public or allowlisted."""
-    settings = target_settings()
     try:
-        await check_target(url, settings.allowed_networks, settings.webhook_dns_timeout_s)
+        await check_target(url)
     except TargetRefused as exc:
         raise Unprocessable(f"webhook url refused: {exc}") from exc
 

@@ -1,24 +1,20 @@
-"""SSRF guard for webhook targets: refuse private, loopback, link-local and other non-public addresses.
+"""The api's side of the webhook target policy (SSRF): its settings, and the check at creation.
 
-The same rule runs twice: here when a subscription is created or its URL changed (every address the
-host resolves to must be allowed), and in the notifier before every delivery (against DNS rebinding).
-`WEBHOOK_ALLOW_PRIVATE_TARGETS` lists the CIDRs that are allowed even though they are not public
-(the tests put 127.0.0.1/32 there for their loopback receivers).
+The rule itself is `registry_shared.webhooks` (the notifier applies it again before every delivery, against
+DNS rebinding). `WEBHOOK_ALLOW_PRIVATE_TARGETS` lists the CIDRs that are allowed even though they are not
+public (the tests put 127.0.0.1/32 there for their loopback receivers).
 """
 
 from __future__ import annotations
 
-import asyncio
-import ipaddress
-import socket
 from functools import lru_cache
-from urllib.parse import urlsplit
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from registry_shared.webhooks import IPNetwork, TargetGuard, TargetRefused, parse_networks
+
+__all__ = ["TargetRefused", "TargetSettings", "check_target", "target_settings"]
 
 
 class TargetSettings(BaseSettings):
@@ -42,59 +38,13 @@ def target_settings() -> TargetSettings:
     return TargetSettings()
 
 
-class TargetRefused(ValueError):
-    """The URL may not be used as a webhook target."""
+@lru_cache
+def _guard() -> TargetGuard:
+    settings = target_settings()
+    # No cache: a subscription is checked against what its host resolves to now.
+    return TargetGuard(settings.allowed_networks, dns_timeout=settings.webhook_dns_timeout_s, cache_s=0)
 
 
-def parse_networks(spec: str) -> list[IPNetwork]:
-    """'127.0.0.1/32, 10.0.0.0/8' → networks (a bare address is a /32 or /128)."""
-    return [ipaddress.ip_network(part.strip(), strict=False) for part in spec.split(",") if part.strip()]
-
-
-def address_allowed(ip: IPAddress, allowed: list[IPNetwork]) -> bool:
-    """Public unicast addresses are allowed; anything else only inside the allowlist."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if any(ip in net for net in allowed):
-        return True
-    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_unspecified)
-
-
-def split_target(url: str) -> tuple[str, str, int]:
-    """(scheme, host, port) of an http(s) URL without credentials; TargetRefused otherwise."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise TargetRefused(f"invalid URL: {exc}") from exc
-    if parts.scheme not in ("http", "https"):
-        raise TargetRefused("the URL must be http or https")
-    if not parts.hostname:
-        raise TargetRefused("the URL has no host")
-    if parts.username is not None or parts.password is not None:
-        raise TargetRefused("credentials in the URL are not allowed")
-    return parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80)
-
-
-async def check_target(url: str, allowed: list[IPNetwork], dns_timeout: float = 3.0) -> None:
-    """Raise TargetRefused unless every address `url`'s host resolves to is allowed."""
-    _, host, port = split_target(url)
-    try:
-        literal: IPAddress | None = ipaddress.ip_address(host)
-    except ValueError:
-        literal = None
-    if literal is not None:
-        addresses = [literal]
-    else:
-        try:
-            infos = await asyncio.wait_for(
-                asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM), dns_timeout
-            )
-        except (OSError, TimeoutError) as exc:
-            raise TargetRefused(f"cannot resolve host {host!r}") from exc
-        addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
-        if not addresses:
-            raise TargetRefused(f"cannot resolve host {host!r}")
-    for ip in addresses:
-        if not address_allowed(ip, allowed):
-            raise TargetRefused(f"target address {ip} is not public (private, loopback or link-local)")
+async def check_target(url: str) -> None:
+    """Raise TargetRefused unless `url` is an http(s) URL whose every address is public or allowlisted."""
+    await _guard().check(url)
