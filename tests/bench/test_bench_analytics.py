@@ -273,11 +273,12 @@ async def test_bench_analytics(kafka_settings, pg_settings):
             if batches:
                 avg = {
                     k: statistics.mean(b[k] for b in batches)
-                    for k in ("messages", "decode_ms", "dedupe_ms", "insert_ms")
+                    for k in ("messages", "prepare_ms", "stage_ms", "dedupe_ms", "insert_ms")
                 }
                 print(
-                    f"  {len(batches)} batches, avg {avg['messages']:,.0f} messages: decode {avg['decode_ms']:.0f} ms,"
-                    f" dedupe {avg['dedupe_ms']:.0f} ms, insert {avg['insert_ms']:.0f} ms"
+                    f"  {len(batches)} batches, avg {avg['messages']:,.0f} messages: prepare {avg['prepare_ms']:.0f} ms,"
+                    f" stage (engine parse) {avg['stage_ms']:.0f} ms, dedupe {avg['dedupe_ms']:.0f} ms,"
+                    f" insert {avg['insert_ms']:.0f} ms"
                 )
             total = (await http.get("/v1/usage/admin", params={"since": 0})).json()["totals"]["events"]
             assert total == N_EVENTS

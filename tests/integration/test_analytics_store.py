@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import random
-import uuid
 from datetime import UTC, datetime
 
 import pytest
 from test_analytics import MODELS, USERS, Access, expected, make_events  # the same reference numbers
 
 from registry_analytics import queries
-from registry_analytics.consumer import SeenIds, decode_message, insert_token
-from registry_analytics.store import Store
-from registry_shared.events import FileAccessed, encode_event, make_event
+from registry_analytics.consumer import InvalidEvent, decode_message, new_token
+from registry_analytics.store import Store, stage_name
 from registry_shared.settings import ClickHouseSettings
 
 START = datetime(2025, 6, 2, tzinfo=UTC).timestamp()
@@ -29,23 +27,19 @@ def store(tmp_path_factory):
     st.close()
 
 
-def lines_of(events: list[Access]) -> tuple[list[str], list[int], list[bytes]]:
-    ids, ts, lines = [], [], []
-    for e in events:
-        kind, row = decode_message(e.encoded()[1])
-        assert kind == "access"
-        ids.append(row[0])
-        ts.append(row[1])
-        lines.append(row[2])
-    return ids, ts, lines
+STAGE = stage_name("test")
+
+
+def values_of(events: list[Access]) -> list[bytes]:
+    return [e.encoded()[1] for e in events]
 
 
 def test_schema(store):
+    store.create_stage(STAGE)
     tables = dict(store.query("SELECT name, engine FROM system.tables WHERE database = 'registry'"))
     assert tables == {
         "access_events": "MergeTree",
-        "access_ingest": "Null",
-        "access_ingest_mv": "MaterializedView",
+        STAGE: "Memory",
         "usage_daily": "AggregatingMergeTree",
         "usage_daily_mv": "MaterializedView",
         "users": "ReplacingMergeTree",
@@ -59,41 +53,151 @@ def test_schema(store):
     assert part == "toYYYYMM(ts)" and sort.startswith("toStartOfHour(ts), user_id")
 
 
-def test_lines_are_parsed_like_the_loader_decodes_them(store):
-    eid = str(uuid.uuid4())
-    # The slow path (pydantic): an integer ts, a null repo, JSON with newlines: re-encoded canonically.
-    event = make_event(FileAccessed(user_id=9001, kind="changes", ts=START), source="/test", id=eid)
-    pretty = json.dumps(json.loads(encode_event(event)), indent=2).encode()
-    kind, (rid, ts_ms, line) = decode_message(pretty)
-    assert (kind, rid, ts_ms) == ("access", eid, int(START * 1000)) and b"\n" not in line
-    fast = Access(str(uuid.uuid4()), 9001, "download", "acme/x", START + 1.2345)
-    fast_value = fast.encoded()[1]
-    kind, (fid, fts, fline) = decode_message(fast_value)
-    assert fline == fast_value and fts == int(START * 1000) + 1234
-    store.insert_access_lines([line, fline], insert_token([rid, fid]))
-    rows = store.query(
-        "SELECT event_id, toUnixTimestamp64Milli(ts), user_id, kind, repo_id, version FROM access_events"
-        " WHERE user_id = 9001 ORDER BY ts"
-    )
-    assert rows == [(eid, int(START * 1000), 9001, "changes", "", ""), (fid, fts, 9001, "download", "acme/x", "v1")]
+def _variants() -> list[bytes]:
+    """Well-formed access events and every way of bending one: the engine must read exactly what Python reads."""
+    base = json.loads(Access("v", 9001, "download", "acme/x", START + 1.2345).encoded()[1])
+
+    def doc(**top):
+        d = json.loads(json.dumps(base))
+        data = top.pop("data", {})
+        d.update(top)
+        for k, v in data.items():
+            if v is ...:
+                d["data"].pop(k, None)
+            else:
+                d["data"][k] = v
+        return d
+
+    docs = [
+        doc(),
+        doc(data={"ts": int(START)}),
+        doc(data={"ts": 0}),
+        doc(data={"ts": -0.0}),
+        doc(data={"ts": 99_999_999_999.999}),
+        doc(data={"ts": 1e11}),
+        doc(data={"ts": -1}),
+        doc(data={"ts": "1750000000"}),
+        doc(data={"ts": True}),
+        doc(data={"user_id": "7"}),
+        doc(data={"user_id": 7.0}),
+        doc(data={"user_id": -1}),
+        doc(data={"user_id": 2**63 - 1}),
+        doc(data={"user_id": 2**63}),
+        doc(data={"user_id": True}),
+        doc(data={"user_id": None}),
+        doc(data={"user_id": ...}),
+        doc(data={"kind": "teleport"}),
+        doc(data={"kind": 1}),
+        doc(data={"kind": ...}),
+        doc(data={"bytes": ...}),
+        doc(data={"bytes": None}),
+        doc(data={"bytes": 1.5}),
+        doc(data={"bytes": -5}),
+        doc(data={"bytes": 2**63}),
+        doc(data={"repo_id": None, "version": ..., "rfilename": "a b/ü.bin"}),
+        doc(data={"repo_id": 5}),
+        doc(data={"repo_id": "2025-01-01"}),  # a string that looks like a date stays a string
+        doc(data={"version": {"a": 1}}),
+        doc(data={"extra": 1}),
+        doc(id=""),
+        doc(id=7),
+        doc(id="2025-06-02"),
+        doc(id='quo"te'),
+        doc(source=5),
+        doc(specversion=1.0),
+        doc(specversion="0.3"),
+        doc(type="registry.user.registered.v1"),
+        doc(datacontenttype=None),
+        doc(datacontenttype="text/plain"),
+    ]
+    nodct = doc()
+    del nodct["datacontenttype"]
+    docs.append(nodct)
+    values = []
+    for i, d in enumerate(docs):
+        if isinstance(d.get("id"), str) and d["id"] not in ("", "2025-06-02"):
+            d["id"] = f"{d['id']}-{i}"
+        values.append(json.dumps(d, separators=(",", ":"), ensure_ascii=False).encode())
+    canonical = values[0]
+    values += [
+        json.dumps(json.loads(canonical), indent=2).encode(),  # line breaks
+        b" " + canonical,  # leading white space
+        canonical.replace(b"}}", b"}}\r"),
+        canonical.replace(b'"data":{', b'"data":{"user_id":8,'),  # a repeated key
+        canonical.replace(b'"data":{', b'"data":[').replace(b"}}", b"]}"),
+        canonical[:-1],
+        canonical + b" x",
+        b"[" + canonical + b"]",
+        b'"just a string"',
+        b"",
+        b"not json",
+        canonical.replace(b"acme/x", b"acme/\\u00e9\\ud800"),  # a lone surrogate
+    ]
+    return values
 
 
-def test_insert_token_makes_retries_idempotent_in_table_and_rollup(store):
+def test_the_engine_reads_what_python_reads(store):
+    values = _variants()
+    store.create_stage(STAGE)
+    refused = set(store.stage_values(STAGE, values))
+    staged = {
+        n: row
+        for n, *row in store.query(
+            f"SELECT n, event_id, toUnixTimestamp64Milli(ts), user_id, kind, repo_id, version, rfilename, bytes"
+            f" FROM {STAGE} WHERE ok"
+        )
+    }
+    assert set(staged) | refused == set(range(len(values))) and not set(staged) & refused
+    for n, value in enumerate(values):
+        try:
+            kind, row = decode_message(value)
+        except InvalidEvent:
+            kind, row = "invalid", None
+        if n in staged:  # what the engine accepts, Python accepts as the same row
+            assert (kind, tuple(staged[n])) == ("access", row), value
+    assert 0 in staged and 1 in staged and 25 in staged and 27 in staged  # ints, nulls, date-like strings
+
+    # Python decides whatever the engine refuses; a few of those are valid events (the slow path).
+    def python(value: bytes) -> str:
+        try:
+            return decode_message(value)[0]
+        except InvalidEvent:
+            return "invalid"
+
+    assert {"access", "invalid"} <= {python(values[n]) for n in refused}
+
+
+def test_staged_batches_dedupe_and_replay_idempotently(store):
     events = make_events(random.Random(3), 500, [201, 202], MODELS, START, 3)
-    ids, _, lines = lines_of(events)
-    token = insert_token(ids)
-    for _ in range(3):  # a retried batch, as after a crash
-        store.insert_access_lines(lines, token)
+    values = values_of(events)
+    store.create_stage(STAGE)
+    # A batch with copies of its own events: the first copy of each id is kept.
+    assert store.stage_values(STAGE, values + values[:50]) == []
+    dups, staged, kept = store.stage_duplicates(STAGE)
+    assert (dups, staged, kept) == ([], 550, 500)
+    token = new_token()
+    for _ in range(3):  # a retried batch, as after a crash: the same rows under the same token
+        store.insert_staged(STAGE, [], token)
     raw = store.query("SELECT count() FROM access_events WHERE user_id IN (201, 202)")[0][0]
     assert raw == 500
     for rollup in ("usage_daily", "usage_daily_users", "usage_hourly_users"):
         assert store.query(f"SELECT sum(events) FROM {rollup} WHERE user_id IN (201, 202)")[0][0] == 500, rollup
+    # The same events again, plus new ones: the stored ones are found, and `skip` leaves them out.
+    more = make_events(random.Random(4), 100, [201], MODELS, START, 3)
+    batch = values[:200] + values_of(more)
+    assert store.stage_values(STAGE, batch) == []
+    dups, staged, kept = store.stage_duplicates(STAGE)
+    assert dups == list(range(200)) and (staged, kept) == (300, 100)
+    store.insert_staged(STAGE, dups, new_token())
+    assert store.query("SELECT count(), uniqExact(event_id) FROM access_events WHERE user_id IN (201, 202)")[0] == (
+        600,
+        600,
+    )
 
 
 def test_usage_queries_match_the_reference(store):
     events = make_events(random.Random(4), 800, [*USERS, 104], MODELS, START + 7 * DAY, 4)
-    ids, _, lines = lines_of(events)
-    store.insert_access_lines(lines, insert_token(ids))
+    store.load_values(values_of(events), new_token())
     store.insert_users([(uid, email, name, "platform", 1000) for uid, (email, name) in USERS.items()])
     # A later registration of user 101 wins (ReplacingMergeTree by updated_at).
     store.insert_users([(101, "ada@new.example.com", "Ada L.", "platform", 2000)])
@@ -116,16 +220,3 @@ def test_a_rollup_added_later_is_backfilled(store):
     store.migrate()
     after = store.query("SELECT repo_id, sum(downloads) FROM usage_daily_models GROUP BY repo_id ORDER BY repo_id")
     assert after == before and after
-
-
-def test_seen_ids_knows_what_the_store_holds(store):
-    events = make_events(random.Random(5), 200, [301], MODELS, START + 20 * DAY, 1)
-    ids, ts, lines = lines_of(events)
-    seen = SeenIds(store, max_ids=150)
-    assert seen.existing(ids, ts) == set()
-    store.insert_access_lines(lines[:100], insert_token(ids[:100]))
-    seen.add(ids[:100], ts[:100])
-    assert seen.existing(ids, ts) == set(ids[:100])
-    fresh = SeenIds(store)  # after a restart: loaded from the store
-    assert fresh.existing(ids, ts) == set(ids[:100])
-    assert seen.size <= 150 or len(seen.hours) == 1

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from registry_analytics.consumer import decode_message, insert_token
+from registry_analytics.consumer import new_token
 from registry_analytics.store import Store
 from registry_shared.events import FileAccessed, encode_event, make_event
 from registry_shared.settings import ClickHouseSettings
@@ -58,16 +58,12 @@ def store(tmp_path_factory):
     st = Store(ClickHouseSettings(clickhouse_mode="chdb", chdb_path=str(tmp_path_factory.mktemp("grafana") / "chdb")))
     st.migrate()
     now = time.time()
-    lines, ids, ts = [], [], []
+    values = []
     kinds = ["download", "manifest", "files_list", "platform_manifest", "model_detail", "changes"]
     for i in range(300):
         data = FileAccessed(user_id=i % 7, kind=kinds[i % 6], repo_id=f"org/m{i % 5}", ts=now - i * 1800)
-        kind, row = decode_message(encode_event(make_event(data, source="/test", id=str(uuid.uuid4()))))
-        assert kind == "access"
-        ids.append(row[0])
-        ts.append(row[1])
-        lines.append(row[2])
-    st.insert_access_lines(lines, insert_token(ids))
+        values.append(encode_event(make_event(data, source="/test", id=str(uuid.uuid4()))))
+    st.load_values(values, new_token())
     st.insert_users([(u, f"user{u}@example.com", f"User {u}", "platform", int(now * 1000)) for u in range(7)])
     yield st
     st.close()

@@ -6,9 +6,9 @@ import json
 import math
 
 import pytest
-from aiokafka import TopicPartition
+from aiokafka import ConsumerRecord
 
-from registry_analytics.consumer import InvalidEvent, RawBatch, SeenIds, decode_message, insert_token, prepare
+from registry_analytics.consumer import InvalidEvent, RawBatch, decode_message, new_token
 from registry_analytics.queries import Window
 from registry_shared.events import FileAccessed, UserKeyRotated, UserRegistered, encode_event, make_event
 
@@ -20,9 +20,9 @@ def access(eid: str = "e1", **data) -> bytes:
     return encode_event(make_event(FileAccessed(**fields), source="/test", id=eid))
 
 
-def test_fast_path_keeps_the_message_bytes():
+def test_fast_path():
     value = access()
-    assert decode_message(value) == ("access", ("e1", math.floor(TS * 1000), value))
+    assert decode_message(value) == ("access", ("e1", math.floor(TS * 1000), 7, "download", "acme/m", "v1", "", 0))
 
 
 @pytest.mark.parametrize(
@@ -37,11 +37,9 @@ def test_fast_path_keeps_the_message_bytes():
 def test_slow_path_accepts_what_the_shared_model_accepts(mutate):
     doc = json.loads(access())
     mutate(doc)
-    kind, (eid, ts_ms, line) = decode_message(json.dumps(doc, indent=1).encode())
-    assert kind == "access" and eid == "e1"
+    kind, (eid, ts_ms, uid, *_) = decode_message(json.dumps(doc, indent=1).encode())
+    assert kind == "access" and eid == "e1" and uid == 7
     assert ts_ms == math.floor(doc["data"]["ts"] * 1000)
-    parsed = json.loads(line)
-    assert parsed["id"] == "e1" and parsed["data"]["user_id"] == 7 and b"\n" not in line
 
 
 @pytest.mark.parametrize(
@@ -49,6 +47,7 @@ def test_slow_path_accepts_what_the_shared_model_accepts(mutate):
     [
         b"not json",
         b"[]",
+        None,  # a tombstone
         access(kind="download").replace(b'"download"', b'"teleport"'),
         access(user_id=-1),
         access().replace(b'"ts":', b'"extra":1,"ts":'),
@@ -68,24 +67,33 @@ def test_user_events():
     assert decode_message(encode_event(rot)) == ("other", None)
 
 
-def test_prepare_is_deterministic_and_drops_in_batch_duplicates():
-    msgs = {
-        TopicPartition("t", 1): [(5, access("b")), (6, access("a"))],
-        TopicPartition("t", 0): [(9, access("a")), (10, b"bad"), (11, access("c"))],
-    }
+def record(topic: str, partition: int, offset: int, value: bytes) -> ConsumerRecord:
+    return ConsumerRecord(topic, partition, offset, 0, 0, None, value, None, 0, len(value), ())
+
+
+def test_batches_are_ordered_by_partition_whatever_the_arrival_order():
+    fetches = [
+        [record("t", 1, 5, b"b"), record("t", 1, 6, b"a"), record("t", 0, 9, b"a")],
+        [record("t", 0, 10, b"bad"), record("t", 0, 11, b"c"), record("s", 2, 3, b"u")],
+        [record("t", 1, 7, b"d")],
+    ]
     one, two = RawBatch(), RawBatch()
-    for tp, recs in msgs.items():
-        for off, v in recs:
-            one.add(tp, off, v)
-    for tp, recs in reversed(list(msgs.items())):  # arrival order differs, the batch does not
-        for off, v in recs:
-            two.add(tp, off, v)
-    p1, p2 = prepare(one), prepare(two)
-    assert p1.ids == p2.ids == ["a", "c", "b"]
-    assert p1.positions == [("t", 0, 9), ("t", 0, 11), ("t", 1, 5)]
-    assert p1.duplicates_in_batch == 1 and [i[:3] for i in p1.invalid] == [("t", 0, 10)]
-    assert p1.ranges == [["t", 0, 9, 11], ["t", 1, 5, 6]]
-    assert insert_token(p1.ids) == insert_token(p2.ids) != insert_token(["a", "b", "c"])
+    for fetch in fetches:
+        one.add(fetch)
+    for fetch in fetches:  # the partitions of a fetch in another order (each partition's stays in offset order)
+        two.add(sorted(fetch, key=lambda r: (-r.partition, r.offset)))
+    assert [(r.topic, r.partition, r.offset) for r in one.records()] == [
+        ("s", 2, 3),
+        ("t", 0, 9),
+        ("t", 0, 10),
+        ("t", 0, 11),
+        ("t", 1, 5),
+        ("t", 1, 6),
+        ("t", 1, 7),
+    ]
+    assert [r.value for r in one.records()] == [r.value for r in two.records()]
+    assert one.ranges() == [["s", 2, 3, 3], ["t", 0, 9, 11], ["t", 1, 5, 7]]
+    assert one.count == 7 and new_token() != new_token()
 
 
 @pytest.mark.parametrize(
@@ -103,28 +111,3 @@ def test_window_split(since, until, days, edges):
     else:
         assert ((p["d0"].toordinal() - 719163), (p["d1"].toordinal() - 719163)) == days
     assert [(p["a0"], p["a1"]), (p["b0"], p["b1"])] == edges
-
-
-class FakeStore:
-    """Holds (hour, id) pairs like access_events would (a unit-test stand-in for the store)."""
-
-    def __init__(self) -> None:
-        self.rows: list[tuple[int, str]] = []
-        self.loads = 0
-
-    def event_ids_by_hour(self, hours):
-        self.loads += 1
-        return [(h, e) for h, e in self.rows if h in set(hours)]
-
-
-def test_seen_ids_cache():
-    store = FakeStore()
-    store.rows = [(3600, "old")]
-    seen = SeenIds(store, max_ids=3)  # type: ignore[arg-type]
-    assert seen.existing(["old", "new"], [3_600_000, 3_600_001]) == {"old"}
-    store.rows.append((3600, "new"))
-    seen.add(["new"], [3_600_001])
-    seen.add(["x"], [7_200_000])  # an hour never loaded stays unloaded (never a partial hour)
-    assert 2 not in seen.hours
-    assert seen.existing(["new", "x"], [3_600_001, 7_200_000]) == {"new"}
-    assert store.loads == 2

@@ -3,33 +3,39 @@
 A FastStream app: a `KafkaBroker` with one batch subscriber on the access and users topics, whose offsets
 FastStream never commits (`AckPolicy.MANUAL`); the loader commits them once a batch is stored.
 
+No message is parsed by Python on the way: the raw values go to the ClickHouse engine, which parses, checks
+and deduplicates them (store.STAGE_SELECT); Python decodes only what the engine refuses.
+
 How a batch becomes exactly-once:
 
-1. Messages are collected per partition (up to `batch_max_events`, or `flush_interval_ms` after the first).
-2. They are decoded (CloudEvents JSON) in (topic, partition, offset) order; a repeated event id inside the
-   batch is dropped, and so is one the store already holds (the ids of the hours of the events' `ts`, a
-   duplicate carries the same ts, cached per hour: see SeenIds).
-3. A manifest (offset ranges, the offsets dropped by the store look-up, and an insert token built from the
-   kept event ids) is written to `ingest_batches` before the rows.
-4. The rows go in as one insert with that `insert_deduplication_token`; the rollup's materialized view
-   follows with deduplication too.
-5. Only then are the Kafka offsets committed.
+1. Records are collected per partition (up to `batch_max_events`, or `flush_interval_ms` after the first).
+2. Their values are staged in (topic, partition, offset) order, row n = the n-th message, in the group's
+   Memory table; the engine parses each as a CloudEvent. The rows it refuses are decoded here (user events,
+   unusual encodings of valid events, which are staged as rows, and invalid messages: dead-lettered).
+3. The engine finds the staged rows whose event id the store already holds (in the hours of the batch's ts:
+   a duplicate carries the ts of the event it repeats).
+4. A manifest (offset ranges, the offsets of those rows, the row count and a new insert token) is written to
+   `ingest_batches` before the rows.
+5. The staged rows go into access_events as one INSERT ... SELECT block with that
+   `insert_deduplication_token`: the first copy of each event id, without the rows of step 3; the rollups'
+   materialized views follow with deduplication too.
+6. Only then are the Kafka offsets committed.
 
 After a crash (even SIGKILL half-way through an insert), the last manifest is replayed before the broker
-starts: the same messages give the same rows and the same token, so ClickHouse drops every part the
-interrupted attempt had committed and writes only the missing ones. A batch whose offsets were committed
-is not replayed; redelivered messages of any other batch are found by the store look-up.
+starts: the same messages staged again minus the manifest's offsets give the same block under the same
+token, so ClickHouse drops every part the interrupted attempt had committed and writes only the missing
+ones. A batch whose offsets were committed is not replayed; redelivered messages of any other batch are
+found by the store look-up (step 3).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import logging
 import math
 import time
-from collections import OrderedDict
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, get_args
@@ -39,11 +45,10 @@ from aiokafka.abc import ConsumerRebalanceListener
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.message import FAKE_CONSUMER, KafkaMessage
-from orjson import dumps as _json_dumps
 from orjson import loads as _json_loads
 
 from registry_analytics.settings import AnalyticsSettings
-from registry_analytics.store import Manifest, Store
+from registry_analytics.store import Manifest, Store, stage_name
 from registry_shared.events import AccessKind, FileAccessed, UserRegistered, decode_event
 from registry_shared.logging import correlation_id
 from registry_shared.settings import KafkaSettings
@@ -61,23 +66,23 @@ class InvalidEvent(ValueError):
     """A message that is not a valid CloudEvent of a type the loader reads."""
 
 
-# ---------------------------------------------------------------- decoding
-#: An access event as the loader keeps it: (event_id, ts in ms, the JSON line ClickHouse parses into a row).
-AccessRow = tuple[str, int, bytes]
+# ---------------------------------------------------------------- decoding (the messages the engine refuses)
+#: An access event as a row: (event_id, ts in ms, user_id, kind, repo_id, version, rfilename, bytes).
+AccessRow = tuple[str, int, int, str, str, str, str, int]
 UserRow = tuple[int, str, str, str, int]  # user_id, email, name, role, updated_at_ms
 _MAX_INT = 2**63
 
 
-def decode_message(value: bytes) -> tuple[str, AccessRow | UserRow | None]:
+def decode_message(value: bytes | None) -> tuple[str, AccessRow | UserRow | None]:
     """Decode one Kafka message value: ("access", row), ("user", row) or ("other", None).
 
-    The common case (a well-formed registry.file.accessed.v1 event) takes a fast path of plain type
-    checks, and its own bytes are what ClickHouse parses into the row (see store.SCHEMA, access_ingest).
-    Anything else goes through the shared pydantic models and is re-encoded canonically, so both paths
-    accept exactly the same events. Raises InvalidEvent for anything that is not a valid CloudEvent.
+    The loader calls this only for the messages the engine's own parse (store.STAGE_SELECT) refused. A
+    well-formed registry.file.accessed.v1 event takes a fast path of plain type checks (the same checks the
+    engine makes); anything else goes through the shared pydantic models, which have the last word. Raises
+    InvalidEvent for anything that is not a valid CloudEvent.
     """
     try:
-        doc = _json_loads(value)
+        doc = _json_loads(value)  # type: ignore[arg-type]
     except Exception as exc:
         raise InvalidEvent(f"not JSON: {exc}") from exc
     if type(doc) is dict and doc.get("type") == ACCESS_TYPE and doc.get("specversion") == "1.0":
@@ -91,6 +96,7 @@ def decode_message(value: bytes) -> tuple[str, AccessRow | UserRow | None]:
             and data.keys() <= _ACCESS_KEYS
         ):
             uid, kind, ts, nbytes = data.get("user_id"), data.get("kind"), data.get("ts"), data.get("bytes", 0)
+            repo, version, rfilename = data.get("repo_id"), data.get("version"), data.get("rfilename")
             if (
                 type(uid) is int
                 and 0 <= uid < _MAX_INT
@@ -99,29 +105,37 @@ def decode_message(value: bytes) -> tuple[str, AccessRow | UserRow | None]:
                 and 0 <= ts < 1e11
                 and type(nbytes) is int
                 and 0 <= nbytes < _MAX_INT
-                and type(data.get("repo_id")) in _OPT_STR
-                and type(data.get("version")) in _OPT_STR
-                and type(data.get("rfilename")) in _OPT_STR
-                and b"\n" not in value
-                and b"\r" not in value
+                and type(repo) in _OPT_STR
+                and type(version) in _OPT_STR
+                and type(rfilename) in _OPT_STR
             ):
-                return "access", (eid, math.floor(ts * 1000), value)
+                row = (eid, math.floor(ts * 1000), uid, kind, repo or "", version or "", rfilename or "", nbytes)
+                return "access", row
     return _decode_slow(value)
 
 
-def _decode_slow(value: bytes) -> tuple[str, AccessRow | UserRow | None]:
+def _decode_slow(value: bytes | None) -> tuple[str, AccessRow | UserRow | None]:
     try:
-        event = decode_event(value)
+        event = decode_event(value)  # type: ignore[arg-type]
         if event.type not in (ACCESS_TYPE, USER_TYPE):
             return "other", None
         payload = event.payload()
-    except ValueError as exc:  # pydantic.ValidationError is a ValueError
+    except (ValueError, TypeError) as exc:  # pydantic.ValidationError is a ValueError
         raise InvalidEvent(str(exc).splitlines()[0]) from exc
     if isinstance(payload, FileAccessed):
         if not (0 <= payload.user_id < _MAX_INT and 0 <= payload.bytes < _MAX_INT and 0 <= payload.ts < 1e11):
             raise InvalidEvent("user_id, bytes and ts must be non-negative and in range")
-        line = _json_dumps({"id": event.id, "data": payload.model_dump()})
-        return "access", (event.id, math.floor(payload.ts * 1000), line)
+        p = payload
+        row = (
+            event.id,
+            math.floor(p.ts * 1000),
+            p.user_id,
+            p.kind,
+            p.repo_id or "",
+            p.version or "",
+            p.rfilename or "",
+        )
+        return "access", (*row, p.bytes)
     if isinstance(payload, UserRegistered):
         if not 0 <= payload.user_id < _MAX_INT:
             raise InvalidEvent("user_id out of range")
@@ -131,171 +145,45 @@ def _decode_slow(value: bytes) -> tuple[str, AccessRow | UserRow | None]:
 
 
 # ---------------------------------------------------------------- batches
-@dataclass
-class _Partition:
-    """What one partition contributed to a batch, decoded as it arrived (offset order)."""
-
-    first: int
-    last: int = -1
-    #: (offset, event_id, ts_ms, line) of the access events
-    access: list[tuple[int, str, int, bytes]] = field(default_factory=list)
-    users: list[UserRow] = field(default_factory=list)
-    invalid: list[tuple[int, bytes, str]] = field(default_factory=list)
+def _partition_of(record: ConsumerRecord) -> tuple[str, int]:
+    return record.topic, record.partition
 
 
 @dataclass
 class RawBatch:
-    """Messages collected for one flush, per partition, decoded as they arrive.
+    """The records collected for one flush, per partition (each partition's in offset order)."""
 
-    Decoding happens on the event loop as each fetch comes in (no thread fights the fetcher for the GIL);
-    `prepare` then merges the partitions in a fixed order, so the batch does not depend on arrival order.
-    """
-
-    parts: dict[TopicPartition, _Partition] = field(default_factory=dict)
+    parts: dict[tuple[str, int], list[ConsumerRecord]] = field(default_factory=dict)
     count: int = 0
     started: float = 0.0
 
-    def add(self, tp: TopicPartition, offset: int, value: bytes) -> None:
-        """Decode and append one message (messages of one partition arrive in offset order)."""
-        self.add_many(tp, [(offset, value)])
-
-    def add_many(self, tp: TopicPartition, messages: Sequence[tuple[int, bytes]]) -> None:
-        """Decode and append messages of one partition, in offset order."""
-        if not messages:
+    def add(self, records: Sequence[ConsumerRecord]) -> None:
+        """Append fetched records (of any partitions; those of one partition in offset order)."""
+        if not records:
             return
         if not self.count:
             self.started = time.monotonic()
-        part = self.parts.get(tp)
-        if part is None:
-            part = self.parts[tp] = _Partition(first=messages[0][0])
-        access, users, invalid = part.access.append, part.users.append, part.invalid.append
-        for offset, value in messages:
-            try:
-                kind, row = decode_message(value)
-            except InvalidEvent as exc:
-                invalid((offset, value, str(exc)))
-                continue
-            if kind == "access":
-                eid, ts, line = row  # type: ignore[misc]
-                access((offset, eid, ts, line))
-            elif kind == "user":
-                users(row)  # type: ignore[arg-type]
-        part.last = messages[-1][0]
-        self.count += len(messages)
+        parts = self.parts
+        for key, recs in itertools.groupby(records, key=_partition_of):
+            part = parts.get(key)
+            if part is None:
+                parts[key] = list(recs)
+            else:
+                part.extend(recs)
+        self.count += len(records)
+
+    def records(self) -> list[ConsumerRecord]:
+        """Every record in (topic, partition, offset) order: the batch's rows, whatever the arrival order."""
+        return [r for key in sorted(self.parts) for r in self.parts[key]]
 
     def ranges(self) -> list[list[Any]]:
         """[[topic, partition, first_offset, last_offset], ...] sorted."""
-        return [[tp.topic, tp.partition, p.first, p.last] for tp, p in self._sorted()]
-
-    def _sorted(self) -> list[tuple[TopicPartition, _Partition]]:
-        return sorted(self.parts.items(), key=lambda kv: (kv[0].topic, kv[0].partition))
+        return [[t, p, recs[0].offset, recs[-1].offset] for (t, p), recs in sorted(self.parts.items())]
 
 
-@dataclass
-class PreparedBatch:
-    """A decoded batch, ready to store: parallel lists of event ids, ts (ms), JSON lines and positions."""
-
-    ranges: list[list[Any]]
-    ids: list[str]
-    ts_ms: list[int]
-    lines: list[bytes]
-    positions: list[tuple[str, int, int]]
-    users: list[UserRow]
-    invalid: list[tuple[str, int, int, bytes, str]]
-    duplicates_in_batch: int
-
-    def keep(self, flags: list[bool]) -> None:
-        """Keep only the access rows whose flag is true."""
-        self.ids = [v for v, k in zip(self.ids, flags, strict=True) if k]
-        self.ts_ms = [v for v, k in zip(self.ts_ms, flags, strict=True) if k]
-        self.lines = [v for v, k in zip(self.lines, flags, strict=True) if k]
-        self.positions = [v for v, k in zip(self.positions, flags, strict=True) if k]
-
-
-def prepare(raw: RawBatch) -> PreparedBatch:
-    """Merge a batch deterministically: the same messages always give the same rows in the same order."""
-    ids: list[str] = []
-    ts_ms: list[int] = []
-    lines: list[bytes] = []
-    positions: list[tuple[str, int, int]] = []
-    users: list[UserRow] = []
-    invalid: list[tuple[str, int, int, bytes, str]] = []
-    seen: set[str] = set()
-    dups = 0
-    for tp, part in raw._sorted():
-        topic, partition = tp.topic, tp.partition
-        for offset, eid, ts, line in part.access:
-            if eid in seen:
-                dups += 1
-                continue
-            seen.add(eid)
-            ids.append(eid)
-            ts_ms.append(ts)
-            lines.append(line)
-            positions.append((topic, partition, offset))
-        users.extend(part.users)
-        invalid.extend((topic, partition, offset, value, err) for offset, value, err in part.invalid)
-    return PreparedBatch(raw.ranges(), ids, ts_ms, lines, positions, users, invalid, dups)
-
-
-class SeenIds:
-    """The event ids the store holds, per hour of their `ts`, loaded from the store on first use.
-
-    A duplicate carries the same ts as the event it repeats, so the ids of the hours a batch touches are
-    all it needs to be checked against. Live traffic touches the current hour or two; older hours are
-    dropped least-recently-used first once `max_ids` ids are held. Only the loader writes access_events,
-    so the cache stays exact: ids are added only once their batch is stored.
-    """
-
-    def __init__(self, store: Store, max_ids: int = 2_000_000) -> None:
-        self.store = store
-        self.max_ids = max_ids
-        self.hours: OrderedDict[int, set[str]] = OrderedDict()
-        self.size = 0
-
-    def clear(self) -> None:
-        """Forget everything (after an error: the store is the truth)."""
-        self.hours.clear()
-        self.size = 0
-
-    def _load(self, hours: set[int]) -> None:
-        missing = sorted(h for h in hours if h not in self.hours)
-        for h in missing:
-            self.hours[h] = set()
-        if missing:
-            for h, eid in self.store.event_ids_by_hour([h * 3600 for h in missing]):
-                self.hours[h // 3600].add(eid)
-                self.size += 1
-        for h in hours:
-            self.hours.move_to_end(h)
-
-    def existing(self, ids: list[str], ts_ms: list[int]) -> set[str]:
-        """Which of the ids (with their ts in ms) the store already holds."""
-        hours_of = [t // 3_600_000 for t in ts_ms]
-        self._load(set(hours_of))
-        hours = self.hours
-        return {eid for eid, h in zip(ids, hours_of, strict=True) if eid in hours[h]}
-
-    def add(self, ids: list[str], ts_ms: list[int]) -> None:
-        """Record ids that were just stored, then drop the least recently used hours beyond `max_ids`."""
-        hours = self.hours
-        for eid, t in zip(ids, ts_ms, strict=True):
-            bucket = hours.get(t // 3_600_000)
-            if bucket is not None:  # an hour not loaded yet is read from the store, these ids included
-                bucket.add(eid)
-        self.size = sum(len(b) for b in hours.values())
-        while self.size > self.max_ids and len(hours) > 1:
-            _, dropped = hours.popitem(last=False)
-            self.size -= len(dropped)
-
-
-def insert_token(event_ids: Sequence[str]) -> str:
-    """The insert deduplication token of a batch: a digest of its event ids, in order."""
-    h = hashlib.blake2b(digest_size=16)
-    for eid in event_ids:
-        h.update(eid.encode())
-        h.update(b"\n")
-    return f"access-{len(event_ids)}-{h.hexdigest()}"
+def new_token() -> str:
+    """The insert deduplication token of a new batch (kept in its manifest, reused by its replays)."""
+    return f"access-{uuid.uuid4().hex}"
 
 
 # ---------------------------------------------------------------- the loader
@@ -377,7 +265,7 @@ class AccessLoader:
         self._flushing: asyncio.Task | None = None
         self._seq_written: Manifest | None = None
         self._stopping = False
-        self.seen = SeenIds(store)
+        self.stage = stage_name(settings.group_id)
         self.stats: dict[str, int | str] = {
             "batches": 0,
             "stored": 0,
@@ -397,6 +285,7 @@ class AccessLoader:
         delay = 1.0
         while True:
             try:
+                await asyncio.to_thread(self.store.create_stage, self.stage)
                 manifest = await asyncio.to_thread(self.store.last_manifest, self.settings.group_id)
                 self._seq = manifest.seq if manifest else 0
                 if manifest:
@@ -468,7 +357,7 @@ class AccessLoader:
                     got = await consumer.getmany(*todo, timeout_ms=500)
                     for tp, records in got.items():
                         last = targets[tp][1]
-                        raw.add_many(tp, [(r.offset, r.value) for r in records if r.offset <= last])
+                        raw.add([r for r in records if r.offset <= last])
                         if records and records[-1].offset >= last:
                             todo.pop(tp, None)
         finally:
@@ -481,9 +370,7 @@ class AccessLoader:
         """The FastStream handler: one fetch (records of several partitions, each in offset order)."""
         if self._stopping or not records:
             return  # not committed: re-read by the next run
-        raw = self._pending
-        for (topic, partition), recs in itertools.groupby(records, key=lambda r: (r.topic, r.partition)):
-            raw.add_many(TopicPartition(topic, partition), [(r.offset, r.value) for r in recs])
+        self._pending.add(records)
         self._wake.set()
         await self._maybe_flush()
 
@@ -528,75 +415,85 @@ class AccessLoader:
             await asyncio.sleep(0)
 
     async def _flush(self, raw: RawBatch, replay: Manifest | None = None, commit: bool = True) -> None:
-        """Deduplicate, store and commit one batch; retried until it succeeds."""
+        """Stage, deduplicate, store and commit one batch; retried until it succeeds."""
         delay = 0.5
         while True:
             try:
-                prepared, manifest = await asyncio.to_thread(self._store_batch, raw, replay)
+                invalid = await asyncio.to_thread(self._store_batch, raw, replay)
                 break
             except Exception:
                 log.exception("storing a batch failed; retrying in %.1f s", delay)
-                self.seen.clear()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10)
                 if replay is None and self._seq_written:
                     # The manifest is in the store: a retry must rebuild exactly that batch.
                     replay = self._seq_written
         self._seq_written = None
-        if replay is None and prepared.invalid:
-            await self._dead_letter(prepared.invalid)
+        if replay is None and invalid:
+            await self._dead_letter(invalid)
         consumer = self.subscriber.consumer
         if commit and consumer is not None:
-            offsets = {TopicPartition(t, p): last + 1 for t, p, _, last in prepared.ranges}
+            offsets = {TopicPartition(t, p): last + 1 for t, p, _, last in raw.ranges()}
             try:
                 await consumer.commit(offsets)
             except Exception:  # a rebalance: the next owner re-reads the batch and drops its ids as duplicates
-                log.warning(
-                    "offset commit failed after storing batch %s", manifest.seq if manifest else "-", exc_info=True
-                )
+                log.warning("offset commit failed after storing a batch", exc_info=True)
         self.stats["batches"] += 1
         self.stats["phase"] = "idle"
 
-    def _store_batch(self, raw: RawBatch, replay: Manifest | None) -> tuple[PreparedBatch, Manifest | None]:
-        """Runs in a worker thread (the insert releases the GIL while the loop fetches and decodes the next)."""
+    def _store_batch(self, raw: RawBatch, replay: Manifest | None) -> list[tuple[str, int, int, bytes, str]]:
+        """Runs in a worker thread (the engine releases the GIL while the loop fetches the next batch).
+
+        Returns the invalid messages (topic, partition, offset, value, error) for the dead-letter topic.
+        """
         t0 = time.perf_counter()
-        self.stats["phase"] = "decoding"
-        prepared = prepare(raw)
-        t_decoded = time.perf_counter()
-        skipped_pos: list[list[Any]] = []
+        store, stage = self.store, self.stage
+        records = raw.records()
+        values = [r.value or b"" for r in records]
+        t_prep = time.perf_counter()
+        self.stats["phase"] = "staging"
+        refused = store.stage_values(stage, values)
+        users: list[UserRow] = []
+        fixed: list[tuple[int, AccessRow]] = []
+        invalid: list[tuple[str, int, int, bytes, str]] = []
+        for n in refused:  # what the engine would not parse: Python decides (user events land here too)
+            try:
+                kind, row = decode_message(records[n].value)
+            except InvalidEvent as exc:
+                r = records[n]
+                invalid.append((r.topic, r.partition, r.offset, r.value or b"", str(exc)))
+                continue
+            if kind == "access":
+                fixed.append((n, row))  # type: ignore[arg-type]
+            elif kind == "user":
+                users.append(row)  # type: ignore[arg-type]
+        store.stage_rows(stage, fixed)
+        t_staged = time.perf_counter()
+        self.stats["phase"] = "deduplicating"
         if replay is not None:
-            skipped = {tuple(p) for p in replay.skipped}
-            if skipped:
-                prepared.keep([p not in skipped for p in prepared.positions])
-            if len(prepared.ids) != replay.rows:
-                log.error("replayed batch %s has %s rows, its manifest %s", replay.seq, len(prepared.ids), replay.rows)
+            index = {(r.topic, r.partition, r.offset): n for n, r in enumerate(records)}
+            skip = sorted(index[tuple(p)] for p in replay.skipped if tuple(p) in index)
             manifest: Manifest | None = replay
+            rows, duplicates = replay.rows, 0
         else:
-            self.stats["phase"] = "deduplicating"
-            existing = self.seen.existing(prepared.ids, prepared.ts_ms)
-            if existing:
-                flags = [eid not in existing for eid in prepared.ids]
-                skipped_pos = [list(p) for p, k in zip(prepared.positions, flags, strict=True) if not k]
-                prepared.keep(flags)
+            skip, staged, rows = store.stage_duplicates(stage)
+            duplicates = staged - rows
             manifest = None
-            if prepared.ids:
+            if rows:
                 self.stats["phase"] = "writing manifest"
-                token = insert_token(prepared.ids)
-                manifest = Manifest(self._seq + 1, token, prepared.ranges, skipped_pos, len(prepared.ids))
-                self.store.write_manifest(self.settings.group_id, manifest)
-                self._seq = manifest.seq
+                skipped = [[records[n].topic, records[n].partition, records[n].offset] for n in skip]
+                manifest = Manifest(self._seq + 1, new_token(), raw.ranges(), skipped, rows)
                 self._seq_written = manifest
+                store.write_manifest(self.settings.group_id, manifest)
+                self._seq = manifest.seq
         t_deduped = time.perf_counter()
         self.stats["phase"] = "inserting"
-        self.store.insert_users(prepared.users)
-        if prepared.ids:
-            token = manifest.token if manifest else insert_token(prepared.ids)
-            self.store.insert_access_lines(prepared.lines, token)
-            self.seen.add(prepared.ids, prepared.ts_ms)
+        store.insert_users(users)
+        if manifest is not None:
+            store.insert_staged(stage, skip, manifest.token)
         self.stats["phase"] = "committing"
-        duplicates = prepared.duplicates_in_batch + len(skipped_pos)
-        self.stats["stored"] += len(prepared.ids)
-        self.stats["invalid"] += len(prepared.invalid)
+        self.stats["stored"] += rows
+        self.stats["invalid"] += len(invalid)
         self.stats["duplicates"] += duplicates
         t_end = time.perf_counter()
         correlation_id.set(manifest.token if manifest else None)
@@ -605,19 +502,21 @@ class AccessLoader:
             extra={
                 "fields": {
                     "messages": raw.count,
-                    "rows": len(prepared.ids),
-                    "users": len(prepared.users),
+                    "rows": rows,
+                    "users": len(users),
+                    "refused": len(refused),
                     "duplicates": duplicates,
-                    "invalid": len(prepared.invalid),
+                    "invalid": len(invalid),
                     "replay": replay is not None,
                     "ms": round((t_end - t0) * 1000, 1),
-                    "decode_ms": round((t_decoded - t0) * 1000, 1),
-                    "dedupe_ms": round((t_deduped - t_decoded) * 1000, 1),
+                    "prepare_ms": round((t_prep - t0) * 1000, 1),
+                    "stage_ms": round((t_staged - t_prep) * 1000, 1),
+                    "dedupe_ms": round((t_deduped - t_staged) * 1000, 1),
                     "insert_ms": round((t_end - t_deduped) * 1000, 1),
                 }
             },
         )
-        return prepared, manifest
+        return invalid
 
     async def _dead_letter(self, invalid: list[tuple[str, int, int, bytes, str]]) -> None:
         for topic, part, offset, value, error in invalid:

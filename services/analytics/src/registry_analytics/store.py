@@ -9,18 +9,25 @@ Tables of database `registry` (ClickHouseSettings.clickhouse_database):
 - `users`: the users dimension (email, name, role), fed by user events, ReplacingMergeTree by user_id.
 - `ingest_batches`: one manifest per loaded batch (its Kafka offset ranges and insert token), so that a
   batch interrupted by a crash is replayed identically and ClickHouse's insert deduplication completes it.
+- `access_stage_<group>` (Memory): the batch being loaded. The raw message values go in as they are and the
+  engine parses and checks them (STAGE_SELECT), finds the event ids the store already holds, and the rows
+  go from there into `access_events` (see consumer.py); Python only looks at the messages it refuses.
 
 The same SQL runs on chDB and on a ClickHouse server.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import re
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import clickhouse_connect
@@ -33,6 +40,7 @@ log = logging.getLogger(__name__)
 USER_COLUMNS = ("user_id", "email", "name", "role", "updated_at")
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 #: The DDL of the analytics store, idempotent, in order; run in the analytics database (see Store).
@@ -51,23 +59,6 @@ SCHEMA: tuple[str, ...] = (
 PARTITION BY toYYYYMM(ts)
 ORDER BY (toStartOfHour(ts), user_id, repo_id)
 SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 2048""",
-    # The loader hands ClickHouse the CloudEvents JSON of the events it keeps (checked and deduplicated in
-    # Python); this view parses them into rows, off the Python thread. Null: the lines themselves are not kept.
-    """CREATE TABLE IF NOT EXISTS access_ingest (raw String) ENGINE = Null""",
-    """CREATE MATERIALIZED VIEW IF NOT EXISTS access_ingest_mv TO access_events AS
-WITH JSONExtract(raw, 'Tuple(id String, data Tuple(user_id UInt64, kind String, repo_id Nullable(String),
-    version Nullable(String), rfilename Nullable(String), bytes UInt64, ts Float64))') AS e
-SELECT
-    e.id AS event_id,
-    fromUnixTimestamp64Milli(toInt64(floor(e.data.ts * 1000)), 'UTC') AS ts,
-    e.data.user_id AS user_id,
-    e.data.kind AS kind,
-    ifNull(e.data.repo_id, '') AS repo_id,
-    ifNull(e.data.version, '') AS version,
-    ifNull(e.data.rfilename, '') AS rfilename,
-    e.data.bytes AS bytes,
-    now64(3, 'UTC') AS ingested_at
-FROM access_ingest""",
     """CREATE TABLE IF NOT EXISTS usage_daily (
     day        Date,
     user_id    UInt64,
@@ -153,6 +144,118 @@ SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 1024""
 }
 
 
+#: The Memory table a loader stages its batch in: row `n` is the batch's n-th message; `ok` = the engine
+#: parsed it as a well-formed access event (else Python decodes that message: consumer.decode_message).
+STAGE_DDL = """CREATE TABLE IF NOT EXISTS {stage} (
+    n         UInt32,
+    ok        UInt8,
+    event_id  String,
+    ts        DateTime64(3, 'UTC'),
+    user_id   UInt64,
+    kind      LowCardinality(String),
+    repo_id   String,
+    version   String,
+    rfilename String,
+    bytes     UInt64
+) ENGINE = Memory"""
+
+STAGE_COLUMNS = ("n", "ok", "event_id", "ts", "user_id", "kind", "repo_id", "version", "rfilename", "bytes")
+ACCESS_COLUMNS = ("event_id", "ts", "user_id", "kind", "repo_id", "version", "rfilename", "bytes")
+ACCESS_KINDS = ("download", "manifest", "files_list", "platform_manifest", "model_detail", "changes")
+_DATA_KEYS = ("user_id", "kind", "repo_id", "version", "rfilename", "bytes", "ts")
+
+
+def _quoted(values: Sequence[str]) -> str:
+    return ", ".join(f"'{v}'" for v in values)
+
+
+#: One JSON parse per message (a typed Tuple whose Dynamic members keep each value's JSON type), then the
+#: checks of consumer.decode_message's fast path, exactly or stricter: a JSON object whose type is
+#: registry.file.accessed.v1, specversion "1.0", a non-empty string id, a string source, datacontenttype
+#: "application/json" (present), data an object of known, distinct keys, user_id an integer in [0, 2^63),
+#: a known kind, ts a number in [0, 1e11), bytes absent or an integer in [0, 2^63), repo_id/version/
+#: rfilename absent, null or strings. Whatever fails is decoded by Python, which has the last word.
+#: {source} yields (n, raw): row n is the batch's n-th message.
+STAGE_SELECT = f"""
+SELECT n, ok,
+    if(ok, id, '') AS event_id,
+    fromUnixTimestamp64Milli(if(ok, toInt64(floor(ts_f * 1000)), 0), 'UTC') AS ts,
+    if(ok, toUInt64(uid), 0) AS user_id,
+    if(ok, kind_s, '') AS kind,
+    ifNull(dynamicElement(d['repo_id'], 'String'), '') AS repo_id,
+    ifNull(dynamicElement(d['version'], 'String'), '') AS version,
+    ifNull(dynamicElement(d['rfilename'], 'String'), '') AS rfilename,
+    if(ok, toUInt64(nbytes), 0) AS bytes
+FROM (
+    SELECT n,
+        JSONExtract(raw, 'Tuple(type String, specversion Dynamic, id Dynamic, source Dynamic,
+            datacontenttype Dynamic, data Map(String, Dynamic))') AS e,
+        e.data AS d,
+        mapKeys(d) AS keys,
+        dynamicElement(e.id, 'String') AS id,
+        dynamicElement(d['user_id'], 'Int64') AS uid,
+        dynamicElement(d['kind'], 'String') AS kind_s,
+        coalesce(dynamicElement(d['ts'], 'Float64'), toFloat64(dynamicElement(d['ts'], 'Int64'))) AS ts_f,
+        if(mapContains(d, 'bytes'), dynamicElement(d['bytes'], 'Int64'), 0) AS nbytes,
+        toUInt8(coalesce(
+            startsWith(raw, '{{')
+            AND e.type = 'registry.file.accessed.v1'
+            AND dynamicElement(e.specversion, 'String') = '1.0'
+            AND id != ''
+            AND isNotNull(dynamicElement(e.source, 'String'))
+            AND dynamicElement(e.datacontenttype, 'String') = 'application/json'
+            AND hasAll([{_quoted(_DATA_KEYS)}], keys)
+            AND length(arrayDistinct(keys)) = length(keys)
+            AND uid >= 0
+            AND kind_s IN ({_quoted(ACCESS_KINDS)})
+            AND ts_f >= 0 AND ts_f < 1e11
+            AND nbytes >= 0
+            AND dynamicType(d['repo_id']) IN ('None', 'String')
+            AND dynamicType(d['version']) IN ('None', 'String')
+            AND dynamicType(d['rfilename']) IN ('None', 'String'),
+        0)) AS ok
+    FROM {{source}}
+)"""  # noqa: S608 (constants only)
+
+#: Of the staged access events: the rows whose event id the store already holds (looked up in the hours of
+#: the batch's ts only: a duplicate carries the ts of the event it repeats), how many there are, and how
+#: many distinct event ids are left to store.
+STAGE_DUPLICATES = """
+SELECT groupArrayIf(n, dup), count(), uniqExactIf(event_id, NOT dup)
+FROM (
+    SELECT n, event_id, event_id IN (
+        SELECT event_id FROM access_events
+        WHERE toStartOfHour(ts) IN (SELECT DISTINCT toStartOfHour(ts) FROM {stage} WHERE ok)
+    ) AS dup
+    FROM {stage}
+    WHERE ok
+)"""
+
+#: The staged rows into access_events (the rollups follow through their views): the first copy of each
+#: event id in batch order, without the rows listed in {skip}. One block, always the same for the same
+#: batch, so that a replay under the same insert token completes exactly what an interrupted insert began.
+STAGE_INSERT = """
+INSERT INTO access_events (event_id, ts, user_id, kind, repo_id, version, rfilename, bytes, ingested_at)
+SELECT event_id, ts, user_id, kind, repo_id, version, rfilename, bytes, now64(3, 'UTC')
+FROM {stage}
+WHERE ok AND NOT has({{skip:Array(UInt32)}}, n)
+ORDER BY n
+LIMIT 1 BY event_id"""
+
+#: Where the staged lines come from: a file the in-process engine reads (its row numbers are exact), or the
+#: body of the INSERT sent to a server.
+_FILE_SOURCE = "(SELECT toUInt32(_row_number) AS n, raw FROM file('{path}', 'LineAsString', 'raw String'))"
+_INPUT_SOURCE = "(SELECT rowNumberInAllBlocks() AS n, raw FROM input('raw String'))"
+
+_ONE_BLOCK = {
+    "max_threads": 1,
+    "max_block_size": 10_000_000,
+    "max_insert_block_size": 10_000_000,
+    "min_insert_block_size_rows": 10_000_000,
+    "min_insert_block_size_bytes": 1 << 40,
+}
+
+
 @dataclass(frozen=True)
 class Manifest:
     """What a batch was made of: enough to rebuild it identically after a crash."""
@@ -189,6 +292,9 @@ class Store:
         """
         for stmt in SCHEMA:
             self.client.command(stmt)
+        # Before staging, lines went through a Null table whose view parsed them.
+        self.client.command("DROP VIEW IF EXISTS access_ingest_mv")
+        self.client.command("DROP TABLE IF EXISTS access_ingest")
         existing = {r[0] for r in self.query("SELECT name FROM system.tables WHERE database = currentDatabase()")}
         for name, (ddl, select) in ROLLUPS.items():
             if f"{name}_mv" in existing:  # the view is created last: it exists once the rollup is complete
@@ -202,16 +308,6 @@ class Store:
     def query(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple]:
         """Run a SELECT with server-side parameters and return its rows."""
         return self.client.query(sql, parameters=params or {}).result_rows
-
-    def event_ids_by_hour(self, hours: Sequence[int]) -> list[tuple[int, str]]:
-        """(hour, event_id) of every stored event whose ts lies in one of the given hours (epoch seconds)."""
-        if not hours:
-            return []
-        return self.query(
-            "SELECT toUInt32(toStartOfHour(ts)), event_id FROM access_events"
-            " WHERE toStartOfHour(ts) IN (SELECT toDateTime(arrayJoin({hours:Array(UInt32)}), 'UTC'))",
-            {"hours": list(hours)},
-        )
 
     def last_manifest(self, group_id: str) -> Manifest | None:
         """The most recent batch manifest of a consumer group, if any."""
@@ -244,33 +340,97 @@ class Store:
             column_names=["group_id", "seq", "token", "ranges", "skipped", "rows", "created_at"],
         )
 
-    def insert_access_lines(self, lines: Sequence[bytes], token: str) -> None:
-        """Insert access events given as CloudEvents JSON lines (one event a line) as one idempotent block.
+    # ------------------------------------------------------------ a batch, staged in the engine
+    def create_stage(self, stage: str) -> None:
+        """Create a loader's staging table if missing (`stage` = stage_name(group))."""
+        self.client.command(STAGE_DDL.format(stage=_ident(stage)))
 
-        The same `token` on a retry makes ClickHouse drop every part (of access_events and of the
-        rollup's view) that the earlier attempt already committed, and write the missing ones.
+    def stage_values(self, stage: str, values: Sequence[bytes]) -> list[int]:
+        """Stage a batch of raw message values (row n = values[n]); the rows the engine refused, in order.
+
+        The values travel as one LineAsString block: a value holding a line break is staged empty (so it is
+        refused, and decoded by Python from the original bytes).
         """
-        if not lines:
-            return
-        self.client.raw_insert(
-            "access_ingest",
-            ["raw"],
-            b"\n".join(lines),
-            fmt="LineAsString",
+        stage = _ident(stage)
+        self.client.command(f"TRUNCATE TABLE {stage}")
+        if not values:
+            return []
+        blob = b"\n".join(values)
+        if blob.count(b"\n") != len(values) - 1 or b"\r" in blob:
+            blob = b"\n".join(b"" if b"\n" in v or b"\r" in v else v for v in values)
+        sql = f"INSERT INTO {stage} ({', '.join(STAGE_COLUMNS)}) {STAGE_SELECT}"
+        if self.settings.clickhouse_mode == "chdb":
+            # In-process engine: the block goes through a file the engine reads (what raw_insert would do).
+            fd, path = tempfile.mkstemp(prefix="analytics-batch-", suffix=".txt")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(blob)
+                source = _FILE_SOURCE.replace("{path}", path)  # mkstemp: no quote in the path
+                self.client.command(sql.replace("{source}", source), settings={"max_threads": 2})
+            finally:
+                os.unlink(path)
+        else:
+            self.client.command(
+                sql.replace("{source}", _INPUT_SOURCE) + " FORMAT LineAsString",
+                data=blob,
+                settings={"max_threads": 2},
+            )
+        refused = self.query(f"SELECT n FROM {stage} WHERE NOT ok ORDER BY n")  # noqa: S608 (checked identifier)
+        return [int(r[0]) for r in refused]
+
+    def stage_rows(self, stage: str, rows: Sequence[tuple[int, Sequence[Any]]]) -> None:
+        """Stage access events decoded by Python: (n, (event_id, ts_ms, user_id, kind, repo_id, version,
+        rfilename, bytes)), replacing the engine's refusal of row n."""
+        if rows:
+            data = [[n, 1, eid, _EPOCH + timedelta(milliseconds=ts), *rest] for n, (eid, ts, *rest) in rows]
+            self.client.insert(_ident(stage), data, column_names=list(STAGE_COLUMNS))
+
+    def stage_duplicates(self, stage: str) -> tuple[list[int], int, int]:
+        """(the staged rows whose event id the store holds, the access events staged, the ids left to store)."""
+        (dups, staged, kept), *_ = self.query(STAGE_DUPLICATES.format(stage=_ident(stage)))
+        return sorted(int(n) for n in dups), int(staged), int(kept)
+
+    def insert_staged(self, stage: str, skip: Sequence[int], token: str) -> None:
+        """Insert the staged batch (minus the rows `skip`) as one idempotent block.
+
+        The same `token` on a retry makes ClickHouse drop every part (of access_events and of the rollups'
+        views) that the earlier attempt already committed, and write the missing ones.
+        """
+        self.client.command(
+            STAGE_INSERT.format(stage=_ident(stage)),
+            parameters={"skip": list(skip)},
             settings={
                 "insert_deduplicate": 1,
                 "insert_deduplication_token": token,
                 "deduplicate_blocks_in_dependent_materialized_views": 1,
-                "max_insert_block_size": 10_000_000,
-                "min_insert_block_size_rows": 0,
-                "min_insert_block_size_bytes": 0,
+                **_ONE_BLOCK,
             },
         )
+
+    def load_values(self, values: Sequence[bytes], token: str, stage: str = "access_stage_adhoc") -> int:
+        """Stage and store raw access events the engine accepts, with no duplicate check (tools and tests)."""
+        self.create_stage(stage)
+        refused = self.stage_values(stage, values)
+        if refused:
+            raise ValueError(f"the engine refused rows {refused[:10]}")
+        self.insert_staged(stage, [], token)
+        return len(values)
 
     def insert_users(self, rows: Sequence[Sequence[Any]]) -> None:
         """Upsert users (USER_COLUMNS order); the latest `updated_at` wins, replays are harmless."""
         if rows:
             self.client.insert("users", list(rows), column_names=list(USER_COLUMNS))
+
+
+def stage_name(group_id: str) -> str:
+    """The staging table of a consumer group."""
+    return "access_stage_" + hashlib.blake2b(group_id.encode(), digest_size=6).hexdigest()
+
+
+def _ident(name: str) -> str:
+    if not _IDENT.match(name):
+        raise ValueError(f"bad identifier: {name!r}")
+    return name
 
 
 def connect(settings: ClickHouseSettings, database: str | None = None) -> Client:
