@@ -274,13 +274,37 @@ class EventBus:
     async def stop(self) -> None:
         await self.producer.stop()
 
-    async def publish(self, topic: str, data: Any, event: CloudEvent | None = None) -> CloudEvent:
+    async def publish(
+        self,
+        topic: str,
+        data: Any,
+        event: CloudEvent | None = None,
+        headers: list[tuple[str, bytes | None]] | None = None,
+    ) -> CloudEvent:
         event = event or make_event(data, source="/test")
-        await self.producer.send_and_wait(topic, encode_event(event), key=event.key)
+        await self.producer.send_and_wait(topic, encode_event(event), key=event.key, headers=headers)
         return event
 
     async def publish_raw(self, topic: str, value: bytes, key: bytes | None) -> None:
         await self.producer.send_and_wait(topic, value, key=key)
+
+
+async def committed_and_end_offsets(
+    bootstrap: str, group: str, topic: str, partitions: int = 3
+) -> dict[int, tuple[int, int]]:
+    """For each partition of `topic`: (the offset `group` committed, -1 if none; the end offset)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await admin.start()
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        committed = await admin.list_consumer_group_offsets(group, partitions=tps)
+        ends = await consumer.end_offsets(tps)
+        return {tp.partition: (committed[tp].offset if tp in committed else -1, ends[tp]) for tp in tps}
+    finally:
+        await consumer.stop()
+        await admin.close()
 
 
 class TopicReader:

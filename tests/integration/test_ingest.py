@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from ingest_helpers import (
     TopicReader,
     Upload,
     WorkerConfig,
+    committed_and_end_offsets,
     eventually,
     forget_prefix,
     object_row,
@@ -363,6 +365,36 @@ async def test_poison_messages_are_dead_lettered_and_the_worker_keeps_going(inge
         assert b"undecodable upload event" in headers["error"]
 
 
+async def test_a_message_whose_headers_are_not_text_is_still_handled(ingest):
+    # FastStream decodes header values as UTF-8: a record with binary (or null) header values must still be
+    # judged, not dropped before it reaches the handler.
+    up = ingest.upload("binary-headers.safetensors")
+    odd = [("trace", b"\xff\xfe\x00binary"), ("empty", None)]
+    await ingest.bus.publish(ingest.config.uploads_topic, up.initiated(), headers=odd)
+    await ingest.put(up.key, VALID_ST)
+    await ingest.bus.publish(
+        ingest.config.uploads_topic, up.completed(len(VALID_ST), sha256_hex(VALID_ST)), headers=odd
+    )
+
+    verdict = await ingest.verdicts.wait_verdict(up.upload_id)
+    assert verdict.type == "registry.upload.verified.v1"
+
+
+async def test_offsets_are_committed_once_the_verdict_is_out(ingest, kafka_settings):
+    up = ingest.upload("committed.safetensors")
+    await ingest.submit(up, VALID_ST)
+    await ingest.verdicts.wait_verdict(up.upload_id)
+
+    # Every uploads message sent so far has been handled: the group's commits reach the end of each partition.
+    async def all_committed() -> bool:
+        offsets = await committed_and_end_offsets(
+            kafka_settings.kafka_bootstrap_servers, ingest.config.group, ingest.config.uploads_topic
+        )
+        return all(committed == end for committed, end in offsets.values())
+
+    await eventually(all_committed, 30, "the group's commits to reach the end of the uploads topic")
+
+
 # ---------------------------------------------------------------- scale-out and crashes
 def repos_per_partition(each: int, partitions: int = 3) -> list[str]:
     """Repo ids (message keys) spread evenly over the partitions by Kafka's default partitioner (murmur2)."""
@@ -439,7 +471,7 @@ async def test_sigkill_during_a_large_verification_then_restart_gives_one_verdic
         await asyncio.to_thread(
             ingest.client.put_object, ingest.bucket, up.key, stream, size, part_size=16 * 1024 * 1024
         )
-        await ingest.bus.publish(config.uploads_topic, up.completed(size, stream.sha256))
+        completed = await ingest.bus.publish(config.uploads_topic, up.completed(size, stream.sha256))
 
         async def halfway() -> bool:
             row = await upload_row(ingest.database_url, up.upload_id)
@@ -450,6 +482,10 @@ async def test_sigkill_during_a_large_verification_then_restart_gives_one_verdic
         row = await upload_row(ingest.database_url, up.upload_id)
         assert row["verdict"] is None, "the worker finished before it could be killed"
         assert reader.verdicts_for(up.upload_id) == []
+        # The complete being verified was never committed (the initiate before it may have been).
+        partition = (murmur2(completed.key) & 0x7FFFFFFF) % 3
+        committed, end = (await committed_and_end_offsets(bootstrap, config.group, config.uploads_topic))[partition]
+        assert committed < end
 
         second = await start_ingest(bootstrap, config, tmp_path, "after-kill")
         verdict = await reader.wait_verdict(up.upload_id, within=90)
@@ -459,6 +495,59 @@ async def test_sigkill_during_a_large_verification_then_restart_gives_one_verdic
         records = await reader.read_to_end(bootstrap)
         assert [json.loads(r.value)["id"] for r in records] == [verdict.id]
         assert len(await verdict_rows(ingest.database_url, f"upload:{up.upload_id}")) == 1
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+        await reader.stop()
+        await cleanup(ingest.client, ingest.bucket, config.prefix, ingest.database_url)
+
+
+async def test_sigterm_during_a_large_verification_hands_the_work_back(ingest, kafka_settings, tmp_path):
+    bootstrap = kafka_settings.kafka_bootstrap_servers
+    # Reads capped at 40 MB/s: the 200 MiB verification outlasts the 1 s shutdown grace, so it is abandoned.
+    config = WorkerConfig(
+        tag=uuid.uuid4().hex[:8], overrides={"INGEST_MAX_READ_MBPS": "40", "INGEST_SHUTDOWN_TIMEOUT_SECONDS": "1"}
+    )
+    await config.prepare(bootstrap)
+    reader = TopicReader(bootstrap, config.verdicts_topic)
+    await reader.start()
+    first = await start_ingest(bootstrap, config, tmp_path, "before-term")
+    second: IngestProcess | None = None
+    try:
+        up = Upload(config.prefix, "acme/term", "model.bin")
+        size = 200 * 1024 * 1024
+        stream = PatternStream(size, seed=43)
+        await ingest.bus.publish(config.uploads_topic, up.initiated())
+        await asyncio.to_thread(
+            ingest.client.put_object, ingest.bucket, up.key, stream, size, part_size=16 * 1024 * 1024
+        )
+        completed = await ingest.bus.publish(config.uploads_topic, up.completed(size, stream.sha256))
+
+        async def under_way() -> bool:
+            row = await upload_row(ingest.database_url, up.upload_id)
+            return bool(row and row["lease_owner"] and 0 < row["bytes_read"] < size)
+
+        await eventually(under_way, 60, "the verification to be under way", interval=0.05)
+        t0 = time.monotonic()
+        first.stop()  # SIGTERM; SIGKILL only if it has not exited after 30 s
+        assert time.monotonic() - t0 < 15, "the worker did not shut down within its grace period"
+        assert any(x["msg"] == "ingest stopped" for x in first.log_lines()), first.log_tail()
+        # Handed back: no verdict, no lease, and the complete being verified not committed.
+        row = await upload_row(ingest.database_url, up.upload_id)
+        assert row["verdict"] is None and row["lease_owner"] is None
+        assert reader.verdicts_for(up.upload_id) == []
+        partition = (murmur2(completed.key) & 0x7FFFFFFF) % 3
+        committed, end = (await committed_and_end_offsets(bootstrap, config.group, config.uploads_topic))[partition]
+        assert committed < end
+
+        second = await start_ingest(bootstrap, config, tmp_path, "after-term")
+        verdict = await reader.wait_verdict(up.upload_id, within=90)
+        assert verdict.type == "registry.upload.verified.v1"
+        assert (verdict.data["size"], verdict.data["sha256"]) == (size, stream.sha256)
+        second.stop()
+        records = await reader.read_to_end(bootstrap)
+        assert [json.loads(r.value)["id"] for r in records] == [verdict.id]
     finally:
         first.stop()
         if second is not None:

@@ -1,36 +1,39 @@
-"""The ingest service's process: an HTTP face (health) around its Kafka consumer and sweeper."""
+"""The ingest service's process: a FastStream app on Kafka, served as ASGI (uvicorn) with `GET /healthz`.
+
+The app starts the worker's broker (its subscribers join the consumer group) between the worker's hooks,
+and stops it on shutdown (SIGTERM) after the worker has stopped consuming and given its leases back.
+FastStream's ASGI app answers HTTP as soon as the startup hooks ran, while the broker is still starting:
+`/healthz` says 503 (`"ok": false`) until the worker is consuming.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import FastAPI
+from faststream.asgi import AsgiFastStream, AsgiResponse, get
+from faststream.asgi.response import JSONResponse
 
 from registry_ingest.worker import IngestWorker
 
-
-@asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Run the worker for as long as the server runs."""
-    worker = IngestWorker()
-    await worker.start()
-    app.state.worker = worker
-    try:
-        yield
-    finally:
-        await worker.stop()
+worker = IngestWorker()
 
 
-app = FastAPI(title="Model Registry ingest", version="0.1.0", lifespan=lifespan)
+@get
+async def healthz(scope: Any) -> AsgiResponse:
+    """Health, with the partitions this process consumes; 503 until the worker has started (and once it stops)."""
+    body: dict[str, object] = {"ok": worker.ready, "service": "ingest", "time": int(time.time())}
+    body.update(worker.status())
+    return JSONResponse(body, 200 if worker.ready else 503)
 
 
-@app.get("/healthz", summary="Liveness")
-async def healthz() -> dict[str, object]:
-    """Liveness probe, with the partitions this process consumes."""
-    worker: IngestWorker | None = getattr(app.state, "worker", None)
-    body: dict[str, object] = {"ok": True, "service": "ingest", "time": int(time.time())}
-    if worker is not None:
-        body.update(worker.status())
-    return body
+app = AsgiFastStream(
+    worker.broker,
+    asgi_routes=[("/healthz", healthz)],
+    logger=logging.getLogger("registry_ingest.app"),
+    on_startup=[worker.start],
+    after_startup=[worker.started],
+    on_shutdown=[worker.stop],
+    after_shutdown=[worker.close],
+)

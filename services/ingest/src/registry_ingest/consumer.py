@@ -1,25 +1,37 @@
-"""Kafka plumbing: consume both topics in one group, one task per partition, commit after each message's effect.
+"""Kafka plumbing with FastStream: one subscriber per topic, one consumer group, an ack after each message's effect.
 
-Each message is handled to completion before its offset is committed (enable_auto_commit is off): a
-message that leads to a verdict is committed once Kafka acknowledged the verdict (acks=all); one that
-only adds a fact (the other half of the upload is not there yet) is committed once the fact is in
-Postgres, from where any process's sweeper finishes the work. Partitions are processed concurrently, each
-in order by its own lane (a queue and a task), so a long verification holds up only its own partition.
-Undecodable messages go to the dead-letter topic with the error and the worker moves on.
+`IngestConsumer` puts two subscribers on the process's `KafkaBroker`, the api's uploads topic and MinIO's
+bucket notifications, both in the consumer group `INGEST_GROUP_ID`. Their ack policy is
+`AckPolicy.MANUAL`: auto-commit is off and FastStream never commits on its own; the handler acks a
+message (FastStream commits its consumer's position) only once the message's effect is durable. A message
+that leads to a verdict is acked once Kafka acknowledged the verdict (acks=all); one that only adds a fact
+(the other half of the upload is not there yet) once the fact is in Postgres, from where any process's
+sweeper finishes the work. A consumer hands out one record at a time and the next only after the handler
+returned, so its position is one past the last record handled: an ack never covers a record still in work.
+
+Each subscriber runs `INGEST_CONSUMERS_PER_TOPIC` consumers (FastStream's concurrency between partitions:
+every one a member of the group with partitions of its own, handled in order), so a long verification
+holds up only its own consumer's partitions. Undecodable messages go to the dead-letter topic with the
+error and the worker moves on. On shutdown, FastStream stops fetching, lets the handlers in flight finish
+for up to `graceful_timeout` (INGEST_SHUTDOWN_TIMEOUT_SECONDS) and cancels the rest, unacknowledged.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import copy
 import logging
+from collections.abc import Awaitable, Callable
 
 import psycopg
 import psycopg_pool
 import urllib3.exceptions
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
-from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
+from aiokafka.errors import KafkaError
+from faststream import AckPolicy
+from faststream.kafka import ConsumerRecord, KafkaBroker, Topic
+from faststream.kafka.annotations import KafkaMessage
+from faststream.kafka.message import KafkaMessage as StreamKafkaMessage
+from faststream.kafka.subscriber.usecase import LogicSubscriber
 from minio.error import S3Error
 from pydantic import ValidationError
 
@@ -32,13 +44,9 @@ from registry_shared.logging import correlation_id
 
 log = logging.getLogger(__name__)
 
-#: A partition whose lane holds this many records is paused until it is back down to the low mark.
-_BACKLOG_HIGH = 2000
-_BACKLOG_LOW = 200
-#: While records keep coming, a lane commits at least every this many records.
-_COMMIT_EVERY = 200
-
 #: Failures of the infrastructure: retried for as long as it takes, never dead-lettered.
+#: (FastStream's Kafka broker raises aiokafka's own errors, a refused commit or a failed publish: it has no type
+#: of its own for them, hence the one import from aiokafka here.)
 TRANSIENT = (
     psycopg.OperationalError,
     psycopg_pool.PoolTimeout,
@@ -50,140 +58,131 @@ TRANSIENT = (
 )
 
 
-class IngestConsumer:
-    """The consumer group member of one ingest process."""
+def make_broker(bootstrap_servers: str, client_id: str, graceful_timeout: float) -> KafkaBroker:
+    """The process's broker: an idempotent producer with acks=all, and the consumers of its subscribers.
 
-    def __init__(
-        self,
-        settings: IngestSettings,
-        bootstrap_servers: str,
-        service: IngestService,
-        publisher: Publisher,
-        client_id: str,
-    ) -> None:
+    FastStream's per-message "Received/Processed" lines are logged at DEBUG (MinIO's topic is busy);
+    everything else it logs goes through the service's JSON logging.
+    """
+    return KafkaBroker(
+        bootstrap_servers,
+        client_id=client_id,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=0,
+        request_timeout_ms=30000,
+        graceful_timeout=graceful_timeout,
+        logger=logging.getLogger("registry_ingest.kafka"),
+        log_level=logging.DEBUG,
+    )
+
+
+class IngestConsumer:
+    """The subscribers of one ingest process, and what they do with each message."""
+
+    def __init__(self, settings: IngestSettings, broker: KafkaBroker, publisher: Publisher) -> None:
         self.settings = settings
-        self.service = service
+        self.broker = broker
         self.publisher = publisher
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap_servers,
-            client_id=client_id,
-            group_id=settings.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            session_timeout_ms=15000,
-            heartbeat_interval_ms=3000,
-            max_poll_interval_ms=600000,
-            fetch_max_wait_ms=settings.fetch_max_wait_ms,
-        )
-        self._lanes: dict[TopicPartition, _Lane] = {}
-        self._stopping = asyncio.Event()
-        self._loop_task: asyncio.Task[None] | None = None
+        self.service: IngestService | None = None  # set once Postgres and MinIO are connected (on startup)
         self.handled = 0
+        s = settings
+        options = {
+            "group_id": s.group_id,
+            "auto_offset_reset": "earliest",
+            "session_timeout_ms": 15000,
+            "heartbeat_interval_ms": 3000,
+            # A verification of a large object runs inside the handler; the member must not be dropped meanwhile.
+            "max_poll_interval_ms": 600000,
+            "fetch_max_wait_ms": s.fetch_max_wait_ms,
+            "ack_policy": AckPolicy.MANUAL,
+            "max_workers": s.consumers_per_topic,
+            "parser": _tolerant_headers,
+            "decoder": _raw_body,
+        }
+        # declare=False: the topics are the platform's (created by the stack), not created by ingest.
+        uploads = broker.subscriber(Topic(s.uploads_topic, declare=False), **options)
+        uploads(self.on_upload_message)
+        minio = broker.subscriber(Topic(s.minio_topic, declare=False), **options)
+        minio(self.on_minio_message)
+        self.subscribers: list[LogicSubscriber] = [uploads, minio]
 
     # ------------------------------------------------------------ lifecycle
-    async def start(self) -> None:
-        """Join the group and start consuming."""
-        self._consumer.subscribe([self.settings.uploads_topic, self.settings.minio_topic], listener=_Rebalance(self))
-        await self._consumer.start()
-        self._loop_task = asyncio.create_task(self._run(), name="ingest-consumer")
+    async def stop(self) -> None:
+        """Stop fetching; messages in hand finish for up to the broker's graceful timeout, the rest is cancelled.
 
-    async def stop(self, wait_seconds: float) -> None:
-        """Stop fetching, let messages in hand finish for up to `wait_seconds` s, cancel the rest, leave the group."""
-        self._stopping.set()
-        if self._loop_task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
-        for lane in self._lanes.values():
-            lane.queue.put_nowait(None)  # wakes idle lanes; busy ones stop after the message in hand
-        tasks = [lane.task for lane in self._lanes.values()]
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=wait_seconds)
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        await self._consumer.stop()
-
-    def assignment(self) -> list[str]:
-        """The partitions this member owns, as topic:partition."""
-        return sorted(f"{tp.topic}:{tp.partition}" for tp in self._consumer.assignment())
-
-    # ------------------------------------------------------------ the loop
-    async def _run(self) -> None:
-        """Fetch continuously and hand records to their partition's lane.
-
-        Fetching never waits for processing (a paused partition is only fetched again after the fetch in
-        flight returns, which would add latency), except that a lane holding too many records pauses its
-        partition until it has worked its backlog down.
+        The broker would do the same when it stops, but only after the app's shutdown hooks: this lets the
+        worker stop consuming first, while the producer is still there for the handlers in flight.
         """
-        while not self._stopping.is_set():
-            try:
-                batch = await self._consumer.getmany(timeout_ms=200, max_records=500)
-            except KafkaError:
-                log.exception("fetch failed")
-                await asyncio.sleep(1)
-                continue
-            for tp, records in batch.items():
-                lane = self._lanes.get(tp)
-                if lane is None:
-                    lane = self._lanes[tp] = _Lane(tp)
-                    lane.task = asyncio.create_task(self._work_lane(lane), name=f"ingest-{tp.topic}-{tp.partition}")
-                for record in records:
-                    lane.queue.put_nowait(record)
-                if lane.queue.qsize() >= _BACKLOG_HIGH and not lane.paused:
-                    self._consumer.pause(tp)
-                    lane.paused = True
+        results = await asyncio.gather(*(sub.stop() for sub in self.subscribers), return_exceptions=True)
+        for result in results:
+            if isinstance(result, Exception):
+                log.error("subscriber did not stop cleanly", exc_info=result)
 
-    async def _work_lane(self, lane: _Lane) -> None:
-        """Handle one partition's records in order; commit offsets only of records whose effect is durable.
+    async def wait_assigned(self, within: float) -> bool:
+        """Until this process owns partitions of every topic it subscribes to (False after `within` seconds).
 
-        Commits are batched while records keep coming (a replay of MinIO's topic is mostly other keys),
-        and always made as soon as the lane is idle, so a verdict's offset is committed right after it.
+        The subscribers' consumers join the group one after the other, each join a rebalance; once every
+        topic has partitions here, the members of this process have all been through one. (With more
+        processes than partitions, a topic may rightly have none here: hence the limit.)
         """
-        tp = lane.tp
-        while not self._stopping.is_set():
-            if lane.uncommitted is not None and (lane.queue.empty() or lane.since_commit >= _COMMIT_EVERY):
-                if not await self._commit(lane):
-                    return
-            record = await lane.queue.get()
-            if record is None:
-                break
-            await self._handle_with_retries(record)
-            self.handled += 1
-            lane.uncommitted = record.offset + 1
-            lane.since_commit += 1
-            if lane.paused and lane.queue.qsize() <= _BACKLOG_LOW and tp in self._consumer.assignment():
-                self._consumer.resume(tp)
-                lane.paused = False
-        await self._commit(lane)
-
-    async def _commit(self, lane: _Lane) -> bool:
-        """Commit what the lane has handled; False if the partition is no longer ours."""
-        if lane.uncommitted is None:
-            return True
-        try:
-            await self._consumer.commit({lane.tp: OffsetAndMetadata(lane.uncommitted, "")})
-        except (CommitFailedError, IllegalStateError):
-            # The partition moved to another member, which resumes from the last commit (idempotently).
-            log.warning("commit refused after rebalance", extra={"fields": {"tp": str(lane.tp)}})
-            return False
-        lane.uncommitted, lane.since_commit = None, 0
+        topics = {self.settings.uploads_topic, self.settings.minio_topic}
+        deadline = asyncio.get_running_loop().time() + within
+        while {p.rsplit(":", 1)[0] for p in self.assignment()} != topics:
+            if asyncio.get_running_loop().time() > deadline:
+                return False
+            await asyncio.sleep(0.1)
         return True
 
-    async def drop_lanes(self, partitions: list[TopicPartition]) -> None:
-        """Stop work on partitions taken away: commit what was handled, leave the rest to the new owner."""
-        lanes = [self._lanes.pop(tp) for tp in partitions if tp in self._lanes]
-        for lane in lanes:
-            lane.task.cancel()
-        await asyncio.gather(*(lane.task for lane in lanes), return_exceptions=True)
-        for lane in lanes:
-            with contextlib.suppress(KafkaError):
-                await self._commit(lane)
+    def assignment(self) -> list[str]:
+        """The partitions this process's consumers own, as topic:partition."""
+        owned: set[str] = set()
+        for sub in self.subscribers:
+            # One consumer per subscriber, or a subgroup of them with concurrency between partitions.
+            consumers = getattr(sub, "consumer_subgroup", None) or [sub.consumer]
+            for consumer in consumers:
+                if consumer is not None:
+                    owned.update(f"{tp.topic}:{tp.partition}" for tp in consumer.assignment())
+        return sorted(owned)
 
-    async def _handle_with_retries(self, record: ConsumerRecord) -> None:
+    # ------------------------------------------------------------ the handlers
+    async def on_upload_message(self, body: bytes, message: KafkaMessage) -> None:
+        """UploadInitiated / UploadCompleted from the api's outbox."""
+        await self._consume(message, self._handle_upload)
+
+    async def on_minio_message(self, body: bytes, message: KafkaMessage) -> None:
+        """An S3 event record of MinIO's bucket notifications."""
+        await self._consume(message, self._handle_notification)
+
+    async def _consume(self, message: StreamKafkaMessage, handle: Callable[[ConsumerRecord], Awaitable[None]]) -> None:
+        """Handle one record to its durable effect, then ack it (commit).
+
+        A cancellation (shutdown past the graceful timeout) leaves the record unacknowledged: whoever owns
+        the partition next handles it again, idempotently. A handler whose partition moved to another member
+        in a rebalance runs on (leases keep the two from verifying at once); its commit is then refused.
+        """
+        record: ConsumerRecord = message.raw_message  # type: ignore[assignment]
+        try:
+            await self._handle_with_retries(record, handle)
+        except asyncio.CancelledError:
+            # FastStream logs the cancellation as an error of the handler; this says what it means.
+            log.warning("message abandoned unacknowledged (stopping)", extra={"fields": _where(record)})
+            raise
+        self.handled += 1
+        try:
+            await message.ack()
+        except KafkaError as exc:
+            # Typically the partition moved to another member during a rebalance: it resumes from the last
+            # commit and finds the work done. A later ack of this consumer commits past the record anyway.
+            log.warning("commit refused: %r", exc, extra={"fields": _where(record)})
+
+    async def _handle_with_retries(
+        self, record: ConsumerRecord, handle: Callable[[ConsumerRecord], Awaitable[None]]
+    ) -> None:
         failures = 0
         while True:
             try:
-                await self._handle(record)
+                await handle(record)
                 return
             except PoisonMessage as exc:
                 await self._dead_letter(record, str(exc))
@@ -201,29 +200,31 @@ class IngestConsumer:
             finally:
                 correlation_id.set(None)
 
-    async def _handle(self, record: ConsumerRecord) -> None:
-        if record.topic == self.settings.uploads_topic:
-            if record.value is None:
-                raise PoisonMessage("empty message")
-            try:
-                event = decode_event(record.value)
-                payload = event.payload()
-            except (ValidationError, ValueError) as exc:
-                raise PoisonMessage(f"undecodable upload event: {exc}") from None
-            correlation_id.set(event.id)
-            await self.service.on_upload_event(event, payload)
-        elif record.topic == self.settings.minio_topic:
-            if message_key_outside(record.key, self.service.bucket.name, self.settings.upload_prefix):
-                return
-            if record.value is None:
-                raise PoisonMessage("empty message")
-            try:
-                notifications = parse_notification(record.value)
-            except BadNotification as exc:
-                raise PoisonMessage(f"undecodable MinIO notification: {exc}") from None
-            for n in notifications:
-                correlation_id.set(n.correlation_id)
-                await self.service.on_notification(n)
+    async def _handle_upload(self, record: ConsumerRecord) -> None:
+        assert self.service is not None
+        if record.value is None:
+            raise PoisonMessage("empty message")
+        try:
+            event = decode_event(record.value)
+            payload = event.payload()
+        except (ValidationError, ValueError) as exc:
+            raise PoisonMessage(f"undecodable upload event: {exc}") from None
+        correlation_id.set(event.id)
+        await self.service.on_upload_event(event, payload)
+
+    async def _handle_notification(self, record: ConsumerRecord) -> None:
+        assert self.service is not None
+        if message_key_outside(record.key, self.service.bucket.name, self.settings.upload_prefix):
+            return
+        if record.value is None:
+            raise PoisonMessage("empty message")
+        try:
+            notifications = parse_notification(record.value)
+        except BadNotification as exc:
+            raise PoisonMessage(f"undecodable MinIO notification: {exc}") from None
+        for n in notifications:
+            correlation_id.set(n.correlation_id)
+            await self.service.on_notification(n)
 
     async def _dead_letter(self, record: ConsumerRecord, error: str) -> None:
         log.error("dead-lettering message: %s", error, extra={"fields": _where(record)})
@@ -238,32 +239,27 @@ class IngestConsumer:
                 await asyncio.sleep(min(30.0, 0.25 * 2**failures))
 
 
-class _Lane:
-    """The records of one partition waiting to be handled, and the task handling them."""
-
-    def __init__(self, tp: TopicPartition) -> None:
-        self.tp = tp
-        self.queue: asyncio.Queue[ConsumerRecord | None] = asyncio.Queue()
-        self.paused = False
-        self.uncommitted: int | None = None  # the offset to commit: one past the last record handled
-        self.since_commit = 0
-        self.task: asyncio.Task[None]
-
-
 def _where(record: ConsumerRecord) -> dict[str, object]:
     return {"topic": record.topic, "partition": record.partition, "offset": record.offset}
 
 
-class _Rebalance(ConsumerRebalanceListener):
-    """Stops work on partitions taken away: the new owner redoes it from the last commit (idempotently)."""
+async def _raw_body(message: StreamKafkaMessage) -> bytes:
+    """The handlers read the record itself: FastStream is not to guess a format (JSON, text) from headers."""
+    return message.body
 
-    def __init__(self, owner: IngestConsumer) -> None:
-        self.owner = owner
 
-    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        await self.owner.drop_lanes(list(revoked))
-        if revoked:
-            log.info("partitions revoked", extra={"fields": {"partitions": sorted(map(str, revoked))}})
+async def _tolerant_headers(
+    record: ConsumerRecord, original: Callable[[ConsumerRecord], Awaitable[StreamKafkaMessage]]
+) -> StreamKafkaMessage:
+    """FastStream's parser, for records whose header values are not all UTF-8 text (or are null).
 
-    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        log.info("partitions assigned", extra={"fields": {"partitions": sorted(map(str, assigned))}})
+    FastStream decodes every header value as UTF-8; a record it cannot parse would never reach the handler,
+    so it would be neither handled nor dead-lettered. Such values are passed on with replacement characters
+    (the record's key and value are untouched).
+    """
+    try:
+        return await original(record)
+    except (UnicodeDecodeError, AttributeError):
+        clean = copy.copy(record)  # keeps the attributes FastStream added (the consumer it came from)
+        clean.headers = [(k, (v or b"").decode(errors="replace").encode()) for k, v in record.headers]
+        return await original(clean)

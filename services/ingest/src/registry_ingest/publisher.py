@@ -1,48 +1,48 @@
-"""Producing to Kafka durably: every send waits for the acknowledgement of all in-sync replicas."""
+"""Producing to Kafka durably, through the process's FastStream `KafkaBroker`.
+
+The broker's producer is idempotent with acks=all (see `consumer.make_broker`), and every publish here
+waits for Kafka's confirmation: a send returns only once all in-sync replicas have the record.
+"""
 
 from __future__ import annotations
 
 import time
 
-from aiokafka import AIOKafkaProducer
-from aiokafka.structs import ConsumerRecord
+from faststream.kafka import ConsumerRecord, KafkaBroker
+
+#: Verdicts are CloudEvents in structured mode: the whole event, JSON, is the record's value.
+CLOUDEVENTS_JSON = "application/cloudevents+json"
 
 
 class Publisher:
-    """An idempotent producer with acks=all; `send` returns only once the record is durable."""
+    """Publishes through the broker and waits for the acknowledgement (FastStream's `no_confirm=False`)."""
 
-    def __init__(self, bootstrap_servers: str, client_id: str) -> None:
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap_servers,
-            client_id=client_id,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=0,
-            request_timeout_ms=30000,
-        )
-
-    async def start(self) -> None:
-        """Connect to the cluster."""
-        await self._producer.start()
-
-    async def stop(self) -> None:
-        """Flush and disconnect."""
-        await self._producer.stop()
+    def __init__(self, broker: KafkaBroker) -> None:
+        self.broker = broker
 
     async def send(
-        self, topic: str, value: bytes, key: bytes | None, headers: list[tuple[str, bytes]] | None = None
+        self,
+        topic: str,
+        value: bytes,
+        key: bytes | None,
+        headers: dict[str, str] | None = None,
+        correlation_id: str | None = None,
     ) -> None:
         """Produce one record and wait until Kafka acknowledged it."""
-        await self._producer.send_and_wait(topic, value, key=key, headers=headers)
+        await self.broker.publish(value, topic, key=key, headers=headers, correlation_id=correlation_id)
+
+    async def send_event(self, topic: str, event: bytes, key: bytes, event_id: str) -> None:
+        """Produce an encoded CloudEvent (the same bytes every time it is sent) and wait for the acknowledgement."""
+        await self.send(topic, event, key, {"content-type": CLOUDEVENTS_JSON}, correlation_id=event_id)
 
     async def dead_letter(self, topic: str, record: ConsumerRecord, error: str, group_id: str) -> None:
         """Park an unprocessable record: its value and key unchanged, where it came from and why in headers."""
-        headers = [
-            ("error", error.encode()[:4000]),
-            ("source_topic", record.topic.encode()),
-            ("source_partition", str(record.partition).encode()),
-            ("source_offset", str(record.offset).encode()),
-            ("consumer_group", group_id.encode()),
-            ("failed_at", str(int(time.time())).encode()),
-        ]
+        headers = {
+            "error": error[:4000],
+            "source_topic": record.topic,
+            "source_partition": str(record.partition),
+            "source_offset": str(record.offset),
+            "consumer_group": group_id,
+            "failed_at": str(int(time.time())),
+        }
         await self.send(topic, record.value or b"", record.key, headers)

@@ -295,7 +295,7 @@ class IngestService:
 
     # ------------------------------------------------------------ carrying out a claimed verdict
     async def finish_verdict(self, v: VerdictRow) -> None:
-        """Move or remove the object as the verdict says, publish it (acks=all), mark it published.
+        """Move or remove the object as the verdict says, publish it (acks=all, confirmed), mark it published.
 
         Safe to repeat: the object operations are idempotent and the event is the same bytes, same id.
         """
@@ -307,7 +307,7 @@ class IngestService:
                     log.warning("object to quarantine was gone", extra=_fields(key=v.object_key))
             elif v.action == "remove":
                 await asyncio.to_thread(self.bucket.remove, v.object_key, v.action_etag)
-            await self.publisher.send(v.topic, v.event, v.message_key.encode())
+            await self.publisher.send_event(v.topic, v.event, v.message_key.encode(), str(v.event_id))
             await self.store.mark_published(v.event_id)
         except BaseException:
             with contextlib.suppress(Exception):

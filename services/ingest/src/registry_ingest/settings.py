@@ -64,6 +64,12 @@ class IngestSettings(BaseSettings):
         description="Longest a fetch waits on the broker; bounds the delay before a partition paused for backlog"
         " is fetched again.",
     )
+    consumers_per_topic: int = Field(
+        2,
+        ge=1,
+        description="Kafka consumers of each topic in one process (FastStream's max_workers): each is a member of"
+        " the group with partitions of its own, handled in order, so a long verification holds up only its own.",
+    )
     max_attempts: int = Field(
         5, ge=1, description="Unexpected (non-infrastructure) failures of one message before it is dead-lettered."
     )

@@ -1,4 +1,8 @@
-"""One ingest process: its Postgres pool, MinIO client, producer, consumer and sweeper, started and stopped together."""
+"""One ingest process: its Postgres pool, MinIO client, FastStream broker (producer and subscribers) and sweeper.
+
+The app (`registry_ingest.app`) runs the broker and calls the hooks here around it:
+`start` before the broker starts, `started` once it consumes, `stop` before it stops, `close` after.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import uuid
 from psycopg_pool import AsyncConnectionPool
 
 from registry_ingest.bucket import Bucket
-from registry_ingest.consumer import IngestConsumer
+from registry_ingest.consumer import IngestConsumer, make_broker
 from registry_ingest.publisher import Publisher
 from registry_ingest.service import IngestService
 from registry_ingest.settings import IngestSettings
@@ -21,25 +25,34 @@ from registry_shared.storage import minio_client
 
 log = logging.getLogger(__name__)
 
+#: How long startup waits for the consumers' partitions of every topic.
+_SETTLE_SECONDS = 30.0
+
 
 class IngestWorker:
-    """Everything one process runs; `start` then `stop` (from the app's lifespan)."""
+    """Everything one process runs; its subscribers are on `broker` from construction on."""
 
     def __init__(self, settings: IngestSettings | None = None) -> None:
-        self.settings = settings or IngestSettings()
+        self.settings = s = settings or IngestSettings()
+        kafka = KafkaSettings()
         # Unique per process start: a restarted process never mistakes a dead predecessor's lease for its own.
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.broker = make_broker(
+            kafka.kafka_bootstrap_servers, f"{kafka.kafka_client_id}-ingest", s.shutdown_timeout_seconds
+        )
+        self.publisher = Publisher(self.broker)
+        self.consumer = IngestConsumer(s, self.broker, self.publisher)
         self.pool: AsyncConnectionPool | None = None
-        self.publisher: Publisher | None = None
-        self.consumer: IngestConsumer | None = None
         self.service: IngestService | None = None
         self._stopping = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
+        #: Set once started (the broker consumes, the sweeper runs); /healthz answers 503 until then.
+        self.ready = False
 
     async def start(self) -> None:
-        """Migrate the schema, connect everything, join the consumer group, start the sweeper."""
+        """Before the broker starts: connect Postgres (migrating the schema) and MinIO."""
         s = self.settings
-        kafka, minio = KafkaSettings(), MinioSettings()
+        minio = MinioSettings()
         self.pool = AsyncConnectionPool(
             PostgresSettings().database_url, min_size=1, max_size=s.db_pool_max, open=False, name="ingest"
         )
@@ -48,14 +61,22 @@ class IngestWorker:
         applied = await store.migrate()
         if applied:
             log.info("ingest schema migrated", extra={"fields": {"applied": applied}})
-        client_id = f"{kafka.kafka_client_id}-ingest"
-        self.publisher = Publisher(kafka.kafka_bootstrap_servers, client_id)
-        await self.publisher.start()
         bucket = Bucket(minio_client(minio), minio.minio_bucket)
         self.service = IngestService(s, store, bucket, self.publisher, self.owner)
-        self.consumer = IngestConsumer(s, kafka.kafka_bootstrap_servers, self.service, self.publisher, client_id)
-        await self.consumer.start()
+        self.consumer.service = self.service
+
+    async def started(self) -> None:
+        """Once the broker is connected and its consumers are joining the group: start the sweeper."""
+        assert self.service is not None
+        s = self.settings
+        if self._stopping.is_set():  # shut down while the broker was still starting
+            return
         self._sweeper = asyncio.create_task(self.service.run_sweeper(self._stopping), name="ingest-sweeper")
+        # FastStream's ASGI app serves HTTP while the broker starts; /healthz (the readiness signal of the stack
+        # and the tests) says ok once this process is a settled member of the group (or that took too long).
+        if not await self.consumer.wait_assigned(_SETTLE_SECONDS):
+            log.warning("no partitions of some topic yet; starting anyway", extra={"fields": self.status()})
+        self.ready = True
         log.info(
             "ingest started",
             extra={
@@ -69,30 +90,32 @@ class IngestWorker:
         )
 
     async def stop(self) -> None:
-        """Finish or abandon in-flight work, give back every lease, leave the group, close connections."""
+        """Before the broker stops: stop consuming and sweeping, let work in flight finish (or abandon it), give
+        back every lease. The broker's producer is still there for what finishes meanwhile."""
         timeout = self.settings.shutdown_timeout_seconds
+        self.ready = False
         self._stopping.set()
         if self._sweeper is not None:
             await self._sweeper
-        if self.consumer is not None:
-            await self.consumer.stop(timeout)
+        sweeps = self.service.stop_sweeps(timeout) if self.service is not None else asyncio.sleep(0)
+        await asyncio.gather(self.consumer.stop(), sweeps)
         if self.service is not None:
-            await self.service.stop_sweeps(timeout)
             try:
                 await self.service.store.release_all(self.owner)
             except Exception:
                 log.exception("could not release leases; they lapse on their own")
-        if self.publisher is not None:
-            await self.publisher.stop()
+
+    async def close(self) -> None:
+        """After the broker stopped: close the Postgres pool."""
         if self.pool is not None:
             await self.pool.close()
         log.info("ingest stopped", extra={"fields": {"owner": self.owner}})
 
     def status(self) -> dict[str, object]:
-        """What /healthz reports about the consumer."""
+        """What /healthz reports about the consumers."""
         return {
             "owner": self.owner,
             "group": self.settings.group_id,
-            "partitions": self.consumer.assignment() if self.consumer else [],
-            "handled": self.consumer.handled if self.consumer else 0,
+            "partitions": self.consumer.assignment(),
+            "handled": self.consumer.handled,
         }
