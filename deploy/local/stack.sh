@@ -166,7 +166,7 @@ PROPS
   if [ ! -f "$dir/log/meta.properties" ]; then
     local cluster_id; cluster_id=$(python3 -c 'import base64,uuid;print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')
     log "kafka: formatting KRaft storage (cluster $cluster_id)"
-    "${java[@]}" kafka.tools.StorageTool format -t "$cluster_id" -c "$dir/server.properties" >>"$LOG_DIR/kafka.log" 2>&1
+    "${java[@]}" kafka.tools.StorageTool format --cluster-id="$cluster_id" -c "$dir/server.properties" >>"$LOG_DIR/kafka.log" 2>&1
   fi
   if ! is_running kafka; then
     log "kafka: starting on 127.0.0.1:$KAFKA_PORT"
