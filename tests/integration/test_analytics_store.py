@@ -132,6 +132,9 @@ def _variants() -> list[bytes]:
         b"",
         b"not json",
         canonical.replace(b"acme/x", b"acme/\\u00e9\\ud800"),  # a lone surrogate
+        None,  # a tombstone
+        canonical.replace(b'"id":"v-0"', b'"id":"v-last"'),
+        b"",  # an empty value, last
     ]
     return values
 
@@ -148,6 +151,7 @@ def test_the_engine_reads_what_python_reads(store):
         )
     }
     assert set(staged) | refused == set(range(len(values))) and not set(staged) & refused
+    assert len(values) - 2 in staged  # after a tombstone
     for n, value in enumerate(values):
         try:
             kind, row = decode_message(value)

@@ -181,6 +181,20 @@ class RawBatch:
         return [[t, p, recs[0].offset, recs[-1].offset] for (t, p), recs in sorted(self.parts.items())]
 
 
+@dataclass
+class _Staged:
+    """A batch parsed into a staging table, and what Python made of the messages the engine refused."""
+
+    raw: RawBatch
+    stage: str
+    records: list[ConsumerRecord]
+    refused: int
+    users: list[UserRow] = field(default_factory=list)
+    invalid: list[tuple[str, int, int, bytes, str]] = field(default_factory=list)
+    prepare_ms: float = 0.0
+    stage_ms: float = 0.0
+
+
 def new_token() -> str:
     """The insert deduplication token of a new batch (kept in its manifest, reused by its replays)."""
     return f"access-{uuid.uuid4().hex}"
@@ -262,10 +276,13 @@ class AccessLoader:
         self._pending = RawBatch()
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
-        self._flushing: asyncio.Task | None = None
+        self._flushing: asyncio.Task | None = None  # the batch dispatched last
+        self._older: asyncio.Task | None = None  # the batch dispatched before it
+        self._dispatched = 0
         self._seq_written: Manifest | None = None
         self._stopping = False
-        self.stage = stage_name(settings.group_id)
+        #: Two staging tables: a batch is parsed into one while the one before is deduplicated and inserted.
+        self.stages = (stage_name(settings.group_id) + "_0", stage_name(settings.group_id) + "_1")
         self.stats: dict[str, int | str] = {
             "batches": 0,
             "stored": 0,
@@ -285,7 +302,8 @@ class AccessLoader:
         delay = 1.0
         while True:
             try:
-                await asyncio.to_thread(self.store.create_stage, self.stage)
+                for stage in self.stages:
+                    await asyncio.to_thread(self.store.create_stage, stage)
                 manifest = await asyncio.to_thread(self.store.last_manifest, self.settings.group_id)
                 self._seq = manifest.seq if manifest else 0
                 if manifest:
@@ -312,11 +330,12 @@ class AccessLoader:
                     await task
                 except asyncio.CancelledError:
                     pass
-        if self._flushing is not None:
-            try:
-                await asyncio.shield(self._flushing)
-            except Exception:
-                log.exception("the last batch failed")
+        for task in (self._older, self._flushing):
+            if task is not None:
+                try:
+                    await asyncio.shield(task)
+                except Exception:
+                    log.exception("the last batches failed")
         await self.broker.stop()
 
     # ------------------------------------------------------------ replay after a crash
@@ -362,7 +381,7 @@ class AccessLoader:
                             todo.pop(tp, None)
         finally:
             await consumer.stop()
-        await self._flush(raw, replay=manifest, commit=False)
+        await self._flush(raw, self.stages[0], None, replay=manifest, commit=False)
         self.stats["replayed"] += 1
 
     # ------------------------------------------------------------ batches
@@ -381,7 +400,8 @@ class AccessLoader:
         """Hand the collected batch to storage when it is full, or due (flush_interval_ms) and none is in flight.
 
         While a batch is being stored the next one keeps growing (up to batch_max_events): under load batches
-        get bigger and fetching never stops; when idle a batch leaves after flush_interval_ms.
+        get bigger and fetching never stops; when idle a batch leaves after flush_interval_ms. Two batches at
+        most are in flight: the newer one is parsed by the engine while the older one is inserted.
         """
         async with self._lock:
             raw = self._pending
@@ -391,10 +411,14 @@ class AccessLoader:
             due = time.monotonic() >= raw.started + self.settings.flush_interval_ms / 1000
             if not (full or (due and not self._busy())):
                 return
-            if self._flushing is not None:
-                await self._flushing  # one batch in flight, committed in order
+            previous = self._flushing
+            if previous is not None and self._older is not None:
+                await self._older  # the batch before `previous` must be done: its staging table is reused
+            self._older = previous
             self._pending = RawBatch()
-            self._flushing = asyncio.create_task(self._flush(raw))
+            stage = self.stages[self._dispatched % 2]
+            self._dispatched += 1
+            self._flushing = asyncio.create_task(self._flush(raw, stage, previous))
 
     async def _tick(self) -> None:
         """Flush a collected batch once it is due, even when no more messages arrive."""
@@ -414,12 +438,33 @@ class AccessLoader:
             await self._maybe_flush()
             await asyncio.sleep(0)
 
-    async def _flush(self, raw: RawBatch, replay: Manifest | None = None, commit: bool = True) -> None:
-        """Stage, deduplicate, store and commit one batch; retried until it succeeds."""
+    async def _flush(
+        self,
+        raw: RawBatch,
+        stage: str,
+        previous: asyncio.Task | None,
+        replay: Manifest | None = None,
+        commit: bool = True,
+    ) -> None:
+        """Stage one batch, then (once the batch before it is stored) deduplicate, store and commit it.
+
+        Each step is retried until it succeeds; commits happen in batch order.
+        """
         delay = 0.5
         while True:
             try:
-                invalid = await asyncio.to_thread(self._store_batch, raw, replay)
+                staged = await asyncio.to_thread(self._stage_batch, raw, stage)
+                break
+            except Exception:
+                log.exception("staging a batch failed; retrying in %.1f s", delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10)
+        if previous is not None:
+            await asyncio.wait([previous])  # batches are stored and committed in order
+        delay = 0.5
+        while True:
+            try:
+                await asyncio.to_thread(self._store_batch, staged, replay)
                 break
             except Exception:
                 log.exception("storing a batch failed; retrying in %.1f s", delay)
@@ -429,8 +474,8 @@ class AccessLoader:
                     # The manifest is in the store: a retry must rebuild exactly that batch.
                     replay = self._seq_written
         self._seq_written = None
-        if replay is None and invalid:
-            await self._dead_letter(invalid)
+        if replay is None and staged.invalid:
+            await self._dead_letter(staged.invalid)
         consumer = self.subscriber.consumer
         if commit and consumer is not None:
             offsets = {TopicPartition(t, p): last + 1 for t, p, _, last in raw.ranges()}
@@ -439,36 +484,38 @@ class AccessLoader:
             except Exception:  # a rebalance: the next owner re-reads the batch and drops its ids as duplicates
                 log.warning("offset commit failed after storing a batch", exc_info=True)
         self.stats["batches"] += 1
-        self.stats["phase"] = "idle"
+        if not self._busy() or self._flushing is asyncio.current_task():
+            self.stats["phase"] = "idle"
 
-    def _store_batch(self, raw: RawBatch, replay: Manifest | None) -> list[tuple[str, int, int, bytes, str]]:
-        """Runs in a worker thread (the engine releases the GIL while the loop fetches the next batch).
-
-        Returns the invalid messages (topic, partition, offset, value, error) for the dead-letter topic.
-        """
+    def _stage_batch(self, raw: RawBatch, stage: str) -> _Staged:
+        """Parse a batch into its staging table (worker thread; the engine releases the GIL)."""
         t0 = time.perf_counter()
-        store, stage = self.store, self.stage
         records = raw.records()
-        values = [r.value or b"" for r in records]
+        values = [r.value for r in records]
         t_prep = time.perf_counter()
-        self.stats["phase"] = "staging"
-        refused = store.stage_values(stage, values)
-        users: list[UserRow] = []
+        refused = self.store.stage_values(stage, values)
+        staged = _Staged(raw, stage, records, len(refused))
         fixed: list[tuple[int, AccessRow]] = []
-        invalid: list[tuple[str, int, int, bytes, str]] = []
         for n in refused:  # what the engine would not parse: Python decides (user events land here too)
             try:
                 kind, row = decode_message(records[n].value)
             except InvalidEvent as exc:
                 r = records[n]
-                invalid.append((r.topic, r.partition, r.offset, r.value or b"", str(exc)))
+                staged.invalid.append((r.topic, r.partition, r.offset, r.value or b"", str(exc)))
                 continue
             if kind == "access":
                 fixed.append((n, row))  # type: ignore[arg-type]
             elif kind == "user":
-                users.append(row)  # type: ignore[arg-type]
-        store.stage_rows(stage, fixed)
-        t_staged = time.perf_counter()
+                staged.users.append(row)  # type: ignore[arg-type]
+        self.store.stage_rows(stage, fixed)
+        staged.prepare_ms = (t_prep - t0) * 1000
+        staged.stage_ms = (time.perf_counter() - t_prep) * 1000
+        return staged
+
+    def _store_batch(self, staged: _Staged, replay: Manifest | None) -> None:
+        """Deduplicate and insert a staged batch (worker thread), after the batch before it is stored."""
+        t0 = time.perf_counter()
+        store, stage, records, raw = self.store, staged.stage, staged.records, staged.raw
         self.stats["phase"] = "deduplicating"
         if replay is not None:
             index = {(r.topic, r.partition, r.offset): n for n, r in enumerate(records)}
@@ -476,8 +523,8 @@ class AccessLoader:
             manifest: Manifest | None = replay
             rows, duplicates = replay.rows, 0
         else:
-            skip, staged, rows = store.stage_duplicates(stage)
-            duplicates = staged - rows
+            skip, count, rows = store.stage_duplicates(stage)
+            duplicates = count - rows
             manifest = None
             if rows:
                 self.stats["phase"] = "writing manifest"
@@ -488,12 +535,12 @@ class AccessLoader:
                 self._seq = manifest.seq
         t_deduped = time.perf_counter()
         self.stats["phase"] = "inserting"
-        store.insert_users(users)
+        store.insert_users(staged.users)
         if manifest is not None:
             store.insert_staged(stage, skip, manifest.token)
         self.stats["phase"] = "committing"
         self.stats["stored"] += rows
-        self.stats["invalid"] += len(invalid)
+        self.stats["invalid"] += len(staged.invalid)
         self.stats["duplicates"] += duplicates
         t_end = time.perf_counter()
         correlation_id.set(manifest.token if manifest else None)
@@ -503,20 +550,18 @@ class AccessLoader:
                 "fields": {
                     "messages": raw.count,
                     "rows": rows,
-                    "users": len(users),
-                    "refused": len(refused),
+                    "users": len(staged.users),
+                    "refused": staged.refused,
                     "duplicates": duplicates,
-                    "invalid": len(invalid),
+                    "invalid": len(staged.invalid),
                     "replay": replay is not None,
-                    "ms": round((t_end - t0) * 1000, 1),
-                    "prepare_ms": round((t_prep - t0) * 1000, 1),
-                    "stage_ms": round((t_staged - t_prep) * 1000, 1),
-                    "dedupe_ms": round((t_deduped - t_staged) * 1000, 1),
+                    "prepare_ms": round(staged.prepare_ms, 1),
+                    "stage_ms": round(staged.stage_ms, 1),
+                    "dedupe_ms": round((t_deduped - t0) * 1000, 1),
                     "insert_ms": round((t_end - t_deduped) * 1000, 1),
                 }
             },
         )
-        return invalid
 
     async def _dead_letter(self, invalid: list[tuple[str, int, int, bytes, str]]) -> None:
         for topic, part, offset, value, error in invalid:

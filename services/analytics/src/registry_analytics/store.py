@@ -242,9 +242,14 @@ WHERE ok AND NOT has({{skip:Array(UInt32)}}, n)
 ORDER BY n
 LIMIT 1 BY event_id"""
 
-#: Where the staged lines come from: a file the in-process engine reads (its row numbers are exact), or the
-#: body of the INSERT sent to a server.
-_FILE_SOURCE = "(SELECT toUInt32(_row_number) AS n, raw FROM file('{path}', 'LineAsString', 'raw String'))"
+#: Where the staged lines come from: files the in-process engine reads (each file's name is the number of its
+#: first line: the row numbers are exact), or the body of the INSERT sent to a server.
+_FILE_SOURCE = (
+    "(SELECT toUInt32(toUInt64(splitByChar('.', _file)[1]) + _row_number) AS n, raw"
+    " FROM file('{folder}/*.txt', 'LineAsString', 'raw String'))"
+)
+#: The engine threads that parse a batch.
+STAGE_THREADS = 2
 _INPUT_SOURCE = "(SELECT rowNumberInAllBlocks() AS n, raw FROM input('raw String'))"
 
 _ONE_BLOCK = {
@@ -345,38 +350,50 @@ class Store:
         """Create a loader's staging table if missing (`stage` = stage_name(group))."""
         self.client.command(STAGE_DDL.format(stage=_ident(stage)))
 
-    def stage_values(self, stage: str, values: Sequence[bytes]) -> list[int]:
+    def stage_values(self, stage: str, values: Sequence[bytes | None]) -> list[int]:
         """Stage a batch of raw message values (row n = values[n]); the rows the engine refused, in order.
 
-        The values travel as one LineAsString block: a value holding a line break is staged empty (so it is
-        refused, and decoded by Python from the original bytes).
+        The values travel as LineAsString lines: a value that is empty or holds a line break is staged as "-"
+        (so it is refused, and decoded by Python from the original bytes).
         """
         stage = _ident(stage)
         self.client.command(f"TRUNCATE TABLE {stage}")
         if not values:
             return []
-        blob = b"\n".join(values)
-        if blob.count(b"\n") != len(values) - 1 or b"\r" in blob:
-            blob = b"\n".join(b"" if b"\n" in v or b"\r" in v else v for v in values)
+        blob = _lines(values)
         sql = f"INSERT INTO {stage} ({', '.join(STAGE_COLUMNS)}) {STAGE_SELECT}"
         if self.settings.clickhouse_mode == "chdb":
-            # In-process engine: the block goes through a file the engine reads (what raw_insert would do).
-            fd, path = tempfile.mkstemp(prefix="analytics-batch-", suffix=".txt")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(blob)
-                source = _FILE_SOURCE.replace("{path}", path)  # mkstemp: no quote in the path
-                self.client.command(sql.replace("{source}", source), settings={"max_threads": 2})
-            finally:
-                os.unlink(path)
+            # In-process engine: the lines go through files the engine reads, in parallel (a file's name is
+            # the number of its first row), as raw_insert would through one.
+            with tempfile.TemporaryDirectory(prefix="analytics-batch-") as folder:
+                self._write_chunks(folder, blob)
+                source = _FILE_SOURCE.replace("{folder}", folder)  # mkdtemp: no quote in the path
+                self.client.command(sql.replace("{source}", source), settings={"max_threads": STAGE_THREADS})
         else:
             self.client.command(
                 sql.replace("{source}", _INPUT_SOURCE) + " FORMAT LineAsString",
                 data=blob,
-                settings={"max_threads": 2},
+                settings={"max_threads": STAGE_THREADS},
             )
-        refused = self.query(f"SELECT n FROM {stage} WHERE NOT ok ORDER BY n")  # noqa: S608 (checked identifier)
-        return [int(r[0]) for r in refused]
+        (refused, staged), *_ = self.query(f"SELECT groupArrayIf(n, NOT ok), count() FROM {stage}")  # noqa: S608
+        if staged != len(values):
+            raise RuntimeError(f"staged {staged} rows of {len(values)} messages")
+        return sorted(int(n) for n in refused)
+
+    @staticmethod
+    def _write_chunks(folder: str, blob: bytes) -> None:
+        """Split the lines into STAGE_THREADS files of about the same size, named by their first row."""
+        start, row = 0, 0
+        for i in range(STAGE_THREADS, 0, -1):
+            end = len(blob) if i == 1 else blob.find(b"\n", start + (len(blob) - start) // i)
+            if end < 0:
+                end = len(blob)
+            with open(os.path.join(folder, f"{row}.txt"), "wb") as f:
+                f.write(blob[start:end])
+            row += blob.count(b"\n", start, end) + 1
+            start = end + 1
+            if start > len(blob):
+                break
 
     def stage_rows(self, stage: str, rows: Sequence[tuple[int, Sequence[Any]]]) -> None:
         """Stage access events decoded by Python: (n, (event_id, ts_ms, user_id, kind, repo_id, version,
@@ -420,6 +437,17 @@ class Store:
         """Upsert users (USER_COLUMNS order); the latest `updated_at` wins, replays are harmless."""
         if rows:
             self.client.insert("users", list(rows), column_names=list(USER_COLUMNS))
+
+
+def _lines(values: Sequence[bytes | None]) -> bytes:
+    """The values as lines, one per value: "-" for a value that could not be one line of its own."""
+    try:
+        blob = b"\n".join(values)  # type: ignore[arg-type]
+        if blob.count(b"\n") == len(values) - 1 and b"\r" not in blob and b"" not in values:
+            return blob
+    except TypeError:  # a None (tombstone)
+        pass
+    return b"\n".join(v if v and b"\n" not in v and b"\r" not in v else b"-" for v in values)
 
 
 def stage_name(group_id: str) -> str:
