@@ -66,27 +66,49 @@ _RAW_RANGES = " OR ".join(
 _USERS_SOURCE = _NARROW_SOURCE.format(key="user_id", rollup="users", raw=_RAW_RANGES)
 _MODELS_SOURCE = _NARROW_SOURCE.format(key="repo_id", rollup="models", raw=_RAW_RANGES)
 
-#: The admin overview without a user filter: totals, days and users from the per-user rollups ...
-_OVERVIEW_USERS = (
-    """
-SELECT grouping(day), grouping(user_id), toString(day), user_id,
-       sum(events), sum(manifests), sum(files_list), sum(downloads), toUnixTimestamp(max(last_ts))
-FROM ("""
-    + _USERS_SOURCE
-    + """)
-GROUP BY GROUPING SETS ((), (day), (user_id))
-"""
-)
+#: The admin overview without a user filter, in one statement and one pass over each source: whole days and
+#: whole edge hours from the per-user rollups (src 'u': totals, days, users) and the per-model ones (src 'm':
+#: models), the raw events of the partial hours once for both (src 'r'). Each grouping set sums only the
+#: rows meant for it: totals, days and users take 'u' and 'r', models take 'm' and 'r'.
+_OVERVIEW_SOURCE = """
+    SELECT 'u' AS src, day, user_id, '' AS repo_id, events, manifests, files_list, downloads, last_ts
+    FROM usage_daily_users
+    WHERE day >= {d0:Date} AND day <= {d1:Date}
+    UNION ALL
+    SELECT 'u' AS src, toDate(hour) AS day, user_id, '' AS repo_id, events, manifests, files_list, downloads, last_ts
+    FROM usage_hourly_users
+    WHERE (hour >= toDateTime({h0:UInt64}, 'UTC') AND hour < toDateTime({h1:UInt64}, 'UTC'))
+       OR (hour >= toDateTime({h2:UInt64}, 'UTC') AND hour < toDateTime({h3:UInt64}, 'UTC'))
+    UNION ALL
+    SELECT 'm' AS src, day, toUInt64(0) AS user_id, repo_id, events, manifests, files_list, downloads, last_ts
+    FROM usage_daily_models
+    WHERE day >= {d0:Date} AND day <= {d1:Date}
+    UNION ALL
+    SELECT 'm' AS src, toDate(hour) AS day, toUInt64(0) AS user_id, repo_id, events, manifests, files_list,
+           downloads, last_ts
+    FROM usage_hourly_models
+    WHERE (hour >= toDateTime({h0:UInt64}, 'UTC') AND hour < toDateTime({h1:UInt64}, 'UTC'))
+       OR (hour >= toDateTime({h2:UInt64}, 'UTC') AND hour < toDateTime({h3:UInt64}, 'UTC'))
+    UNION ALL
+    SELECT 'r' AS src, toDate(ts) AS day, user_id, repo_id, toUInt64(1) AS events,
+           toUInt64(kind IN ('manifest', 'platform_manifest')) AS manifests,
+           toUInt64(kind = 'files_list') AS files_list, toUInt64(kind = 'download') AS downloads, ts AS last_ts
+    FROM access_events
+    WHERE {raw}
+""".replace("{raw}", _RAW_RANGES)
 
-#: ... and models from the per-model rollups.
-_OVERVIEW_MODELS = (
+#: Columns: grouping(day), grouping(user_id), grouping(repo_id), day, user_id, repo_id, then events,
+#: manifests, files_list, downloads, last_ts of the 'u'+'r' rows, then downloads and row count of 'm'+'r'.
+_OVERVIEW = (
     """
-SELECT repo_id, sum(downloads)
+SELECT grouping(day), grouping(user_id), grouping(repo_id), toString(day), user_id, repo_id,
+       sumIf(events, src != 'm'), sumIf(manifests, src != 'm'), sumIf(files_list, src != 'm'),
+       sumIf(downloads, src != 'm'), toUnixTimestamp(maxIf(last_ts, src != 'm')),
+       sumIf(downloads, src != 'u'), countIf(src != 'u')
 FROM ("""
-    + _MODELS_SOURCE
+    + _OVERVIEW_SOURCE
     + """)
-WHERE repo_id != ''
-GROUP BY repo_id
+GROUP BY GROUPING SETS ((), (day), (user_id), (repo_id))
 """
 )
 
@@ -190,19 +212,24 @@ def _usage(store: Store, window: Window, filters: str, params: dict[str, Any]) -
 
 
 def _overview(store: Store, window: Window) -> dict[str, Any]:
-    """The unfiltered admin overview from the per-user and per-model rollups (two small passes)."""
-    p = window.params()
+    """The unfiltered admin overview from the per-user and per-model rollups (one statement)."""
     totals = (0, 0, 0, 0, 0)
     days: list[dict[str, Any]] = []
     users: list[tuple[int, int, int, int]] = []
-    for g_day, g_user, day, uid, ev, man, fl, dl, last in store.query(_OVERVIEW_USERS, p):
-        if g_day and g_user:
+    models: list[tuple[str, int]] = []
+    for g_day, g_user, g_repo, day, uid, repo, ev, man, fl, dl, last, m_dl, m_rows in store.query(
+        _OVERVIEW, window.params()
+    ):
+        if g_day and g_user and g_repo:
             totals = (int(ev), int(man), int(fl), int(dl), int(last))
         elif not g_day:
-            days.append({"day": day, "events": int(ev), "downloads": int(dl)})
-        else:
-            users.append((int(uid), int(ev), int(dl), int(last)))
-    models = [(repo, int(dl)) for repo, dl in store.query(_OVERVIEW_MODELS, p)]
+            if ev:
+                days.append({"day": day, "events": int(ev), "downloads": int(dl)})
+        elif not g_user:
+            if ev:
+                users.append((int(uid), int(ev), int(dl), int(last)))
+        elif repo and m_rows:
+            models.append((repo, int(m_dl)))
     days.sort(key=lambda d: d["day"])
     users.sort(key=lambda u: (-u[1], -u[2], u[0]))
     top_models = sorted((m for m in models if m[1]), key=lambda m: (-m[1], m[0]))
