@@ -67,44 +67,46 @@ _USERS_SOURCE = _NARROW_SOURCE.format(key="user_id", rollup="users", raw=_RAW_RA
 _MODELS_SOURCE = _NARROW_SOURCE.format(key="repo_id", rollup="models", raw=_RAW_RANGES)
 
 #: The admin overview without a user filter, in one statement and one pass over each source: whole days and
-#: whole edge hours from the per-user rollups (src 'u': totals, days, users) and the per-model ones (src 'm':
-#: models), the raw events of the partial hours once for both (src 'r'). Each grouping set sums only the
-#: rows meant for it: totals, days and users take 'u' and 'r', models take 'm' and 'r'.
+#: whole edge hours from the per-user rollups (totals, days, users) and the per-model ones (models), the raw
+#: events of the partial hours once for both. Each row carries zeros in the columns that are not its own:
+#: events .. last_ts count for totals, days and users; m_downloads and m_rows for models.
 _OVERVIEW_SOURCE = """
-    SELECT 'u' AS src, day, user_id, '' AS repo_id, events, manifests, files_list, downloads, last_ts
+    SELECT day, user_id, '' AS repo_id, events, manifests, files_list, downloads, last_ts,
+           toUInt64(0) AS m_downloads, toUInt64(0) AS m_rows
     FROM usage_daily_users
     WHERE day >= {d0:Date} AND day <= {d1:Date}
     UNION ALL
-    SELECT 'u' AS src, toDate(hour) AS day, user_id, '' AS repo_id, events, manifests, files_list, downloads, last_ts
+    SELECT toDate(hour), user_id, '', events, manifests, files_list, downloads, last_ts, toUInt64(0), toUInt64(0)
     FROM usage_hourly_users
-    WHERE (hour >= toDateTime({h0:UInt64}, 'UTC') AND hour < toDateTime({h1:UInt64}, 'UTC'))
-       OR (hour >= toDateTime({h2:UInt64}, 'UTC') AND hour < toDateTime({h3:UInt64}, 'UTC'))
+    WHERE {hours}
     UNION ALL
-    SELECT 'm' AS src, day, toUInt64(0) AS user_id, repo_id, events, manifests, files_list, downloads, last_ts
+    SELECT day, toUInt64(0), repo_id, toUInt64(0), toUInt64(0), toUInt64(0), toUInt64(0), toDateTime64(0, 3, 'UTC'),
+           downloads, toUInt64(1)
     FROM usage_daily_models
     WHERE day >= {d0:Date} AND day <= {d1:Date}
     UNION ALL
-    SELECT 'm' AS src, toDate(hour) AS day, toUInt64(0) AS user_id, repo_id, events, manifests, files_list,
-           downloads, last_ts
+    SELECT toDate(hour), toUInt64(0), repo_id, toUInt64(0), toUInt64(0), toUInt64(0), toUInt64(0),
+           toDateTime64(0, 3, 'UTC'), downloads, toUInt64(1)
     FROM usage_hourly_models
-    WHERE (hour >= toDateTime({h0:UInt64}, 'UTC') AND hour < toDateTime({h1:UInt64}, 'UTC'))
-       OR (hour >= toDateTime({h2:UInt64}, 'UTC') AND hour < toDateTime({h3:UInt64}, 'UTC'))
+    WHERE {hours}
     UNION ALL
-    SELECT 'r' AS src, toDate(ts) AS day, user_id, repo_id, toUInt64(1) AS events,
-           toUInt64(kind IN ('manifest', 'platform_manifest')) AS manifests,
-           toUInt64(kind = 'files_list') AS files_list, toUInt64(kind = 'download') AS downloads, ts AS last_ts
+    SELECT toDate(ts), user_id, repo_id, toUInt64(1), toUInt64(kind IN ('manifest', 'platform_manifest')),
+           toUInt64(kind = 'files_list'), toUInt64(kind = 'download'), ts, toUInt64(kind = 'download'), toUInt64(1)
     FROM access_events
     WHERE {raw}
-""".replace("{raw}", _RAW_RANGES)
+""".replace("{raw}", _RAW_RANGES).replace(
+    "{hours}",
+    "(hour >= toDateTime({h0:UInt64}, 'UTC') AND hour < toDateTime({h1:UInt64}, 'UTC'))"
+    " OR (hour >= toDateTime({h2:UInt64}, 'UTC') AND hour < toDateTime({h3:UInt64}, 'UTC'))",
+)
 
-#: Columns: grouping(day), grouping(user_id), grouping(repo_id), day, user_id, repo_id, then events,
-#: manifests, files_list, downloads, last_ts of the 'u'+'r' rows, then downloads and row count of 'm'+'r'.
+#: Columns: grouping(day), grouping(user_id), grouping(repo_id), day, user_id, repo_id, events, manifests,
+#: files_list, downloads, last_ts, then the downloads and row count of the model rows.
 _OVERVIEW = (
     """
 SELECT grouping(day), grouping(user_id), grouping(repo_id), toString(day), user_id, repo_id,
-       sumIf(events, src != 'm'), sumIf(manifests, src != 'm'), sumIf(files_list, src != 'm'),
-       sumIf(downloads, src != 'm'), toUnixTimestamp(maxIf(last_ts, src != 'm')),
-       sumIf(downloads, src != 'u'), countIf(src != 'u')
+       sum(events), sum(manifests), sum(files_list), sum(downloads), toUnixTimestamp(max(last_ts)),
+       sum(m_downloads), sum(m_rows)
 FROM ("""
     + _OVERVIEW_SOURCE
     + """)
