@@ -100,17 +100,18 @@ _OVERVIEW_SOURCE = """
     " OR (hour >= toDateTime({h2:UInt64}, 'UTC') AND hour < toDateTime({h3:UInt64}, 'UTC'))",
 )
 
-#: Columns: grouping(day), grouping(user_id), grouping(repo_id), day, user_id, repo_id, events, manifests,
-#: files_list, downloads, last_ts, then the downloads and row count of the model rows.
+#: Columns: grouping(day), grouping(user_id), day, user_id, repo_id, events, manifests,
+#: files_list, downloads, last_ts, then the downloads and row count of the model rows (the totals are the
+#: sums of the days).
 _OVERVIEW = (
     """
-SELECT grouping(day), grouping(user_id), grouping(repo_id), toString(day), user_id, repo_id,
+SELECT grouping(day), grouping(user_id), toString(day), user_id, repo_id,
        sum(events), sum(manifests), sum(files_list), sum(downloads), toUnixTimestamp(max(last_ts)),
        sum(m_downloads), sum(m_rows)
 FROM ("""
     + _OVERVIEW_SOURCE
     + """)
-GROUP BY GROUPING SETS ((), (day), (user_id), (repo_id))
+GROUP BY GROUPING SETS ((day), (user_id), (repo_id))
 """
 )
 
@@ -219,14 +220,12 @@ def _overview(store: Store, window: Window) -> dict[str, Any]:
     days: list[dict[str, Any]] = []
     users: list[tuple[int, int, int, int]] = []
     models: list[tuple[str, int]] = []
-    for g_day, g_user, g_repo, day, uid, repo, ev, man, fl, dl, last, m_dl, m_rows in store.query(
-        _OVERVIEW, window.params()
-    ):
-        if g_day and g_user and g_repo:
-            totals = (int(ev), int(man), int(fl), int(dl), int(last))
-        elif not g_day:
-            if ev:
+    for g_day, g_user, day, uid, repo, ev, man, fl, dl, last, m_dl, m_rows in store.query(_OVERVIEW, window.params()):
+        if not g_day:
+            if ev:  # the totals are the sums of the days
                 days.append({"day": day, "events": int(ev), "downloads": int(dl)})
+                t_ev, t_man, t_fl, t_dl, t_last = totals
+                totals = (t_ev + int(ev), t_man + int(man), t_fl + int(fl), t_dl + int(dl), max(t_last, int(last)))
         elif not g_user:
             if ev:
                 users.append((int(uid), int(ev), int(dl), int(last)))
