@@ -8,11 +8,11 @@ from datetime import UTC, datetime
 from typing import get_args
 
 import pytest
-from aiokafka import ConsumerRecord
+from aiokafka import ConsumerRecord, TopicPartition
 from standardwebhooks import Webhook
 
 from registry_notifier import mail
-from registry_notifier.consumer import decode_records
+from registry_notifier.consumer import OffsetCommitter, decode_records
 from registry_notifier.delivery import retry_delay, sign
 from registry_notifier.repository import message_id
 from registry_notifier.routing import Router
@@ -216,10 +216,10 @@ def test_the_subscribable_types_are_one_list() -> None:
     assert all(t in EVENT_TYPES for t in SUBSCRIPTION_NAME_OF)  # every one is a published event type
 
 
-def _record(offset: int, value: bytes) -> ConsumerRecord[bytes, bytes]:
+def _record(offset: int, value: bytes, partition: int = 0) -> ConsumerRecord[bytes, bytes]:
     return ConsumerRecord(
         topic="registry.users.v1",
-        partition=0,
+        partition=partition,
         offset=offset,
         timestamp=0,
         timestamp_type=0,
@@ -240,3 +240,31 @@ def test_a_batch_keeps_only_readable_subscribable_events() -> None:
     items = decode_records([_record(offset, value) for offset, value in enumerate(values)])
     assert [i.event.id for i in items] == [rotated.id]
     assert items[0].raw == encode_event(rotated).decode()
+
+
+class _Consumer:
+    """Stands in for the Kafka consumer in front of the committer: its assignment and the commits asked."""
+
+    def __init__(self, assigned: set[TopicPartition]) -> None:
+        self.assigned = assigned
+        self.commits: list[dict[TopicPartition, int]] = []
+
+    def assignment(self) -> set[TopicPartition]:
+        return self.assigned
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.commits.append(dict(offsets))
+
+
+async def test_stored_positions_are_committed_together_and_only_while_assigned() -> None:
+    p0, p1, gone = (TopicPartition("registry.users.v1", p) for p in (0, 1, 2))
+    consumer = _Consumer({p0, p1})
+    committer = OffsetCommitter(lambda: consumer)  # type: ignore[arg-type,return-value]  # a stand-in
+    await committer.flush()
+    assert consumer.commits == []  # nothing stored, nothing committed
+    committer.stored({p0: 8, p1: 3})
+    committer.stored({p0: 6, p1: 10, gone: 4})  # noted meanwhile: committed with the others, never backwards
+    await committer.flush()
+    assert consumer.commits == [{p0: 8, p1: 10}]  # a partition no longer assigned is left to its new owner
+    await committer.flush()
+    assert len(consumer.commits) == 1

@@ -2,10 +2,14 @@
 offsets are committed.
 
 One `KafkaBroker` (consumer only) and one batch subscriber on the registry's topics, in consumer group
-NOTIFIER_GROUP_ID. Acknowledgement is manual (`AckPolicy.MANUAL`): a batch is acked, i.e. its offsets
-committed, only once its rows are stored, so a crash re-reads it and the unique (webhook, event) and
-(deployment, dedupe key) constraints make that re-read a no-op. A batch that cannot be stored (Postgres
-away) is nacked: the consumer seeks back to its first offsets and reads it again a moment later.
+NOTIFIER_GROUP_ID. FastStream commits nothing itself (`AckPolicy.MANUAL`): a batch's offsets are
+committed only once its rows are stored, so a crash re-reads it and the unique (webhook, event) and
+(deployment, dedupe key) constraints make that re-read a no-op. Once a batch is stored, the handler notes
+where the consumer stands in each partition (past the records handed over, all stored now: the consume
+loop fetches the next batch only after the handler returns); `OffsetCommitter` commits those positions
+beside the consume loop, at most every COMMIT_INTERVAL_S, so reading and storing never wait for Kafka.
+A batch that cannot be stored (Postgres away) is tried again until it is: the consume loop waits
+meanwhile, so nothing past it is committed.
 """
 
 from __future__ import annotations
@@ -19,10 +23,8 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from faststream.kafka import KafkaBroker
-from faststream.kafka.annotations import KafkaMessage
 from faststream.message import StreamMessage
 from faststream.middlewares import AckPolicy
-from faststream.params import NoCast
 from psycopg_pool import AsyncConnectionPool
 from pydantic import ValidationError
 
@@ -38,19 +40,90 @@ TOPICS = (Topics.USERS, Topics.CATALOG, Topics.UPLOADS, Topics.VERDICTS)
 MAX_BATCH = 500
 #: How long one poll waits for events. After an empty poll FastStream pauses as long again before the
 #: next one, so this also bounds what an idle consumer adds to an event's latency.
-POLL_MS = 50
+POLL_MS = 20
+#: Shortest time between two commits in the background (each is work for the Kafka broker); a crash
+#: replays at most about this much, harmlessly. A stop or a rebalance commits at once.
+COMMIT_INTERVAL_S = 0.5
 #: On stop, how long a batch being stored may take to finish (its offsets are then committed).
-GRACEFUL_S = 10.0
-#: Pause before reading a batch that could not be stored again, or before starting again.
+GRACEFUL_S = 5.0
+#: Pause before storing a batch again, or before starting the broker again.
 RETRY_S = 1.0
 
+ConsumerOf = Callable[[], AIOKafkaConsumer | None]
 
-class Readiness(ConsumerRebalanceListener):
-    """Whether the consumer has its partitions and knows where it starts in each (tests wait for it:
-    with `auto_offset_reset=latest`, an event published after that is consumed)."""
 
-    def __init__(self, consumer: Callable[[], AIOKafkaConsumer | None]) -> None:
+async def stored_positions(consumer: AIOKafkaConsumer) -> dict[TopicPartition, int]:
+    """Where the consumer stands in each of its partitions: past every record it has handed over. Called
+    by the handler once its batch is stored (the next batch is fetched only after the handler returns),
+    every one of those records is stored."""
+    return {tp: await consumer.position(tp) for tp in consumer.assignment()}
+
+
+class OffsetCommitter:
+    """Commits positions noted as stored, in the background: one commit at a time and at most one every
+    COMMIT_INTERVAL_S, the positions noted meanwhile going together in the next. The offsets are
+    explicit, never "whatever has been fetched", so a batch fetched meanwhile is not committed before it
+    is stored."""
+
+    def __init__(self, consumer: ConsumerOf) -> None:
         self._consumer = consumer
+        self._pending: dict[TopicPartition, int] = {}
+        self._lock = asyncio.Lock()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def stored(self, positions: dict[TopicPartition, int]) -> None:
+        """Everything before these positions is stored: they may be committed."""
+        for tp, offset in positions.items():
+            self._pending[tp] = max(self._pending.get(tp, 0), offset)
+        self._wakeup.set()
+
+    async def flush(self) -> None:
+        """Commit the offsets stored and not committed yet, of the partitions still assigned. A commit
+        that fails is harmless: those events are read again, and storing them again is a no-op."""
+        async with self._lock:
+            consumer = self._consumer()
+            if consumer is None or not self._pending:
+                return
+            assigned = consumer.assignment()
+            offsets = {tp: offset for tp, offset in self._pending.items() if tp in assigned}
+            self._pending = {}
+            if not offsets:
+                return
+            try:
+                await consumer.commit(offsets)
+            except KafkaError as exc:
+                log.warning("offsets not committed (those events will be read again): %s", exc)
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            await self.flush()
+            await asyncio.sleep(COMMIT_INTERVAL_S)  # what is noted meanwhile goes in the next commit
+
+    def start(self) -> None:
+        """Commit in the background as records are stored."""
+        self._task = asyncio.create_task(self._run(), name="notifier-offsets")
+
+    async def stop(self) -> None:
+        """Stop committing in the background (after committing what is stored)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.flush()
+
+
+class Partitions(ConsumerRebalanceListener):
+    """Follows the consumer's partitions: commits what is stored before partitions go, and knows whether
+    the consumer has its partitions and where it starts in each (`ready`; tests wait for it: with
+    `auto_offset_reset=latest`, an event published after that is consumed)."""
+
+    def __init__(self, consumer: ConsumerOf, committer: OffsetCommitter) -> None:
+        self._consumer = consumer
+        self._committer = committer
         self._task: asyncio.Task[None] | None = None
         self.ready = False
 
@@ -62,8 +135,9 @@ class Readiness(ConsumerRebalanceListener):
             self._task = None
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        """A rebalance begins."""
+        """A rebalance begins: commit what is stored while the partitions are still ours."""
         self.reset()
+        await self._committer.flush()
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         """Partitions assigned: ready once their positions are known (looked up outside the rebalance)."""
@@ -119,6 +193,7 @@ class EventConsumer:
         self._router = router
         self._on_stored = on_stored
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         self.events_seen = 0
         self.deliveries_queued = 0
         self.broker = KafkaBroker(
@@ -128,8 +203,12 @@ class EventConsumer:
             graceful_timeout=GRACEFUL_S,
             logger=logging.getLogger("registry_notifier.kafka"),
             log_level=logging.DEBUG,  # a line per batch only when debugging
+            # The handler takes the decoder's events as they are: no dependency injection, no validation
+            # again (FastDepends would hand a batch through a worker thread for nothing).
+            apply_types=False,
         )
-        self._readiness = Readiness(lambda: self._subscriber.consumer)
+        self._committer = OffsetCommitter(lambda: self._subscriber.consumer)
+        self._partitions = Partitions(lambda: self._subscriber.consumer, self._committer)
         self._subscriber = self.broker.subscriber(
             *TOPICS,
             group_id=settings.notifier_group_id,
@@ -138,7 +217,7 @@ class EventConsumer:
             max_records=MAX_BATCH,
             batch_timeout_ms=POLL_MS,
             ack_policy=AckPolicy.MANUAL,
-            listener=self._readiness,
+            listener=self._partitions,
             decoder=decode_batch,
         )
         self._subscriber(self._handle)
@@ -146,25 +225,34 @@ class EventConsumer:
     @property
     def ready(self) -> bool:
         """True once partitions are assigned and their start positions known."""
-        return self._readiness.ready
+        return self._partitions.ready
 
-    async def _handle(self, items: NoCast[list[Incoming]], message: KafkaMessage) -> None:
-        """Store a batch's rows, then commit its offsets; if it cannot be stored, read it again."""
-        try:
-            queued = await self.store(items) if items else 0
-        except Exception as exc:  # Postgres away: nothing was committed, the batch is read again
-            log.warning("events not stored, reading them again: %s", exc)
-            await asyncio.sleep(RETRY_S)
-            await message.nack()
-            return
+    async def _handle(self, items: list[Incoming]) -> None:
+        """Store a batch's rows, then let its offsets be committed. A batch that cannot be stored (Postgres
+        away) is tried again in place until it is, or until the consumer stops: then its offsets are not
+        committed, and the next run reads it again."""
+        while True:
+            try:
+                queued = await self.store(items) if items else 0
+                break
+            except Exception as exc:
+                log.warning("events not stored, trying again: %s", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), RETRY_S)
+                if self._stopping.is_set():
+                    return
         self.events_seen += len(items)
         self.deliveries_queued += queued
         if queued:
             self._on_stored()
-        try:
-            await message.ack()
-        except KafkaError as exc:  # e.g. a rebalance: the batch is read again, and storing it is a no-op
-            log.warning("offsets not committed: %s", exc)
+        consumer = self._subscriber.consumer
+        if consumer is not None:
+            try:
+                self._committer.stored(await stored_positions(consumer))
+            except KafkaError as exc:  # partitions revoked meanwhile: their new owner reads them again
+                log.info("positions not noted: %s", exc)
+        if self._stopping.is_set():  # the last batch before the consumer stops: commit it now
+            await self._committer.flush()
 
     async def store(self, items: list[Incoming]) -> int:
         """Queue the deliveries and e-mails of `items`; returns the deliveries planned.
@@ -179,13 +267,13 @@ class EventConsumer:
 
     async def run(self) -> None:
         """Start the broker; while Kafka cannot be reached, try again. Once started, FastStream's consume
-        loop outlives Kafka outages (it reconnects) and failed batches (nacked, read again)."""
+        loop outlives Kafka outages (it reconnects)."""
         while True:
             try:
                 await self.broker.start()
             except Exception as exc:
                 log.warning("event consumer cannot start, trying again: %s", exc)
-                self._readiness.reset()
+                self._partitions.reset()
                 with contextlib.suppress(Exception):
                     await self.broker.stop()
                 await asyncio.sleep(RETRY_S)
@@ -195,15 +283,19 @@ class EventConsumer:
 
     def start(self) -> None:
         """Start in the background (the HTTP face answers meanwhile)."""
+        self._committer.start()
         self._task = asyncio.create_task(self.run(), name="event-consumer")
 
     async def stop(self) -> None:
-        """Stop consuming: a batch being stored may finish (up to GRACEFUL_S), the consumer leaves its
-        group; anything not committed is consumed again next time."""
+        """Stop consuming: what is stored is committed, a batch being stored may finish (up to GRACEFUL_S)
+        and is then committed, the consumer leaves its group; anything not committed is consumed again
+        next time."""
+        self._stopping.set()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-        self._readiness.reset()
+        await self._committer.stop()
+        self._partitions.reset()
         with contextlib.suppress(Exception):
             await self.broker.stop()
