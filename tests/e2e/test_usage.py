@@ -52,8 +52,7 @@ def test_reads_show_up_in_both_usage_endpoints(registry, pg_settings, minio_sett
 
     admin = poll(
         lambda: http.get("/v1/admin/usage", params={"filter_user_id": plat.user_id}, headers=registry.admin).json(),
-        # the user's e-mail and name come with user.registered (outbox → relay), which may reach analytics
-        # after the access events (published straight to Kafka)
+        # the user's e-mail and name come with user.registered, on another topic than the access events
         lambda b: b.get("totals") == want and b.get("top_users") and b["top_users"][0]["email"],
     )
     (user,) = admin["top_users"]

@@ -1,6 +1,5 @@
 """Stopping Kafka during a burst of requests loses no event: the api keeps answering, the outbox holds
-the events (domain events always, access events while Kafka is away), and every one reaches its topic
-once Kafka is back."""
+the events (domain and access events), and every one reaches its topic once Kafka is back."""
 
 from __future__ import annotations
 
@@ -68,7 +67,7 @@ async def test_kafka_outage_loses_no_event(registry, kafka_settings, pg_settings
             burst = time.monotonic() - t0
             assert burst < 30, f"requests slowed down while Kafka was away: {burst:.1f}s for 100"
             assert pending(pg_settings) >= 60
-            deadline = time.monotonic() + 15  # access events reach the outbox once a publish fails
+            deadline = time.monotonic() + 15  # access events are written to the outbox in batches
             while pending(pg_settings, Topics.ACCESS) < 40:
                 assert time.monotonic() < deadline, "downloads made while Kafka was away are not in the outbox"
                 await asyncio.sleep(0.2)

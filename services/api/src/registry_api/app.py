@@ -74,12 +74,7 @@ def create_app(settings: ApiSettings | None = None, fast_download: bool = True) 
         app.state.settings = settings
         app.state.pool = pool
         app.state.presigner = Presigner(settings)
-        app.state.access = AccessRecorder(
-            pool,
-            settings.access_flush_ms,
-            outbox_wakeup,
-            settings.kafka_bootstrap_servers if settings.access_direct_to_kafka else None,
-        )
+        app.state.access = AccessRecorder(pool, settings.access_flush_ms, outbox_wakeup)
         app.state.analytics = httpx.AsyncClient(base_url=settings.analytics_url, timeout=10.0)
         stop = asyncio.Event()
         tasks = [asyncio.create_task(auth.listen_for_invalidations(settings.database_url, stop))]

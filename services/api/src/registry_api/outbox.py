@@ -1,9 +1,8 @@
 """The transactional outbox: events are written with the change they describe, then relayed to Kafka.
 
 - `write_event(conn, data)` inserts into `outbox` inside the caller's transaction.
-- `AccessRecorder` buffers access events (one per counted read) and ships them in batches every few
-  milliseconds, so a download costs no extra round trip: straight to Kafka (acks=all, idempotent) while
-  Kafka answers, else into the outbox with COPY for the relay. A graceful stop flushes the buffer.
+- `AccessRecorder` buffers access events (one per counted read) and writes them in batches every few
+  milliseconds with COPY, so a download costs no extra round trip; a graceful stop flushes the buffer.
 - `OutboxRelay` publishes pending rows in id order (acks=all, idempotent producer), then stamps them.
   Only one relay publishes at a time across api processes (advisory lock), so per-key order holds.
   Kafka being down never fails a request: rows wait in Postgres and flow once it is back.
@@ -44,77 +43,16 @@ async def write_event(conn: psycopg.AsyncConnection, data: EventData, subject: s
     )
 
 
-class PartitionedSender:
-    """Queues rows as record batches, one per partition, the partition picked by the key exactly as
-    `AIOKafkaProducer.send` would (murmur2); each partition's rows keep their order."""
-
-    def __init__(self) -> None:
-        self._partitioner = DefaultPartitioner()
-        self._placement: dict[tuple[str, str | None], tuple[str, int]] = {}  # (topic, key) → partition
-
-    def reset(self) -> None:
-        """Forget placements (a new producer may see other partition counts)."""
-        self._placement.clear()
-
-    async def send(self, producer: AIOKafkaProducer, rows: list[tuple]) -> list[asyncio.Future]:
-        """Queue `rows` (…, topic, key, payload) for sending; returns the batches' delivery futures."""
-        batches: dict[tuple[str, int], object] = {}
-        futures = []
-        for *_, topic, key, payload in rows:
-            key_bytes = key.encode() if key else None
-            tp = self._placement.get((topic, key))
-            if tp is None:
-                partitions = sorted(await producer.partitions_for(topic))
-                tp = (topic, self._partitioner(key_bytes, partitions, partitions))
-                if key_bytes is not None and len(self._placement) < 100_000:
-                    self._placement[(topic, key)] = tp
-            batch = batches.get(tp)
-            if batch is None:
-                batch = batches[tp] = producer.create_batch()
-            if batch.append(key=key_bytes, value=bytes(payload), timestamp=None) is None:  # full: ship it
-                futures.append(await producer.send_batch(batches.pop(tp), tp[0], partition=tp[1]))
-                batch = batches[tp] = producer.create_batch()
-                batch.append(key=key_bytes, value=bytes(payload), timestamp=None)
-        for (topic, partition), batch in batches.items():
-            futures.append(await producer.send_batch(batch, topic, partition=partition))
-        return futures
-
-
-def make_producer(bootstrap: str, request_timeout_ms: int = 10_000) -> AIOKafkaProducer:
-    """The api's producer: every event acknowledged by all in-sync replicas, no duplicates on retry."""
-    return AIOKafkaProducer(
-        bootstrap_servers=bootstrap,
-        acks="all",
-        enable_idempotence=True,
-        linger_ms=2,
-        max_batch_size=512 * 1024,
-        request_timeout_ms=request_timeout_ms,
-    )
-
-
 class AccessRecorder(BackgroundTask):
     """Buffers FileAccessed events and writes them to the outbox in batches."""
 
     name = "access-recorder"
 
-    #: How long a failed publish sends batches straight to the outbox before Kafka is tried again
-    KAFKA_RETRY_SECONDS = 5.0
-    #: A publish that takes longer is given up (the producer's own delivery timeout is shorter)
-    PUBLISH_TIMEOUT_SECONDS = 5.0
-
-    def __init__(
-        self, pool: AsyncConnectionPool, flush_ms: int, on_flush: asyncio.Event, bootstrap: str | None = None
-    ) -> None:
+    def __init__(self, pool: AsyncConnectionPool, flush_ms: int, on_flush: asyncio.Event) -> None:
         self._pool = pool
         self._interval = flush_ms / 1000
         self._buffer: list[tuple[uuid.UUID, str, str | None, bytes]] = []
         self._on_flush = on_flush
-        self._bootstrap = bootstrap
-        self._producer: AIOKafkaProducer | None = None
-        self._sender = PartitionedSender()
-        self._kafka_retry_at = 0.0
-        self.published = 0  # events that went straight to Kafka
-        self.deferred = 0  # events written to the outbox instead
 
     def record(self, event: FileAccessed) -> None:
         """Queue one access event (non-blocking)."""
@@ -146,13 +84,10 @@ class AccessRecorder(BackgroundTask):
         self._buffer.append((event_id, FileAccessed.topic, repo_id, orjson.dumps(doc)))
 
     async def flush(self) -> int:
-        """Ship what is buffered: to Kafka if it answers, else to the outbox; kept on failure to retry."""
+        """Write what is buffered; keeps it on failure to retry."""
         if not self._buffer:
             return 0
         batch, self._buffer = self._buffer, []
-        if await self._publish(batch):
-            self.published += len(batch)
-            return len(batch)
         try:
             async with self._pool.connection() as conn, conn.cursor() as cur:
                 async with cur.copy("copy outbox (event_id, topic, key, payload) from stdin") as copy:
@@ -161,39 +96,8 @@ class AccessRecorder(BackgroundTask):
         except Exception:
             self._buffer[:0] = batch
             raise
-        self.deferred += len(batch)
         self._on_flush.set()
         return len(batch)
-
-    async def _publish(self, batch: list[tuple]) -> bool:
-        """True once Kafka acknowledged every event of `batch`; False (and the outbox takes them) if it
-        is unreachable, slow or refuses. After a failure Kafka is left alone for KAFKA_RETRY_SECONDS."""
-        if self._bootstrap is None or time.monotonic() < self._kafka_retry_at:
-            return False
-        try:
-            async with asyncio.timeout(self.PUBLISH_TIMEOUT_SECONDS):
-                if self._producer is None:
-                    producer = make_producer(self._bootstrap, request_timeout_ms=3_000)
-                    try:
-                        await producer.start()
-                    except BaseException:
-                        await producer.stop()
-                        raise
-                    self._producer = producer
-                    self._sender.reset()
-                await asyncio.gather(*await self._sender.send(self._producer, batch))
-            return True
-        except Exception as exc:  # Kafka away: these events (and the next few seconds') go to the outbox
-            log.warning("access events deferred to the outbox: %r", exc)
-            self._kafka_retry_at = time.monotonic() + self.KAFKA_RETRY_SECONDS
-            await self._close_producer()
-            return False
-
-    async def _close_producer(self) -> None:
-        producer, self._producer = self._producer, None
-        if producer is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(producer.stop(), timeout=2.0)
 
     async def run(self) -> None:
         """Flush every interval until cancelled."""
@@ -206,11 +110,10 @@ class AccessRecorder(BackgroundTask):
                 await asyncio.sleep(0.5)
 
     async def stop(self) -> None:
-        """Stop the timer, then ship what is still buffered."""
+        """Stop the timer, then write what is still buffered."""
         await super().stop()
         with contextlib.suppress(Exception):
             await self.flush()
-        await self._close_producer()
 
 
 class OutboxRelay(BackgroundTask):
@@ -223,7 +126,8 @@ class OutboxRelay(BackgroundTask):
         self._bootstrap = bootstrap
         self._wakeup = wakeup
         self._batch = batch
-        self._sender = PartitionedSender()
+        self._partitioner = DefaultPartitioner()
+        self._placement: dict[tuple[str, str | None], tuple[str, int]] = {}  # (topic, key) → partition
         self.published = 0
 
     async def _publish_pending(self, conn: psycopg.AsyncConnection, producer: AIOKafkaProducer) -> int:
@@ -236,12 +140,36 @@ class OutboxRelay(BackgroundTask):
             return 0
         futures = []
         for i in range(0, len(rows), 250):  # give requests a turn between chunks
-            futures += await self._sender.send(producer, rows[i : i + 250])
+            futures += await self._send(producer, rows[i : i + 250])
             await asyncio.sleep(0)
         await asyncio.gather(*futures)
         await conn.execute("update outbox set published_at = now() where id = any(%s)", [[r[0] for r in rows]])
         self.published += len(rows)
         return len(rows)
+
+    async def _send(self, producer: AIOKafkaProducer, rows: list[tuple]) -> list[asyncio.Future]:
+        """Queue `rows` as record batches, one per partition (the key picks it, as `send` would);
+        each partition's rows keep their outbox order. Returns the batches' delivery futures."""
+        batches: dict[tuple[str, int], object] = {}
+        futures = []
+        for _, topic, key, payload in rows:
+            key_bytes = key.encode() if key else None
+            tp = self._placement.get((topic, key))
+            if tp is None:
+                partitions = sorted(await producer.partitions_for(topic))
+                tp = (topic, self._partitioner(key_bytes, partitions, partitions))
+                if key_bytes is not None and len(self._placement) < 100_000:
+                    self._placement[(topic, key)] = tp
+            batch = batches.get(tp)
+            if batch is None:
+                batch = batches[tp] = producer.create_batch()
+            if batch.append(key=key_bytes, value=bytes(payload), timestamp=None) is None:  # full: ship it
+                futures.append(await producer.send_batch(batches.pop(tp), tp[0], partition=tp[1]))
+                batch = batches[tp] = producer.create_batch()
+                batch.append(key=key_bytes, value=bytes(payload), timestamp=None)
+        for (topic, partition), batch in batches.items():
+            futures.append(await producer.send_batch(batch, topic, partition=partition))
+        return futures
 
     async def run(self) -> None:
         """Relay until cancelled; survives Kafka and Postgres outages."""
@@ -254,9 +182,16 @@ class OutboxRelay(BackgroundTask):
                         await (await conn.execute("select pg_try_advisory_lock(%s)", [_RELAY_LOCK_ID])).fetchone()
                     )[0]:
                         await asyncio.sleep(1.0)  # another api process relays
-                    producer = make_producer(self._bootstrap)
+                    producer = AIOKafkaProducer(
+                        bootstrap_servers=self._bootstrap,
+                        acks="all",
+                        enable_idempotence=True,
+                        linger_ms=2,
+                        max_batch_size=512 * 1024,
+                        request_timeout_ms=10_000,
+                    )
                     await producer.start()
-                    self._sender.reset()
+                    self._placement.clear()
                     backoff = 0.2
                     while True:
                         n = await self._publish_pending(conn, producer)

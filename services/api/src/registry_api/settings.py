@@ -25,9 +25,8 @@ class ApiSettings(PostgresSettings, KafkaSettings, MinioSettings):
     api_run_migrations: bool = Field(True, description="Apply pending migrations at start-up.")
     api_consume_events: bool = Field(True, description="Run the verdict/downloads consumers in this process.")
     outbox_relay: bool = Field(True, description="Run the outbox relay in this process.")
-    access_flush_ms: int = Field(20, ge=1, le=5000, description="How often buffered access events are shipped.")
-    access_direct_to_kafka: bool = Field(
-        True, description="Publish access events straight to Kafka (the outbox takes them while Kafka is away)."
+    access_flush_ms: int = Field(
+        20, ge=1, le=5000, description="How often buffered access events are written to the outbox."
     )
 
     @field_validator("registry_admin_token", mode="before")
