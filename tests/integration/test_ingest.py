@@ -451,6 +451,41 @@ async def test_two_workers_in_one_group_give_exactly_one_verdict_per_upload(inge
         await cleanup(ingest.client, ingest.bucket, config.prefix, ingest.database_url)
 
 
+async def _verification_under_way(ingest, config: WorkerConfig, repo: str, size: int, seed: int):
+    """Upload `size` pattern bytes under `repo`, complete it, and wait until a worker is part-way through
+    verifying it. Returns (upload, its stream, the `complete` message as published)."""
+    up = Upload(config.prefix, repo, "model.bin")
+    stream = PatternStream(size, seed=seed)
+    await ingest.bus.publish(config.uploads_topic, up.initiated())
+    await asyncio.to_thread(ingest.client.put_object, ingest.bucket, up.key, stream, size, part_size=16 * 1024 * 1024)
+    completed = await ingest.bus.publish(config.uploads_topic, up.completed(size, stream.sha256))
+
+    async def under_way() -> bool:
+        row = await upload_row(ingest.database_url, up.upload_id)
+        return bool(row and row["lease_owner"] and 0 < row["bytes_read"] < size)
+
+    await eventually(under_way, 60, "the verification to be under way", interval=0.05)
+    return up, stream, completed
+
+
+async def _complete_not_committed(bootstrap: str, config: WorkerConfig, completed) -> bool:
+    partition = (murmur2(completed.key) & 0x7FFFFFFF) % 3
+    committed, end = (await committed_and_end_offsets(bootstrap, config.group, config.uploads_topic))[partition]
+    return committed < end
+
+
+async def _one_verified_verdict_after_restart(bootstrap, config, reader, tmp_path, name, up, size, stream):
+    second = await start_ingest(bootstrap, config, tmp_path, name)
+    try:
+        verdict = await reader.wait_verdict(up.upload_id, within=90)
+        assert verdict.type == "registry.upload.verified.v1"
+        assert (verdict.data["size"], verdict.data["sha256"]) == (size, stream.sha256)
+    finally:
+        second.stop()
+    records = await reader.read_to_end(bootstrap)
+    assert [json.loads(r.value)["id"] for r in records] == [verdict.id]
+
+
 async def test_sigkill_during_a_large_verification_then_restart_gives_one_verdict(ingest, kafka_settings, tmp_path):
     bootstrap = kafka_settings.kafka_bootstrap_servers
     # Reads capped at 100 MB/s so the 400 MB verification is reliably in flight when the worker dies;
@@ -462,43 +497,19 @@ async def test_sigkill_during_a_large_verification_then_restart_gives_one_verdic
     reader = TopicReader(bootstrap, config.verdicts_topic)
     await reader.start()
     first = await start_ingest(bootstrap, config, tmp_path, "before-kill")
-    second: IngestProcess | None = None
     try:
-        up = Upload(config.prefix, "acme/large", "model.bin")
         size = 400 * 1024 * 1024
-        stream = PatternStream(size, seed=42)
-        await ingest.bus.publish(config.uploads_topic, up.initiated())
-        await asyncio.to_thread(
-            ingest.client.put_object, ingest.bucket, up.key, stream, size, part_size=16 * 1024 * 1024
-        )
-        completed = await ingest.bus.publish(config.uploads_topic, up.completed(size, stream.sha256))
-
-        async def halfway() -> bool:
-            row = await upload_row(ingest.database_url, up.upload_id)
-            return bool(row and row["lease_owner"] and 0 < row["bytes_read"] < size)
-
-        await eventually(halfway, 60, "the verification to be under way", interval=0.05)
+        up, stream, completed = await _verification_under_way(ingest, config, "acme/large", size, seed=42)
         first.kill()
         row = await upload_row(ingest.database_url, up.upload_id)
         assert row["verdict"] is None, "the worker finished before it could be killed"
         assert reader.verdicts_for(up.upload_id) == []
         # The complete being verified was never committed (the initiate before it may have been).
-        partition = (murmur2(completed.key) & 0x7FFFFFFF) % 3
-        committed, end = (await committed_and_end_offsets(bootstrap, config.group, config.uploads_topic))[partition]
-        assert committed < end
-
-        second = await start_ingest(bootstrap, config, tmp_path, "after-kill")
-        verdict = await reader.wait_verdict(up.upload_id, within=90)
-        assert verdict.type == "registry.upload.verified.v1"
-        assert (verdict.data["size"], verdict.data["sha256"]) == (size, stream.sha256)
-        second.stop()
-        records = await reader.read_to_end(bootstrap)
-        assert [json.loads(r.value)["id"] for r in records] == [verdict.id]
+        assert await _complete_not_committed(bootstrap, config, completed)
+        await _one_verified_verdict_after_restart(bootstrap, config, reader, tmp_path, "after-kill", up, size, stream)
         assert len(await verdict_rows(ingest.database_url, f"upload:{up.upload_id}")) == 1
     finally:
         first.stop()
-        if second is not None:
-            second.stop()
         await reader.stop()
         await cleanup(ingest.client, ingest.bucket, config.prefix, ingest.database_url)
 
@@ -513,22 +524,9 @@ async def test_sigterm_during_a_large_verification_hands_the_work_back(ingest, k
     reader = TopicReader(bootstrap, config.verdicts_topic)
     await reader.start()
     first = await start_ingest(bootstrap, config, tmp_path, "before-term")
-    second: IngestProcess | None = None
     try:
-        up = Upload(config.prefix, "acme/term", "model.bin")
         size = 200 * 1024 * 1024
-        stream = PatternStream(size, seed=43)
-        await ingest.bus.publish(config.uploads_topic, up.initiated())
-        await asyncio.to_thread(
-            ingest.client.put_object, ingest.bucket, up.key, stream, size, part_size=16 * 1024 * 1024
-        )
-        completed = await ingest.bus.publish(config.uploads_topic, up.completed(size, stream.sha256))
-
-        async def under_way() -> bool:
-            row = await upload_row(ingest.database_url, up.upload_id)
-            return bool(row and row["lease_owner"] and 0 < row["bytes_read"] < size)
-
-        await eventually(under_way, 60, "the verification to be under way", interval=0.05)
+        up, stream, completed = await _verification_under_way(ingest, config, "acme/term", size, seed=43)
         t0 = time.monotonic()
         first.stop()  # SIGTERM; SIGKILL only if it has not exited after 30 s
         assert time.monotonic() - t0 < 15, "the worker did not shut down within its grace period"
@@ -537,20 +535,9 @@ async def test_sigterm_during_a_large_verification_hands_the_work_back(ingest, k
         row = await upload_row(ingest.database_url, up.upload_id)
         assert row["verdict"] is None and row["lease_owner"] is None
         assert reader.verdicts_for(up.upload_id) == []
-        partition = (murmur2(completed.key) & 0x7FFFFFFF) % 3
-        committed, end = (await committed_and_end_offsets(bootstrap, config.group, config.uploads_topic))[partition]
-        assert committed < end
-
-        second = await start_ingest(bootstrap, config, tmp_path, "after-term")
-        verdict = await reader.wait_verdict(up.upload_id, within=90)
-        assert verdict.type == "registry.upload.verified.v1"
-        assert (verdict.data["size"], verdict.data["sha256"]) == (size, stream.sha256)
-        second.stop()
-        records = await reader.read_to_end(bootstrap)
-        assert [json.loads(r.value)["id"] for r in records] == [verdict.id]
+        assert await _complete_not_committed(bootstrap, config, completed)
+        await _one_verified_verdict_after_restart(bootstrap, config, reader, tmp_path, "after-term", up, size, stream)
     finally:
         first.stop()
-        if second is not None:
-            second.stop()
         await reader.stop()
         await cleanup(ingest.client, ingest.bucket, config.prefix, ingest.database_url)
