@@ -116,6 +116,44 @@ class AccessRecorder(BackgroundTask):
             await self.flush()
 
 
+class OutboxPruner(BackgroundTask):
+    """Deletes outbox rows published longer ago than the retention, in bounded batches (every api
+    process may run one; unpublished rows are never touched)."""
+
+    name = "outbox-pruner"
+
+    def __init__(self, pool: AsyncConnectionPool, retention_seconds: int, interval: float = 60.0) -> None:
+        self._pool = pool
+        self._retention = retention_seconds
+        self._interval = interval
+        self.pruned = 0
+
+    async def prune(self) -> int:
+        """Delete what is past the retention; returns how many rows went."""
+        total = 0
+        while True:
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(
+                    "delete from outbox where id in (select id from outbox where published_at is not null"
+                    " and published_at < now() - make_interval(secs => %s) limit 10000)",
+                    [self._retention],
+                )
+            total += cur.rowcount
+            if cur.rowcount < 10000:
+                self.pruned += total
+                return total
+
+    async def run(self) -> None:
+        """Prune at start and then every interval until cancelled."""
+        while True:
+            try:
+                if n := await self.prune():
+                    log.info("outbox pruned", extra={"fields": {"rows": n}})
+            except Exception as exc:  # the database briefly away: next time
+                log.warning("outbox not pruned: %s", exc)
+            await asyncio.sleep(self._interval)
+
+
 class OutboxRelay(BackgroundTask):
     """Publishes outbox rows to Kafka, at least once, in order."""
 
