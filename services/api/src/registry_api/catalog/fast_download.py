@@ -18,9 +18,9 @@ from psycopg_pool import PoolTimeout
 from pydantic import Field, TypeAdapter, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from registry_api.auth import check_admin_token, principal_for_key
+from registry_api.auth import catalog_principal
 from registry_api.catalog.endpoints import download_answer
-from registry_api.errors import ApiError, Unauthorized, Unprocessable, describe_error
+from registry_api.errors import ApiError, Unprocessable, describe_error
 from registry_api.kit.presign import EXPIRES_DEFAULT, EXPIRES_MAX, EXPIRES_MIN
 
 _PREFIX = "/v1/files/"
@@ -93,11 +93,6 @@ class FastDownload:
                 api_key = value.decode("latin-1")
             elif name == b"x-admin-token":
                 admin_token = value.decode("latin-1")
-        if api_key:
-            principal = await principal_for_key(app, api_key)
-        elif admin_token:
-            principal = check_admin_token(app, admin_token)
-        else:
-            raise Unauthorized("missing x-api-key")
+        principal = await catalog_principal(app, api_key, admin_token)
         expires, version = _query(scope)
         return await download_answer(app, principal, file_path, expires, version)
