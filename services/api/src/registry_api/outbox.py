@@ -126,7 +126,6 @@ class OutboxPruner(BackgroundTask):
         self._pool = pool
         self._retention = retention_seconds
         self._interval = interval
-        self.pruned = 0
 
     async def prune(self) -> int:
         """Delete what is past the retention; returns how many rows went."""
@@ -140,7 +139,6 @@ class OutboxPruner(BackgroundTask):
                 )
             total += cur.rowcount
             if cur.rowcount < 10000:
-                self.pruned += total
                 return total
 
     async def run(self) -> None:
