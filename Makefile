@@ -25,8 +25,8 @@ reset:           ## stop everything and wipe all local data
 test:            ## install, start the stack, run lint + the whole suite, stop what it started
 	@bash deploy/local/test.sh
 
-bench:           ## run the benchmarks in tests/bench against the running stack
-	@bash deploy/local/test.sh --bench
+bench:           ## run the benchmarks in tests/bench (make bench B=tests/bench/<file> for one)
+	@bash deploy/local/test.sh --bench $(B)
 
 lint:            ## ruff
 	@uv run --no-sync ruff check . && uv run --no-sync ruff format --check .

@@ -2,7 +2,7 @@
 # `make test`: install what is missing, start the stack, run lint and the whole test suite against
 # the real servers, then stop what this run started (a stack that was already up stays up).
 #   test.sh           lint + unit + integration + e2e
-#   test.sh --bench   the benchmarks in tests/bench (prints their figures)
+#   test.sh --bench [file ...]   the benchmarks in tests/bench, or the files given (prints their figures)
 set -euo pipefail
 # shellcheck source=deploy/local/env.sh
 . "$(dirname "${BASH_SOURCE[0]}")/env.sh"
@@ -38,7 +38,9 @@ if [ "$mode" = "--bench" ]; then
   for tool in wrk openssl; do
     command -v "$tool" >/dev/null 2>&1 || { log "installing $tool"; apt-get update -qq && apt-get install -y -qq "$tool" >/dev/null; }
   done
-  uv run --no-sync pytest tests/bench -m bench -s -p no:cacheprovider "${@:2}"
+  targets=("${@:2}")
+  [ ${#targets[@]} -gt 0 ] || targets=(tests/bench)
+  uv run --no-sync pytest -m bench -s -p no:cacheprovider "${targets[@]}"
   exit $?
 fi
 
