@@ -217,15 +217,18 @@ FROM (
     FROM {{source}}
 )"""  # noqa: S608 (constants only)
 
-#: Of the staged access events: the rows whose event id the store already holds (looked up in the hours of
-#: the batch's ts only: a duplicate carries the ts of the event it repeats), how many there are, and how
-#: many distinct event ids are left to store.
+#: Of the staged access events: the rows whose event id the store already holds, how many there are, and
+#: how many distinct event ids are left to store. A duplicate carries the ts of the event it repeats, so the
+#: look-up reads only the stored events of the batch's hours (the sorting key) with one of the batch's exact
+#: ts (a cheap filter on one column) before it reads any event id: its cost follows the batch, not how many
+#: events the hour already holds.
 STAGE_DUPLICATES = """
 SELECT groupArrayIf(n, dup), count(), uniqExactIf(event_id, NOT dup)
 FROM (
     SELECT n, event_id, event_id IN (
         SELECT event_id FROM access_events
         WHERE toStartOfHour(ts) IN (SELECT DISTINCT toStartOfHour(ts) FROM {stage} WHERE ok)
+          AND ts IN (SELECT ts FROM {stage} WHERE ok)
     ) AS dup
     FROM {stage}
     WHERE ok
