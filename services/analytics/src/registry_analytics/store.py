@@ -251,8 +251,10 @@ _FILE_SOURCE = (
     "(SELECT toUInt32(toUInt64(splitByChar('.', _file)[1]) + _row_number) AS n, raw"
     " FROM file('{folder}/*.txt', 'LineAsString', 'raw String'))"
 )
-#: The engine threads that parse a batch.
+#: The engine threads that parse a batch, and the batch size from which it uses more than one: a small batch
+#: (a live stream) stays on one core, so the loader never takes every core from the services beside it.
 STAGE_THREADS = 2
+PARALLEL_STAGE_MIN = 20_000
 _INPUT_SOURCE = "(SELECT rowNumberInAllBlocks() AS n, raw FROM input('raw String'))"
 
 _ONE_BLOCK = {
@@ -364,19 +366,20 @@ class Store:
         if not values:
             return []
         blob = _lines(values)
+        threads = STAGE_THREADS if len(values) >= PARALLEL_STAGE_MIN else 1
         sql = f"INSERT INTO {stage} ({', '.join(STAGE_COLUMNS)}) {STAGE_SELECT}"
         if self.settings.clickhouse_mode == "chdb":
             # In-process engine: the lines go through files the engine reads, in parallel (a file's name is
             # the number of its first row), as raw_insert would through one.
             with tempfile.TemporaryDirectory(prefix="analytics-batch-") as folder:
-                self._write_chunks(folder, blob)
+                self._write_chunks(folder, blob, threads)
                 source = _FILE_SOURCE.replace("{folder}", folder)  # mkdtemp: no quote in the path
-                self.client.command(sql.replace("{source}", source), settings={"max_threads": STAGE_THREADS})
+                self.client.command(sql.replace("{source}", source), settings={"max_threads": threads})
         else:
             self.client.command(
                 sql.replace("{source}", _INPUT_SOURCE) + " FORMAT LineAsString",
                 data=blob,
-                settings={"max_threads": STAGE_THREADS},
+                settings={"max_threads": threads},
             )
         (refused, staged), *_ = self.query(f"SELECT groupArrayIf(n, NOT ok), count() FROM {stage}")  # noqa: S608
         if staged != len(values):
@@ -384,10 +387,10 @@ class Store:
         return sorted(int(n) for n in refused)
 
     @staticmethod
-    def _write_chunks(folder: str, blob: bytes) -> None:
-        """Split the lines into STAGE_THREADS files of about the same size, named by their first row."""
+    def _write_chunks(folder: str, blob: bytes, files: int) -> None:
+        """Split the lines into `files` files of about the same size, named by their first row."""
         start, row = 0, 0
-        for i in range(STAGE_THREADS, 0, -1):
+        for i in range(files, 0, -1):
             end = len(blob) if i == 1 else blob.find(b"\n", start + (len(blob) - start) // i)
             if end < 0:
                 end = len(blob)
@@ -407,7 +410,9 @@ class Store:
 
     def stage_duplicates(self, stage: str) -> tuple[list[int], int, int]:
         """(the staged rows whose event id the store holds, the access events staged, the ids left to store)."""
-        (dups, staged, kept), *_ = self.query(STAGE_DUPLICATES.format(stage=_ident(stage)))
+        (dups, staged, kept), *_ = self.client.query(
+            STAGE_DUPLICATES.format(stage=_ident(stage)), settings={"max_threads": 1}
+        ).result_rows
         return sorted(int(n) for n in dups), int(staged), int(kept)
 
     def insert_staged(self, stage: str, skip: Sequence[int], token: str) -> None:
