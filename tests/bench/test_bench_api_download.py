@@ -71,7 +71,7 @@ def _events_on_kafka(database_url: str, bootstrap: str, repo: str, before: int, 
     with psycopg.connect(database_url, autocommit=True) as conn:
         while True:
             (pending,) = conn.execute(
-                "select count(*) from outbox where topic = %s and key = %s and published_at is null",
+                "select count(*) from outbox where topic = %s and key = %s",
                 [Topics.ACCESS, repo],
             ).fetchone()
             if pending == 0 or time.monotonic() > deadline:

@@ -26,7 +26,7 @@ from registry_api.dev.endpoints import router as dev_router
 from registry_api.errors import install_error_handlers
 from registry_api.kit.presign import Presigner
 from registry_api.kit.request_id import RequestIdMiddleware
-from registry_api.outbox import AccessRecorder, OutboxPruner, OutboxRelay
+from registry_api.outbox import AccessRecorder, OutboxRelay
 from registry_api.platform.endpoints import router as platform_router
 from registry_api.settings import ApiSettings, get_settings
 from registry_api.usage.endpoints import router as usage_router
@@ -81,8 +81,6 @@ def create_app(settings: ApiSettings | None = None, fast_download: bool = True) 
         background: list = [app.state.access]
         if settings.outbox_relay:
             background.append(OutboxRelay(settings.database_url, settings.kafka_bootstrap_servers, outbox_wakeup))
-        if settings.outbox_relay and settings.outbox_retention_seconds:
-            background.append(OutboxPruner(pool, settings.outbox_retention_seconds))
         if settings.api_consume_events:
             background.append(VerdictConsumer(pool, settings.kafka_bootstrap_servers))
             background.append(DownloadCounter(pool, settings.kafka_bootstrap_servers))

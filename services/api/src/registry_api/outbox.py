@@ -3,7 +3,8 @@
 - `write_event(conn, data)` inserts into `outbox` inside the caller's transaction.
 - `AccessRecorder` buffers access events (one per counted read) and writes them in batches every few
   milliseconds with COPY, so a download costs no extra round trip; a graceful stop flushes the buffer.
-- `OutboxRelay` publishes pending rows in id order (acks=all, idempotent producer), then stamps them.
+- `OutboxRelay` publishes the rows in id order (acks=all, idempotent producer), then deletes them: the
+  table holds only what is still to be published, and Kafka is the log of what was.
   Only one relay publishes at a time across api processes (advisory lock), so per-key order holds.
   Kafka being down never fails a request: rows wait in Postgres and flow once it is back.
 """
@@ -116,42 +117,6 @@ class AccessRecorder(BackgroundTask):
             await self.flush()
 
 
-class OutboxPruner(BackgroundTask):
-    """Deletes outbox rows published longer ago than the retention, in bounded batches (every api
-    process may run one; unpublished rows are never touched)."""
-
-    name = "outbox-pruner"
-
-    def __init__(self, pool: AsyncConnectionPool, retention_seconds: int, interval: float = 60.0) -> None:
-        self._pool = pool
-        self._retention = retention_seconds
-        self._interval = interval
-
-    async def prune(self) -> int:
-        """Delete what is past the retention; returns how many rows went."""
-        total = 0
-        while True:
-            async with self._pool.connection() as conn:
-                cur = await conn.execute(
-                    "delete from outbox where id in (select id from outbox where published_at is not null"
-                    " and published_at < now() - make_interval(secs => %s) limit 10000)",
-                    [self._retention],
-                )
-            total += cur.rowcount
-            if cur.rowcount < 10000:
-                return total
-
-    async def run(self) -> None:
-        """Prune at start and then every interval until cancelled."""
-        while True:
-            try:
-                if n := await self.prune():
-                    log.info("outbox pruned", extra={"fields": {"rows": n}})
-            except Exception as exc:  # the database briefly away: next time
-                log.warning("outbox not pruned: %s", exc)
-            await asyncio.sleep(self._interval)
-
-
 class OutboxRelay(BackgroundTask):
     """Publishes outbox rows to Kafka, at least once, in order."""
 
@@ -168,7 +133,7 @@ class OutboxRelay(BackgroundTask):
 
     async def _publish_pending(self, conn: psycopg.AsyncConnection, producer: AIOKafkaProducer) -> int:
         cur = await conn.execute(
-            "select id, topic, key, payload from outbox where published_at is null order by id limit %s",
+            "select id, topic, key, payload from outbox order by id limit %s",
             [self._batch],
         )
         rows = await cur.fetchall()
@@ -179,7 +144,7 @@ class OutboxRelay(BackgroundTask):
             futures += await self._send(producer, rows[i : i + 250])
             await asyncio.sleep(0)
         await asyncio.gather(*futures)
-        await conn.execute("update outbox set published_at = now() where id = any(%s)", [[r[0] for r in rows]])
+        await conn.execute("delete from outbox where id = any(%s)", [[r[0] for r in rows]])
         self.published += len(rows)
         return len(rows)
 

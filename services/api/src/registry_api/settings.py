@@ -25,9 +25,6 @@ class ApiSettings(PostgresSettings, KafkaSettings, MinioSettings):
     api_run_migrations: bool = Field(True, description="Apply pending migrations at start-up.")
     api_consume_events: bool = Field(True, description="Run the verdict/downloads consumers in this process.")
     outbox_relay: bool = Field(True, description="Run the outbox relay in this process.")
-    outbox_retention_seconds: int = Field(
-        86400, ge=0, description="Published outbox rows are deleted after this long (0: kept forever)."
-    )
     access_flush_ms: int = Field(
         20, ge=1, le=5000, description="How often buffered access events are written to the outbox."
     )
