@@ -15,7 +15,9 @@ import logging
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterable
 
+import orjson
 import psycopg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from psycopg_pool import AsyncConnectionPool
@@ -171,6 +173,24 @@ class VerdictConsumer(BackgroundTask):
             correlation_id.reset(token)
 
 
+def count_downloads(values: Iterable[bytes | None]) -> Counter[str]:
+    """Downloads per repo_id in raw access-event messages. Every access event passes here: only the three
+    fields a count needs are read, the rest is not validated (the analytics service does that); a message
+    that is not a download event (junk included) is not counted."""
+    counts: Counter[str] = Counter()
+    for value in values:
+        try:
+            doc = orjson.loads(value)
+            data = doc["data"] if doc.get("type") == FileAccessed.event_type else None
+            if isinstance(data, dict) and data.get("kind") == "download":
+                repo = data.get("repo_id")
+                if repo and isinstance(repo, str):
+                    counts[repo] += 1
+        except (ValueError, TypeError, KeyError, AttributeError):
+            continue
+    return counts
+
+
 class DownloadCounter(BackgroundTask):
     """Adds real downloads to models.downloads, exactly once, with offsets stored beside the counts."""
 
@@ -195,17 +215,7 @@ class DownloadCounter(BackgroundTask):
                 await consumer.seek_to_beginning(tp)
 
     async def _store(self, batch: dict[TopicPartition, list]) -> None:
-        counts: Counter[str] = Counter()
-        for records in batch.values():
-            for msg in records:
-                try:
-                    event = decode_event(msg.value)
-                    if event.type == FileAccessed.event_type and event.data.get("kind") == "download":
-                        repo = event.data.get("repo_id")
-                        if repo:
-                            counts[repo] += 1
-                except (ValidationError, ValueError):
-                    continue
+        counts = count_downloads(msg.value for records in batch.values() for msg in records)
         async with self._pool.connection() as conn, conn.transaction():
             for repo_id, n in sorted(counts.items()):
                 await conn.execute("update models set downloads = downloads + %s where repo_id = %s", [n, repo_id])
