@@ -24,7 +24,7 @@ class AnalyticsSettings(BaseSettings):
     )
     session_timeout_ms: int = Field(10_000, ge=1000, description="Kafka group session timeout.")
     batch_max_events: int = Field(50_000, ge=1, description="Flush a batch once it holds this many messages.")
-    flush_interval_ms: int = Field(200, ge=1, description="Flush a non-empty batch at least this often.")
+    flush_interval_ms: int = Field(500, ge=1, description="Flush a non-empty batch at least this often.")
     fetch_max_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Kafka fetch size (bytes) per request.")
     max_partition_fetch_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Kafka fetch size per partition.")
     consumer_enabled: bool = Field(True, description="Run the Kafka loader inside the HTTP process.")
