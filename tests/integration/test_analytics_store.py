@@ -177,7 +177,7 @@ def test_staged_batches_dedupe_and_replay_idempotently(store):
     store.create_stage(STAGE)
     # A batch with copies of its own events: the first copy of each id is kept.
     assert store.stage_values(STAGE, values + values[:50]) == []
-    dups, staged, kept = store.stage_duplicates(STAGE)
+    dups, staged, kept, _ = store.stage_duplicates(STAGE)
     assert (dups, staged, kept) == ([], 550, 500)
     token = new_token()
     for _ in range(3):  # a retried batch, as after a crash: the same rows under the same token
@@ -190,7 +190,7 @@ def test_staged_batches_dedupe_and_replay_idempotently(store):
     more = make_events(random.Random(4), 100, [201], MODELS, START, 3)
     batch = values[:200] + values_of(more)
     assert store.stage_values(STAGE, batch) == []
-    dups, staged, kept = store.stage_duplicates(STAGE)
+    dups, staged, kept, _ = store.stage_duplicates(STAGE)
     assert dups == list(range(200)) and (staged, kept) == (300, 100)
     store.insert_staged(STAGE, dups, new_token())
     assert store.query("SELECT count(), uniqExact(event_id) FROM access_events WHERE user_id IN (201, 202)")[0] == (
@@ -215,6 +215,35 @@ def test_usage_queries_match_the_reference(store):
         assert got == expected(events, since, until, names=names, top_models_limit=100)
         got = queries.admin_usage(store, queries.Window(since, until), 50, 100, filter_email="ADA@new.example.com")
         assert got == expected(events, since, until, users={101}, names=names, top_models_limit=100)
+
+
+def test_the_overview_keeps_closed_periods_until_a_late_event_is_stored(store):
+    events = make_events(random.Random(5), 600, list(USERS), MODELS, START + 20 * DAY, 3)
+    store.load_values(values_of(events), new_token())
+    # The names as registered at first (newer than the rename an earlier test of this module stored).
+    store.insert_users([(uid, email, name, "platform", 3000) for uid, (email, name) in USERS.items()])
+    closed = queries.ClosedPeriods()
+    since, until = int(START) + 20 * DAY + 5_000, int(START) + 23 * DAY + 777  # whole days, hours and seconds
+    window = queries.Window(since, until)
+    first = queries.admin_usage(store, window, 50, 100, closed=closed)
+    assert first == expected(events, since, until, names=USERS, top_models_limit=100)
+    assert queries.admin_usage(store, window, 50, 100, closed=closed) == first  # from what was kept
+    assert queries.admin_usage(store, window, 50, 100) == first  # nothing kept: one statement, same answer
+
+    # A late event for a whole day of the window: what was kept no longer holds until the loader says so.
+    late = Access("late-1", 101, "download", "acme/alpha", START + 21 * DAY + 10)
+    store.load_values(values_of([late]), new_token())
+    assert queries.admin_usage(store, window, 50, 100, closed=closed) == first
+    closed.invalidate()
+    now = queries.admin_usage(store, window, 50, 100, closed=closed)
+    assert now == expected([*events, late], since, until, names=USERS, top_models_limit=100)
+    assert now["totals"]["downloads"] == first["totals"]["downloads"] + 1
+
+    # A computation that began before an invalidation is not kept.
+    generation = closed.generation
+    closed.invalidate()
+    closed.put(("k",), generation, "stale")
+    assert closed.get(("k",)) is None
 
 
 def test_a_rollup_added_later_is_backfilled(store):

@@ -40,7 +40,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     query_store = await asyncio.to_thread(Store, ch)
     app.state.store = query_store
     settings = analytics_settings()
-    loader = AccessLoader(loader_store, settings) if settings.consumer_enabled else None
+    # The in-process engine's files belong to this process alone, so its loader is the only writer and the
+    # overview's closed periods can be kept between requests; a ClickHouse server may have other writers.
+    closed = queries.ClosedPeriods() if ch.clickhouse_mode == "chdb" else None
+    app.state.closed_periods = closed
+    loader = AccessLoader(loader_store, settings, closed_periods=closed) if settings.consumer_enabled else None
     app.state.loader = loader
     if loader:
         await loader.start()
@@ -134,6 +138,7 @@ async def admin_usage(
         top_models_limit,
         filter_user_id,
         filter_email,
+        app.state.closed_periods,
     )
 
 

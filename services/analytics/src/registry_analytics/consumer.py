@@ -47,6 +47,7 @@ from faststream.kafka import KafkaBroker
 from faststream.kafka.message import FAKE_CONSUMER, KafkaMessage
 from orjson import loads as _json_loads
 
+from registry_analytics.queries import ClosedPeriods
 from registry_analytics.settings import AnalyticsSettings
 from registry_analytics.store import Manifest, Store, stage_name
 from registry_shared.events import AccessKind, FileAccessed, UserRegistered, decode_event
@@ -235,9 +236,16 @@ class AccessLoader:
     it is stored (one batch in flight, commits in order).
     """
 
-    def __init__(self, store: Store, settings: AnalyticsSettings, kafka: KafkaSettings | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        settings: AnalyticsSettings,
+        kafka: KafkaSettings | None = None,
+        closed_periods: ClosedPeriods | None = None,
+    ) -> None:
         self.store = store
         self.settings = settings
+        self.closed_periods = closed_periods  # told when a batch holds late events (before the current hour)
         self.kafka = kafka or KafkaSettings()
         s = settings
         self._assigned = asyncio.Event()
@@ -521,9 +529,9 @@ class AccessLoader:
             index = {(r.topic, r.partition, r.offset): n for n, r in enumerate(records)}
             skip = sorted(index[tuple(p)] for p in replay.skipped if tuple(p) in index)
             manifest: Manifest | None = replay
-            rows, duplicates = replay.rows, 0
+            rows, duplicates, earliest = replay.rows, 0, 0
         else:
-            skip, count, rows = store.stage_duplicates(stage)
+            skip, count, rows, earliest = store.stage_duplicates(stage)
             duplicates = count - rows
             manifest = None
             if rows:
@@ -538,6 +546,8 @@ class AccessLoader:
         store.insert_users(staged.users)
         if manifest is not None:
             store.insert_staged(stage, skip, manifest.token)
+            if self.closed_periods is not None and earliest < time.time() // 3600 * 3600:
+                self.closed_periods.invalidate()  # after the insert: see queries.ClosedPeriods
         self.stats["phase"] = "committing"
         self.stats["stored"] += rows
         self.stats["invalid"] += len(staged.invalid)

@@ -3,10 +3,17 @@
 A window [since, until] is in whole epoch seconds, both ends included: an event counts when
 since <= ts < until + 1. Whole UTC days inside the window are read from `usage_daily`; the partial days
 at either end from `access_events`, whose (hour, user, model) order keeps those scans short.
+
+The admin overview reads closed periods (whole days and whole hours before the current hour) from the
+per-user and per-model rollups, and only the partial hours from the raw events. Only late events can change
+a closed period, so its part of an overview can be kept (`ClosedPeriods`) until the loader stores one.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -66,11 +73,11 @@ _RAW_RANGES = " OR ".join(
 _USERS_SOURCE = _NARROW_SOURCE.format(key="user_id", rollup="users", raw=_RAW_RANGES)
 _MODELS_SOURCE = _NARROW_SOURCE.format(key="repo_id", rollup="models", raw=_RAW_RANGES)
 
-#: The admin overview without a user filter, in one statement and one pass over each source: whole days and
-#: whole edge hours from the per-user rollups (totals, days, users) and the per-model ones (models), the raw
-#: events of the partial hours once for both. Each row carries zeros in the columns that are not its own:
-#: events .. last_ts count for totals, days and users; m_downloads and m_rows for models.
-_OVERVIEW_SOURCE = """
+#: The admin overview without a user filter, as rows carrying zeros in the columns that are not their own:
+#: events .. last_ts count for totals, days and users; m_downloads and m_rows for models. Closed periods
+#: (whole days and whole edge hours) come from the per-user rollups (totals, days, users) and the per-model
+#: ones (models); the partial hours from the raw events, read once for both.
+_CLOSED_SOURCE = """
     SELECT day, user_id, '' AS repo_id, events, manifests, files_list, downloads, last_ts,
            toUInt64(0) AS m_downloads, toUInt64(0) AS m_rows
     FROM usage_daily_users
@@ -89,31 +96,33 @@ _OVERVIEW_SOURCE = """
            toDateTime64(0, 3, 'UTC'), downloads, toUInt64(1)
     FROM usage_hourly_models
     WHERE {hours}
-    UNION ALL
-    SELECT toDate(ts), user_id, repo_id, toUInt64(1), toUInt64(kind IN ('manifest', 'platform_manifest')),
-           toUInt64(kind = 'files_list'), toUInt64(kind = 'download'), ts, toUInt64(kind = 'download'), toUInt64(1)
-    FROM access_events
-    WHERE {raw}
-""".replace("{raw}", _RAW_RANGES).replace(
+""".replace(
     "{hours}",
     "(hour >= toDateTime({h0:UInt64}, 'UTC') AND hour < toDateTime({h1:UInt64}, 'UTC'))"
     " OR (hour >= toDateTime({h2:UInt64}, 'UTC') AND hour < toDateTime({h3:UInt64}, 'UTC'))",
 )
+_OPEN_SOURCE = """
+    SELECT toDate(ts) AS day, user_id, repo_id, toUInt64(1) AS events,
+           toUInt64(kind IN ('manifest', 'platform_manifest')) AS manifests, toUInt64(kind = 'files_list') AS files_list,
+           toUInt64(kind = 'download') AS downloads, ts AS last_ts, toUInt64(kind = 'download') AS m_downloads,
+           toUInt64(1) AS m_rows
+    FROM access_events
+    WHERE {raw}
+""".replace("{raw}", _RAW_RANGES)
 
-#: Columns: grouping(day), grouping(user_id), day, user_id, repo_id, events, manifests,
-#: files_list, downloads, last_ts, then the downloads and row count of the model rows (the totals are the
-#: sums of the days).
-_OVERVIEW = (
-    """
+#: Columns: grouping(day), grouping(user_id), day, user_id, repo_id, events, manifests, files_list,
+#: downloads, last_ts, then the downloads and row count of the model rows (the totals are the sums of the
+#: days). {src} is _CLOSED_SOURCE or _OPEN_SOURCE.
+_OVERVIEW = """
 SELECT grouping(day), grouping(user_id), toString(day), user_id, repo_id,
        sum(events), sum(manifests), sum(files_list), sum(downloads), toUnixTimestamp(max(last_ts)),
        sum(m_downloads), sum(m_rows)
-FROM ("""
-    + _OVERVIEW_SOURCE
-    + """)
+FROM ({src})
 GROUP BY GROUPING SETS ((day), (user_id), (repo_id))
 """
-)
+_CLOSED_OVERVIEW = _OVERVIEW.replace("{src}", _CLOSED_SOURCE)
+_OPEN_OVERVIEW = _OVERVIEW.replace("{src}", _OPEN_SOURCE)
+_WHOLE_OVERVIEW = _OVERVIEW.replace("{src}", _CLOSED_SOURCE + "UNION ALL" + _OPEN_SOURCE)
 
 _USER_NAMES = """
 SELECT user_id, argMax(email, updated_at), argMax(name, updated_at)
@@ -179,6 +188,84 @@ class Window:
         return params
 
 
+class ClosedPeriods:
+    """The closed-period numbers of recent admin overviews, keyed by their whole days and hours.
+
+    A closed period (a whole day or hour before the current hour) changes only when a late event for it is
+    stored, and the loader then calls `invalidate()`. A computation that began before an invalidation is not
+    kept (`put` compares generations), and one kept just before it is dropped by it. Valid only when this
+    process's loader is the store's only writer: the in-process engine (chDB), whose files one process holds.
+    """
+
+    def __init__(self, size: int = 32) -> None:
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple, Any] = OrderedDict()
+        self._size = size
+        self.generation = 0
+
+    def get(self, key: tuple) -> Any:
+        """What is kept for `key`, or None."""
+        with self._lock:
+            rows = self._entries.get(key)
+            if rows is not None:
+                self._entries.move_to_end(key)
+            return rows
+
+    def put(self, key: tuple, generation: int, value: Any) -> None:
+        """Keep `value`, computed from the store as of `generation`, unless a late event came in since."""
+        with self._lock:
+            if generation == self.generation:
+                self._entries[key] = value
+                self._entries.move_to_end(key)
+                while len(self._entries) > self._size:
+                    self._entries.popitem(last=False)
+
+    def invalidate(self) -> None:
+        """A closed period changed: forget everything kept."""
+        with self._lock:
+            self.generation += 1
+            self._entries.clear()
+
+
+#: An overview's numbers: days (day -> [events, manifests, files_list, downloads, last_ts]), users (user ->
+#: [events, downloads, last_ts]) and every model seen (repo -> downloads).
+_Parts = tuple[dict[str, list[int]], dict[int, list[int]], dict[str, int]]
+
+
+def _add(parts: _Parts, rows: list[tuple]) -> _Parts:
+    """Add _OVERVIEW rows into `parts` (in place) and return them."""
+    days, users, models = parts
+    for g_day, g_user, day, uid, repo, ev, man, fl, dl, last, m_dl, m_rows in rows:
+        if not g_day:
+            if ev:
+                d = days.setdefault(day, [0, 0, 0, 0, 0])
+                d[0] += ev
+                d[1] += man
+                d[2] += fl
+                d[3] += dl
+                d[4] = max(d[4], last)
+        elif not g_user:
+            if ev:
+                u = users.setdefault(uid, [0, 0, 0])
+                u[0] += ev
+                u[1] += dl
+                u[2] = max(u[2], last)
+        elif repo and m_rows:
+            models[repo] = models.get(repo, 0) + m_dl
+    return parts
+
+
+def _closed_parts(store: Store, params: dict[str, Any], closed: ClosedPeriods) -> _Parts:
+    """The window's whole days and hours (all closed), as kept in `closed` (never changed in place)."""
+    key = (params["d0"], params["d1"], params["h0"], params["h1"], params["h2"], params["h3"])
+    parts = closed.get(key)
+    if parts is None:
+        generation = closed.generation
+        parts = _add(({}, {}, {}), store.query(_CLOSED_OVERVIEW, params))
+        closed.put(key, generation, parts)
+    return parts
+
+
 def _usage(store: Store, window: Window, filters: str, params: dict[str, Any]) -> dict[str, Any]:
     """Run the one-pass query and split its rows into totals, models, days and users."""
     sql = _USAGE.format(src=_SOURCE.replace("{filter}", filters))
@@ -214,35 +301,34 @@ def _usage(store: Store, window: Window, filters: str, params: dict[str, Any]) -
     }
 
 
-def _overview(store: Store, window: Window) -> dict[str, Any]:
-    """The unfiltered admin overview from the per-user and per-model rollups (one statement)."""
-    totals = (0, 0, 0, 0, 0)
-    days: list[dict[str, Any]] = []
-    users: list[tuple[int, int, int, int]] = []
-    models: list[tuple[str, int]] = []
-    for g_day, g_user, day, uid, repo, ev, man, fl, dl, last, m_dl, m_rows in store.query(_OVERVIEW, window.params()):
-        if not g_day:
-            if ev:  # the totals are the sums of the days
-                days.append({"day": day, "events": int(ev), "downloads": int(dl)})
-                t_ev, t_man, t_fl, t_dl, t_last = totals
-                totals = (t_ev + int(ev), t_man + int(man), t_fl + int(fl), t_dl + int(dl), max(t_last, int(last)))
-        elif not g_user:
-            if ev:
-                users.append((int(uid), int(ev), int(dl), int(last)))
-        elif repo and m_rows:
-            models.append((repo, int(m_dl)))
-    days.sort(key=lambda d: d["day"])
-    users.sort(key=lambda u: (-u[1], -u[2], u[0]))
-    top_models = sorted((m for m in models if m[1]), key=lambda m: (-m[1], m[0]))
-    events = totals[0]
+def _overview(store: Store, window: Window, closed: ClosedPeriods | None) -> dict[str, Any]:
+    """The unfiltered admin overview: the closed periods' numbers (kept, or read and kept) plus the partial
+    hours'; in one statement when nothing can be kept."""
+    params = window.params()
+    days_end = (params["d1"].toordinal() - _EPOCH.toordinal() + 1) * DAY if params["d0"] <= params["d1"] else 0
+    if closed is None or max(days_end, params["h1"], params["h3"]) > time.time() // HOUR * HOUR:
+        days, users, models = _add(({}, {}, {}), store.query(_WHOLE_OVERVIEW, params))
+    else:
+        c_days, c_users, c_models = _closed_parts(store, params, closed)
+        parts = ({k: v.copy() for k, v in c_days.items()}, {k: v.copy() for k, v in c_users.items()}, dict(c_models))
+        days, users, models = _add(parts, store.query(_OPEN_OVERVIEW, params))
+    events = sum(d[0] for d in days.values())
+    top_models = sorted(((r, d) for r, d in models.items() if d), key=lambda m: (-m[1], m[0]))
     return {
         "window": {"since": window.since, "until": window.until},
-        "totals": {"events": events, "manifests": totals[1], "files_list": totals[2], "downloads": totals[3]},
-        "last_seen_ts": totals[4] if events else None,
+        "totals": {
+            "events": events,
+            "manifests": sum(d[1] for d in days.values()),
+            "files_list": sum(d[2] for d in days.values()),
+            "downloads": sum(d[3] for d in days.values()),
+        },
+        "last_seen_ts": max(d[4] for d in days.values()) if events else None,
         "distinct_models": len(models),
         "top_models": [{"repo_id": r, "downloads": d} for r, d in top_models],
-        "timeseries_daily": days,
-        "_users": users,
+        "timeseries_daily": [{"day": k, "events": v[0], "downloads": v[3]} for k, v in sorted(days.items())],
+        "_users": sorted(
+            ((uid, ev, dl, last) for uid, (ev, dl, last) in users.items()), key=lambda u: (-u[1], -u[2], u[0])
+        ),
     }
 
 
@@ -261,14 +347,16 @@ def admin_usage(
     top_models_limit: int,
     filter_user_id: int | None = None,
     filter_email: str | None = None,
+    closed: ClosedPeriods | None = None,
 ) -> dict[str, Any]:
-    """The body of `GET /v1/admin/usage`, optionally for the users matching an id and/or an e-mail."""
+    """The body of `GET /v1/admin/usage`, optionally for the users matching an id and/or an e-mail;
+    `closed` keeps the unfiltered overview's closed periods between calls."""
     filters, params = "", {}
     if filter_user_id is not None:
         filters, params = _BY_USER, {"uid": filter_user_id}
     if filter_email is not None:
         filters, params = f"{filters} {_BY_EMAIL}", {**params, "email": filter_email}
-    body = _usage(store, window, filters, params) if filters else _overview(store, window)
+    body = _usage(store, window, filters, params) if filters else _overview(store, window, closed)
     top = body.pop("_users")[:top_users_limit]
     names: dict[int, tuple[str, str]] = {}
     if top:

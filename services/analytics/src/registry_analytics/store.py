@@ -217,15 +217,15 @@ FROM (
     FROM {{source}}
 )"""  # noqa: S608 (constants only)
 
-#: Of the staged access events: the rows whose event id the store already holds, how many there are, and
-#: how many distinct event ids are left to store. A duplicate carries the ts of the event it repeats, so the
-#: look-up reads only the stored events of the batch's hours (the sorting key) with one of the batch's exact
-#: ts (a cheap filter on one column) before it reads any event id: its cost follows the batch, not how many
-#: events the hour already holds.
+#: Of the staged access events: the rows whose event id the store already holds, how many there are, how
+#: many distinct event ids are left to store, and the earliest ts (epoch seconds). A duplicate carries the
+#: ts of the event it repeats, so the look-up reads only the stored events of the batch's hours (the sorting
+#: key) with one of the batch's exact ts (a cheap filter on one column) before it reads any event id: its
+#: cost follows the batch, not how many events the hour already holds.
 STAGE_DUPLICATES = """
-SELECT groupArrayIf(n, dup), count(), uniqExactIf(event_id, NOT dup)
+SELECT groupArrayIf(n, dup), count(), uniqExactIf(event_id, NOT dup), toUnixTimestamp(min(ts))
 FROM (
-    SELECT n, event_id, event_id IN (
+    SELECT n, event_id, ts, event_id IN (
         SELECT event_id FROM access_events
         WHERE toStartOfHour(ts) IN (SELECT DISTINCT toStartOfHour(ts) FROM {stage} WHERE ok)
           AND ts IN (SELECT ts FROM {stage} WHERE ok)
@@ -408,12 +408,13 @@ class Store:
             data = [[n, 1, eid, _EPOCH + timedelta(milliseconds=ts), *rest] for n, (eid, ts, *rest) in rows]
             self.client.insert(_ident(stage), data, column_names=list(STAGE_COLUMNS))
 
-    def stage_duplicates(self, stage: str) -> tuple[list[int], int, int]:
-        """(the staged rows whose event id the store holds, the access events staged, the ids left to store)."""
-        (dups, staged, kept), *_ = self.client.query(
+    def stage_duplicates(self, stage: str) -> tuple[list[int], int, int, int]:
+        """(the staged rows whose event id the store holds, the access events staged, the ids left to store,
+        the earliest staged ts in epoch seconds)."""
+        (dups, staged, kept, earliest), *_ = self.client.query(
             STAGE_DUPLICATES.format(stage=_ident(stage)), settings={"max_threads": 1}
         ).result_rows
-        return sorted(int(n) for n in dups), int(staged), int(kept)
+        return sorted(int(n) for n in dups), int(staged), int(kept), int(earliest)
 
     def insert_staged(self, stage: str, skip: Sequence[int], token: str) -> None:
         """Insert the staged batch (minus the rows `skip`) as one idempotent block.
