@@ -368,8 +368,14 @@ class SmtpSink:
 # ---------------------------------------------------------------- Kafka
 
 
-def publish(*payloads: EventData, source: str = "/tests/notifier", events: list | None = None) -> list:
-    """Publish events to their topics (key = subject) and wait for the acks; returns the CloudEvents."""
+def publish(
+    *payloads: EventData,
+    source: str = "/tests/notifier",
+    events: list | None = None,
+    headers: list[tuple[str, bytes]] | None = None,
+) -> list:
+    """Publish events to their topics (key = subject, with `headers` if given) and wait for the acks;
+    returns the CloudEvents."""
     cloud = list(events or []) + [make_event(p, source=source) for p in payloads]
 
     async def _send() -> None:
@@ -377,7 +383,7 @@ def publish(*payloads: EventData, source: str = "/tests/notifier", events: list 
         await producer.start()
         try:
             for ev in cloud:
-                await producer.send_and_wait(EVENT_TYPES[ev.type].topic, encode_event(ev), key=ev.key)
+                await producer.send_and_wait(EVENT_TYPES[ev.type].topic, encode_event(ev), key=ev.key, headers=headers)
         finally:
             await producer.stop()
 

@@ -33,7 +33,7 @@ from notifier_helpers import (
 )
 from standardwebhooks import Webhook
 
-from registry_shared.events import CloudEvent, UploadRejected, UploadVerified, UserKeyRotated
+from registry_shared.events import CloudEvent, UploadRejected, UploadVerified, UserKeyRotated, make_event
 from registry_shared.settings import PostgresSettings
 
 MAX_FAILURES = 8
@@ -384,6 +384,18 @@ def test_an_event_with_a_bad_payload_does_not_stop_the_flow(api: Api, notifier: 
         wait_for(lambda: r.events(), 20, "the event after the bad one")
         assert [x.event["type"] for x in r.events()] == [UserKeyRotated.event_type]
         assert bad.id not in r.event_ids()
+
+
+def test_an_event_with_a_binary_kafka_header_is_delivered(api: Api, notifier: ServiceProcess, hooks: list) -> None:
+    dev = api.register("Dev")
+    with receiver() as r:
+        _subscribe(api, hooks, dev, r.url, ["user.key_rotated"])
+        rotated = UserKeyRotated(user_id=dev.user_id, email=dev.email, key_prefix="sk_live_test", rotated_ts=1)
+        event = make_event(rotated, source="/tests/notifier", subject=f"user:{dev.user_id}")
+        publish(events=[event], headers=[("trace", b"\xff\xfe not UTF-8")])
+        api.rotate_key(dev)  # and one without a header after it
+        wait_for(lambda: len(r.events()) == 2, 20, "both key rotations")
+        assert r.event_ids()[0] == event.id
 
 
 def test_a_retried_version_event_is_withheld_once_the_grant_is_revoked(

@@ -44,13 +44,14 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
-from faststream.kafka.message import FAKE_CONSUMER, KafkaMessage
+from faststream.kafka.message import KafkaMessage
 from orjson import loads as _json_loads
 
 from registry_analytics.queries import ClosedPeriods
 from registry_analytics.settings import AnalyticsSettings
 from registry_analytics.store import Manifest, Store, stage_name
 from registry_shared.events import AccessKind, FileAccessed, UserRegistered, decode_event
+from registry_shared.kafka import raw_batch
 from registry_shared.logging import correlation_id
 from registry_shared.settings import KafkaSettings
 
@@ -202,14 +203,6 @@ def new_token() -> str:
 
 
 # ---------------------------------------------------------------- the loader
-def _parse_records(records: tuple[ConsumerRecord, ...]) -> KafkaMessage:
-    """FastStream parser of a fetched batch: the records as they are (no per-message work here)."""
-    first = records[0]
-    msg_id = f"{first.topic}/{first.partition}@{first.offset}+{len(records)}"
-    # KafkaMessage counts as acknowledged: FastStream never commits, the loader does once a batch is stored.
-    return KafkaMessage(raw_message=records, body=b"", consumer=FAKE_CONSUMER, message_id=msg_id, correlation_id=msg_id)
-
-
 def _decode_records(msg: KafkaMessage) -> tuple[ConsumerRecord, ...]:
     """FastStream decoder: the handler gets the ConsumerRecords themselves (values stay bytes)."""
     return msg.raw_message  # type: ignore[return-value]
@@ -274,7 +267,7 @@ class AccessLoader:
             fetch_max_wait_ms=min(s.flush_interval_ms, 500),
             max_poll_records=s.batch_max_events,
             listener=_Assigned(self._assigned),
-            parser=_parse_records,
+            parser=raw_batch,
             decoder=_decode_records,
         )
         self.subscriber(self._on_records)

@@ -32,6 +32,7 @@ from registry_notifier import repository
 from registry_notifier.routing import Incoming, Router
 from registry_notifier.settings import NotifierSettings
 from registry_shared.events import Topics, decode_event
+from registry_shared.kafka import raw_batch
 from registry_shared.webhooks import SUBSCRIPTION_NAME_OF
 
 log = logging.getLogger(__name__)
@@ -218,6 +219,7 @@ class EventConsumer:
             batch_timeout_ms=POLL_MS,
             ack_policy=AckPolicy.MANUAL,
             listener=self._partitions,
+            parser=raw_batch,  # headers are never decoded: a binary one cannot fail a batch
             decoder=decode_batch,
         )
         self._subscriber(self._handle)
