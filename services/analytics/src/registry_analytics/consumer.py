@@ -255,7 +255,9 @@ class AccessLoader:
             s.users_topic,
             batch=True,
             max_records=s.batch_max_events,
-            batch_timeout_ms=min(s.flush_interval_ms, 500),
+            # Short: the loader collects its own batches (flush_interval_ms); FastStream sleeps this long again
+            # after a poll that found nothing, which would add to an idle stream's freshness.
+            batch_timeout_ms=50,
             group_id=s.group_id,
             group_instance_id=s.group_instance_id or None,
             ack_policy=AckPolicy.MANUAL,
