@@ -18,6 +18,7 @@ from psycopg_pool import AsyncConnectionPool
 from registry_notifier.consumer import EventConsumer
 from registry_notifier.delivery import DeliveryWorker
 from registry_notifier.mailer import MailWorker
+from registry_notifier.retention import RetentionWorker
 from registry_notifier.routing import Router
 from registry_notifier.settings import NotifierSettings, get_settings
 from registry_shared.webhooks import TargetGuard, parse_networks
@@ -51,7 +52,12 @@ def create_app(settings: NotifierSettings | None = None) -> FastAPI:
         router = Router(allowed, settings.notifier_deployment, settings.email_enabled)
         consumer = EventConsumer(pool, settings, router, stored)
         app.state.consumer, app.state.delivery, app.state.mailer = consumer, delivery, mailer
-        workers = [w for w in (delivery, mailer, consumer) if w is not None]
+        retention = (
+            RetentionWorker(pool, settings.notifier_deployment, settings.notifier_retention_days)
+            if settings.notifier_retention_days
+            else None
+        )
+        workers = [w for w in (delivery, mailer, consumer, retention) if w is not None]
         for w in workers:
             w.start()
         try:

@@ -40,6 +40,12 @@ class NotifierSettings(PostgresSettings, KafkaSettings):
     notifier_adopt_after_s: float = Field(
         300.0, ge=0, description="Deliveries queued by another deployment are taken over once this overdue."
     )
+    notifier_retention_days: int = Field(
+        30,
+        ge=0,
+        description="Delivered/failed deliveries and sent/failed e-mails are deleted after this many days (0: kept"
+        " forever). Keep it above the Kafka topics' retention: an event replayed after it would be sent again.",
+    )
     notifier_poll_interval_s: float = Field(0.5, gt=0, le=60, description="How often due retries are looked for.")
     notifier_dns_timeout_s: float = Field(3.0, gt=0, le=30)
     notifier_dns_cache_s: float = Field(30.0, ge=0, le=3600)
