@@ -38,11 +38,13 @@ fi
 : "${NOTIFIER_PORT:=8084}"
 # Development only: the spec's quick start uses this token. Never use it in production.
 : "${REGISTRY_ADMIN_TOKEN:=changeme}"
+# Development only, as in .env.example: the key webhook signing secrets are sealed with.
+: "${WEBHOOK_SECRET_KEY:=Jm7kc3VgRIN1LRkidzDsPTYhhrKrNb/SoNYPUugovqQ=}"
 
 export ROOT_DIR LOCAL_DIR REGISTRY_CACHE_DIR
 export PG_PORT PG_USER PG_PASSWORD PG_DATABASE KAFKA_VERSION KAFKA_PORT KAFKA_CONTROLLER_PORT
 export MINIO_VERSION MINIO_PORT MINIO_CONSOLE_PORT MINIO_ROOT_USER MINIO_ROOT_PASSWORD MINIO_BUCKET
-export MINIO_SECURE MINIO_NOTIFY_TOPIC API_PORT INGEST_PORT ANALYTICS_PORT NOTIFIER_PORT REGISTRY_ADMIN_TOKEN
+export MINIO_SECURE MINIO_NOTIFY_TOPIC API_PORT INGEST_PORT ANALYTICS_PORT NOTIFIER_PORT REGISTRY_ADMIN_TOKEN WEBHOOK_SECRET_KEY
 
 # What the Python services read (pydantic-settings, see shared/src/registry_shared/settings.py).
 export DATABASE_URL="${DATABASE_URL:-postgresql://$PG_USER:$PG_PASSWORD@127.0.0.1:$PG_PORT/$PG_DATABASE}"

@@ -4,10 +4,16 @@
 from __future__ import annotations
 
 import base64
+import os
 from collections.abc import Iterator
 
+import httpx
+import psycopg
 import pytest
+from conftest import spawn_api, stop_process
 from notifier_helpers import Api, ServiceProcess, User, api_process
+
+from registry_shared.secretbox import SecretBox
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +66,43 @@ def test_create_shows_the_secret_once(api: Api, alice: User) -> None:
     listed = api.http.get("/v1/webhooks", headers=alice.headers).json()["items"]
     assert [w["id"] for w in listed] == [body["id"]]
     assert all("secret" not in w for w in listed)
+
+
+def test_the_secret_is_stored_sealed_and_clear_ones_are_sealed_at_start(api: Api, alice: User, pg_settings) -> None:
+    r = api.http.post(
+        "/v1/webhooks",
+        headers=alice.headers,
+        json={"url": "http://127.0.0.1:9/hook", "event_types": ["upload.verified"]},
+    )
+    assert r.status_code == 201, r.text
+    hook_id, secret = r.json()["id"], r.json()["secret"]
+    box = SecretBox(os.environ["WEBHOOK_SECRET_KEY"])
+    with psycopg.connect(pg_settings.database_url, autocommit=True) as conn:
+
+        def stored() -> str:
+            return conn.execute("select secret from webhooks where id = %s", [hook_id]).fetchone()[0]
+
+        assert stored().startswith("enc:v1:") and secret not in stored()
+        assert box.open(stored()) == secret
+        # A secret an older version stored in clear is sealed when an api starts.
+        conn.execute("update webhooks set secret = 'whsec_c2VjcmV0LXN0b3JlZC1pbi1jbGVhcg==' where id = %s", [hook_id])
+        proc, _ = spawn_api()
+        stop_process(proc)
+        assert stored().startswith("enc:v1:")
+        assert box.open(stored()) == "whsec_c2VjcmV0LXN0b3JlZC1pbi1jbGVhcg=="
+
+
+def test_without_a_secret_key_no_webhook_is_created(alice: User) -> None:
+    proc, base = spawn_api(WEBHOOK_SECRET_KEY="")
+    try:
+        r = httpx.post(
+            f"{base}/v1/webhooks",
+            headers=alice.headers,
+            json={"url": "http://127.0.0.1:9/hook", "event_types": ["upload.verified"]},
+        )
+    finally:
+        stop_process(proc)
+    assert r.status_code == 503 and r.json() == {"detail": "webhook secret key not configured"}
 
 
 def test_a_user_sees_only_their_own(api: Api, alice: User, bob: User) -> None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from registry_shared.secretbox import SecretBox, parse_key
 
 _CONFIG = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
 
@@ -61,6 +63,29 @@ class ClickHouseSettings(BaseSettings):
     clickhouse_user: str = "default"
     clickhouse_password: SecretStr = SecretStr("")
     clickhouse_database: str = "registry"
+
+
+class WebhookSecretSettings(BaseSettings):
+    """The key webhook signing secrets are sealed with at rest (api seals, notifier opens)."""
+
+    model_config = _CONFIG
+    webhook_secret_key: SecretStr | None = Field(
+        None,
+        description="AES-256 key (base64 of 32 bytes) sealing webhook signing secrets in the database; the"
+        " api and the notifier need the same one. Unset: webhooks cannot be created (503).",
+    )
+
+    @field_validator("webhook_secret_key", mode="before")
+    @classmethod
+    def _checked_key(cls, v: object) -> object:
+        if v in ("", None):
+            return None
+        parse_key(v.get_secret_value() if isinstance(v, SecretStr) else str(v))  # fails at start-up, not later
+        return v
+
+    def secret_box(self) -> SecretBox | None:
+        """The box sealing webhook secrets, if a key is configured."""
+        return SecretBox(self.webhook_secret_key.get_secret_value()) if self.webhook_secret_key else None
 
 
 class ServiceSettings(BaseSettings):

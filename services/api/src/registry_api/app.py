@@ -32,6 +32,7 @@ from registry_api.settings import ApiSettings, get_settings
 from registry_api.usage.endpoints import router as usage_router
 from registry_api.users.endpoints import router as users_router
 from registry_api.webhooks.endpoints import router as webhooks_router
+from registry_api.webhooks.repository import seal_clear_secrets
 
 DESCRIPTION = """
 The Model Registry's HTTP API: both spec documents (0.3.0 and 1.0.0) on one server.
@@ -74,6 +75,9 @@ def create_app(settings: ApiSettings | None = None, fast_download: bool = True) 
         app.state.settings = settings
         app.state.pool = pool
         app.state.presigner = Presigner(settings)
+        app.state.secret_box = settings.secret_box()
+        if app.state.secret_box is not None:
+            await seal_clear_secrets(pool, app.state.secret_box)
         app.state.access = AccessRecorder(pool, settings.access_flush_ms, outbox_wakeup)
         app.state.analytics = httpx.AsyncClient(base_url=settings.analytics_url, timeout=10.0)
         stop = asyncio.Event()

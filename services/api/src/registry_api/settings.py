@@ -7,10 +7,10 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 
-from registry_shared.settings import KafkaSettings, MinioSettings, PostgresSettings
+from registry_shared.settings import KafkaSettings, MinioSettings, PostgresSettings, WebhookSecretSettings
 
 
-class ApiSettings(PostgresSettings, KafkaSettings, MinioSettings):
+class ApiSettings(PostgresSettings, KafkaSettings, MinioSettings, WebhookSecretSettings):
     """Everything the api reads from the environment."""
 
     registry_admin_token: SecretStr | None = Field(

@@ -29,6 +29,7 @@ from standardwebhooks import Webhook
 from registry_notifier import repository
 from registry_notifier.settings import NotifierSettings
 from registry_shared.logging import correlation_id
+from registry_shared.secretbox import SecretKeyError, is_sealed
 from registry_shared.webhooks import TargetGuard, TargetRefused
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class DeliveryWorker:
             limits=httpx.Limits(max_connections=settings.notifier_delivery_concurrency * 2),
         )
         self._signers: dict[str, Webhook] = {}
+        self._box = settings.secret_box()
         self._tasks: set[asyncio.Task[None]] = set()
         #: Deliveries claimed by this process and not recorded yet (handed back on a graceful stop).
         self._claimed: set[int] = set()
@@ -95,12 +97,17 @@ class DeliveryWorker:
         self.sent = 0
         self.failed_attempts = 0
 
-    def _signer(self, secret: str) -> Webhook:
-        w = self._signers.get(secret)
+    def _signer(self, stored: str) -> Webhook:
+        """The signer of a webhook's secret as stored (sealed with WEBHOOK_SECRET_KEY, or in clear by an
+        older version); SecretKeyError when it does not open."""
+        w = self._signers.get(stored)
         if w is None:
+            if is_sealed(stored) and self._box is None:
+                raise SecretKeyError("WEBHOOK_SECRET_KEY is not configured")
+            secret = self._box.open(stored) if self._box is not None else stored
             if len(self._signers) > 10_000:
                 self._signers.clear()
-            w = self._signers[secret] = Webhook(secret)
+            w = self._signers[stored] = Webhook(secret)
         return w
 
     async def attempt(self, row: dict) -> Outcome:
@@ -111,13 +118,18 @@ class DeliveryWorker:
         except TargetRefused as exc:
             return Outcome(False, None, None, f"refused: {exc}")
         now = datetime.now(UTC)
+        try:
+            signer = self._signer(row["secret"])
+        except SecretKeyError as exc:  # the operator's key, not the receiver: not counted against the webhook
+            log.error("webhook %s: signing secret unreadable: %s", row["webhook_id"], exc)
+            return Outcome(False, None, None, f"signing secret unreadable: {exc}", False)
         headers = {
             "host": target.host_header,
             "content-type": "application/json",
             "user-agent": "model-registry-notifier/1",
             "webhook-id": row["message_id"],
             "webhook-timestamp": str(int(now.timestamp())),
-            "webhook-signature": self._signer(row["secret"]).sign(row["message_id"], now, row["payload"]),
+            "webhook-signature": signer.sign(row["message_id"], now, row["payload"]),
         }
         extensions = {"sni_hostname": target.sni_hostname} if target.sni_hostname else {}
         try:

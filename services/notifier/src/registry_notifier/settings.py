@@ -7,13 +7,13 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 
-from registry_shared.settings import KafkaSettings, PostgresSettings
+from registry_shared.settings import KafkaSettings, PostgresSettings, WebhookSecretSettings
 
 #: Seconds to wait before attempt 2, 3, ... of a failed delivery: about 16 hours in all.
 DEFAULT_RETRY_SCHEDULE = "5,30,120,600,1800,3600,7200,14400,28800"
 
 
-class NotifierSettings(PostgresSettings, KafkaSettings):
+class NotifierSettings(PostgresSettings, KafkaSettings, WebhookSecretSettings):
     """Everything the notifier reads from the environment."""
 
     notifier_group_id: str = Field("registry-notifier", description="Kafka consumer group.")

@@ -57,12 +57,13 @@ async def event_types(_: CurrentUser) -> EventTypeList:
     status_code=status.HTTP_201_CREATED,
     summary="Create a webhook",
     description="Subscribes a URL to event types (optionally of one model). The answer carries the signing "
-    "secret, shown this once. You only ever receive events about what you may see. " + _SIGNING,
-    responses=_ERR,
+    "secret, shown this once (stored sealed with WEBHOOK_SECRET_KEY). You only ever receive events about "
+    "what you may see. " + _SIGNING,
+    responses=errors(401, 404, 409, 422, 503),
 )
 async def create_webhook(body: WebhookIn, request: Request, principal: CurrentUser) -> WebhookCreated:
     async with request.app.state.pool.connection() as conn:
-        return WebhookCreated(**await service.create_webhook(conn, principal, body))
+        return WebhookCreated(**await service.create_webhook(conn, principal, body, request.app.state.secret_box))
 
 
 @router.get("", response_model=WebhookList, summary="Your webhooks", responses=errors(401))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from registry_shared.secretbox import SecretBox
 
 _WEBHOOK = """id, url, description, event_types, repo_id, enabled, consecutive_failures, disabled_reason,
     disabled_ts, created_ts, updated_ts"""
@@ -116,3 +119,13 @@ async def schedule_redelivery(conn: psycopg.AsyncConnection, delivery_id: int) -
         "update webhook_deliveries set status = 'pending', next_attempt_at = now(), lease_until = null where id = %s",
         [delivery_id],
     )
+
+
+async def seal_clear_secrets(pool: AsyncConnectionPool, box: SecretBox) -> int:
+    """Seal in place the signing secrets an older version stored in clear; returns how many."""
+    async with pool.connection() as conn, conn.transaction():
+        cur = await conn.execute("select id, secret from webhooks where secret not like 'enc:v1:%' for update")
+        rows = await cur.fetchall()
+        for row in rows:
+            await conn.execute("update webhooks set secret = %s where id = %s", [box.seal(row["secret"]), row["id"]])
+    return len(rows)

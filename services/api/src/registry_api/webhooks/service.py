@@ -8,10 +8,11 @@ import secrets
 import psycopg
 
 from registry_api.auth import Principal
-from registry_api.errors import Conflict, NotFound, Unprocessable
+from registry_api.errors import Conflict, NotFound, Unavailable, Unprocessable
 from registry_api.webhooks import repository
 from registry_api.webhooks.schemas import WebhookIn, WebhookUpdate
 from registry_api.webhooks.targets import TargetRefused, check_target
+from registry_shared.secretbox import SecretBox
 
 MAX_WEBHOOKS_PER_USER = 50
 
@@ -29,8 +30,13 @@ async def check_url(url: str) -> None:
         raise Unprocessable(f"webhook url refused: {exc}") from exc
 
 
-async def create_webhook(conn: psycopg.AsyncConnection, principal: Principal, body: WebhookIn) -> dict:
-    """Create a subscription for the caller; returns its row plus the secret (shown once)."""
+async def create_webhook(
+    conn: psycopg.AsyncConnection, principal: Principal, body: WebhookIn, box: SecretBox | None
+) -> dict:
+    """Create a subscription for the caller; returns its row plus the secret (shown once). The secret is
+    stored sealed with `box` (WEBHOOK_SECRET_KEY); without a key no webhook is created (503)."""
+    if box is None:
+        raise Unavailable("webhook secret key not configured")
     await check_url(body.url)
     secret = new_secret()
     async with conn.transaction():
@@ -43,7 +49,7 @@ async def create_webhook(conn: psycopg.AsyncConnection, principal: Principal, bo
             body.description,
             list(body.event_types),
             body.repo_id,
-            secret,
+            box.seal(secret),
             body.enabled,
         )
     return {**row, "secret": secret}
