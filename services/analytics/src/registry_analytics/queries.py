@@ -75,22 +75,25 @@ _MODELS_SOURCE = _NARROW_SOURCE.format(key="repo_id", rollup="models", raw=_RAW_
 
 #: The admin overview without a user filter, as rows carrying zeros in the columns that are not their own:
 #: events .. last_ts count for totals, days and users; m_downloads and m_rows for models. Closed periods
-#: (whole days and whole edge hours) come from the per-user rollups (totals, days, users) and the per-model
-#: ones (models); the partial hours from the raw events, read once for both.
-_CLOSED_SOURCE = """
+#: come from the per-user rollups (totals, days, users) and the per-model ones (models): the whole days
+#: (_DAYS_SOURCE) and the whole hours of the edge days (_HOURS_SOURCE); the partial hours from the raw events,
+#: read once for both (_OPEN_SOURCE).
+_DAYS_SOURCE = """
     SELECT day, user_id, '' AS repo_id, events, manifests, files_list, downloads, last_ts,
            toUInt64(0) AS m_downloads, toUInt64(0) AS m_rows
     FROM usage_daily_users
     WHERE day >= {d0:Date} AND day <= {d1:Date}
     UNION ALL
-    SELECT toDate(hour), user_id, '', events, manifests, files_list, downloads, last_ts, toUInt64(0), toUInt64(0)
-    FROM usage_hourly_users
-    WHERE {hours}
-    UNION ALL
     SELECT day, toUInt64(0), repo_id, toUInt64(0), toUInt64(0), toUInt64(0), toUInt64(0), toDateTime64(0, 3, 'UTC'),
            downloads, toUInt64(1)
     FROM usage_daily_models
     WHERE day >= {d0:Date} AND day <= {d1:Date}
+"""
+_HOURS_SOURCE = """
+    SELECT toDate(hour) AS day, user_id, '' AS repo_id, events, manifests, files_list, downloads, last_ts,
+           toUInt64(0) AS m_downloads, toUInt64(0) AS m_rows
+    FROM usage_hourly_users
+    WHERE {hours}
     UNION ALL
     SELECT toDate(hour), toUInt64(0), repo_id, toUInt64(0), toUInt64(0), toUInt64(0), toUInt64(0),
            toDateTime64(0, 3, 'UTC'), downloads, toUInt64(1)
@@ -112,7 +115,7 @@ _OPEN_SOURCE = """
 
 #: Columns: grouping(day), grouping(user_id), day, user_id, repo_id, events, manifests, files_list,
 #: downloads, last_ts, then the downloads and row count of the model rows (the totals are the sums of the
-#: days). {src} is _CLOSED_SOURCE or _OPEN_SOURCE.
+#: days). {src} is one or more of the sources above.
 _OVERVIEW = """
 SELECT grouping(day), grouping(user_id), toString(day), user_id, repo_id,
        sum(events), sum(manifests), sum(files_list), sum(downloads), toUnixTimestamp(max(last_ts)),
@@ -120,9 +123,10 @@ SELECT grouping(day), grouping(user_id), toString(day), user_id, repo_id,
 FROM ({src})
 GROUP BY GROUPING SETS ((day), (user_id), (repo_id))
 """
-_CLOSED_OVERVIEW = _OVERVIEW.replace("{src}", _CLOSED_SOURCE)
+_DAYS_OVERVIEW = _OVERVIEW.replace("{src}", _DAYS_SOURCE)
+_HOURS_OVERVIEW = _OVERVIEW.replace("{src}", _HOURS_SOURCE)
 _OPEN_OVERVIEW = _OVERVIEW.replace("{src}", _OPEN_SOURCE)
-_WHOLE_OVERVIEW = _OVERVIEW.replace("{src}", _CLOSED_SOURCE + "UNION ALL" + _OPEN_SOURCE)
+_WHOLE_OVERVIEW = _OVERVIEW.replace("{src}", _DAYS_SOURCE + "UNION ALL" + _HOURS_SOURCE + "UNION ALL" + _OPEN_SOURCE)
 
 _USER_NAMES = """
 SELECT user_id, argMax(email, updated_at), argMax(name, updated_at)
@@ -197,7 +201,7 @@ class ClosedPeriods:
     process's loader is the store's only writer: the in-process engine (chDB), whose files one process holds.
     """
 
-    def __init__(self, size: int = 32) -> None:
+    def __init__(self, size: int = 64) -> None:
         self._lock = threading.Lock()
         self._entries: OrderedDict[tuple, Any] = OrderedDict()
         self._size = size
@@ -255,13 +259,49 @@ def _add(parts: _Parts, rows: list[tuple]) -> _Parts:
     return parts
 
 
+def _combined(*parts: _Parts) -> _Parts:
+    """New numbers adding up `parts` (which stay as they are)."""
+    days: dict[str, list[int]] = {}
+    users: dict[int, list[int]] = {}
+    models: dict[str, int] = {}
+    for p_days, p_users, p_models in parts:
+        for day, (ev, man, fl, dl, last) in p_days.items():
+            d = days.setdefault(day, [0, 0, 0, 0, 0])
+            d[0] += ev
+            d[1] += man
+            d[2] += fl
+            d[3] += dl
+            d[4] = max(d[4], last)
+        for uid, (ev, dl, last) in p_users.items():
+            u = users.setdefault(uid, [0, 0, 0])
+            u[0] += ev
+            u[1] += dl
+            u[2] = max(u[2], last)
+        for repo, dl in p_models.items():
+            models[repo] = models.get(repo, 0) + dl
+    return days, users, models
+
+
 def _closed_parts(store: Store, params: dict[str, Any], closed: ClosedPeriods) -> _Parts:
-    """The window's whole days and hours (all closed), as kept in `closed` (never changed in place)."""
+    """The window's whole days and hours (all closed), as kept in `closed` (never changed in place).
+
+    The whole days and the whole hours are also kept apart: when the hour turns, the window's days are
+    usually the same, and only its hours are read again."""
     key = (params["d0"], params["d1"], params["h0"], params["h1"], params["h2"], params["h3"])
     parts = closed.get(key)
     if parts is None:
         generation = closed.generation
-        parts = _add(({}, {}, {}), store.query(_CLOSED_OVERVIEW, params))
+        pieces = []
+        for piece_key, sql in (
+            (("days", params["d0"], params["d1"]), _DAYS_OVERVIEW),
+            (("hours", params["h0"], params["h1"], params["h2"], params["h3"]), _HOURS_OVERVIEW),
+        ):
+            piece = closed.get(piece_key)
+            if piece is None:
+                piece = _add(({}, {}, {}), store.query(sql, params))
+                closed.put(piece_key, generation, piece)
+            pieces.append(piece)
+        parts = _combined(*pieces)
         closed.put(key, generation, parts)
     return parts
 
