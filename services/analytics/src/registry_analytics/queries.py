@@ -236,24 +236,32 @@ class ClosedPeriods:
 _Parts = tuple[dict[str, list[int]], dict[int, list[int]], dict[str, int]]
 
 
+def _add_day(days: dict[str, list[int]], day: str, ev: int, man: int, fl: int, dl: int, last: int) -> None:
+    d = days.setdefault(day, [0, 0, 0, 0, 0])
+    d[0] += ev
+    d[1] += man
+    d[2] += fl
+    d[3] += dl
+    d[4] = max(d[4], last)
+
+
+def _add_user(users: dict[int, list[int]], uid: int, ev: int, dl: int, last: int) -> None:
+    u = users.setdefault(uid, [0, 0, 0])
+    u[0] += ev
+    u[1] += dl
+    u[2] = max(u[2], last)
+
+
 def _add(parts: _Parts, rows: list[tuple]) -> _Parts:
     """Add _OVERVIEW rows into `parts` (in place) and return them."""
     days, users, models = parts
     for g_day, g_user, day, uid, repo, ev, man, fl, dl, last, m_dl, m_rows in rows:
         if not g_day:
             if ev:
-                d = days.setdefault(day, [0, 0, 0, 0, 0])
-                d[0] += ev
-                d[1] += man
-                d[2] += fl
-                d[3] += dl
-                d[4] = max(d[4], last)
+                _add_day(days, day, ev, man, fl, dl, last)
         elif not g_user:
             if ev:
-                u = users.setdefault(uid, [0, 0, 0])
-                u[0] += ev
-                u[1] += dl
-                u[2] = max(u[2], last)
+                _add_user(users, uid, ev, dl, last)
         elif repo and m_rows:
             models[repo] = models.get(repo, 0) + m_dl
     return parts
@@ -265,18 +273,10 @@ def _combined(*parts: _Parts) -> _Parts:
     users: dict[int, list[int]] = {}
     models: dict[str, int] = {}
     for p_days, p_users, p_models in parts:
-        for day, (ev, man, fl, dl, last) in p_days.items():
-            d = days.setdefault(day, [0, 0, 0, 0, 0])
-            d[0] += ev
-            d[1] += man
-            d[2] += fl
-            d[3] += dl
-            d[4] = max(d[4], last)
-        for uid, (ev, dl, last) in p_users.items():
-            u = users.setdefault(uid, [0, 0, 0])
-            u[0] += ev
-            u[1] += dl
-            u[2] = max(u[2], last)
+        for day, numbers in p_days.items():
+            _add_day(days, day, *numbers)
+        for uid, numbers in p_users.items():
+            _add_user(users, uid, *numbers)
         for repo, dl in p_models.items():
             models[repo] = models.get(repo, 0) + dl
     return days, users, models
@@ -349,7 +349,7 @@ def _overview(store: Store, window: Window, closed: ClosedPeriods | None) -> dic
     if closed is None or max(days_end, params["h1"], params["h3"]) > time.time() // HOUR * HOUR:
         days, users, models = _add(({}, {}, {}), store.query(_WHOLE_OVERVIEW, params))
     else:
-        c_days, c_users, c_models = _closed_parts(store, params, closed)
+        c_days, c_users, c_models = _closed_parts(store, params, closed)  # copied: what is kept stays as it is
         parts = ({k: v.copy() for k, v in c_days.items()}, {k: v.copy() for k, v in c_users.items()}, dict(c_models))
         days, users, models = _add(parts, store.query(_OPEN_OVERVIEW, params))
     events = sum(d[0] for d in days.values())
