@@ -201,7 +201,7 @@ class ClosedPeriods:
     process's loader is the store's only writer: the in-process engine (chDB), whose files one process holds.
     """
 
-    def __init__(self, size: int = 64) -> None:
+    def __init__(self, size: int = 64) -> None:  # two entries (days, hours) per window
         self._lock = threading.Lock()
         self._entries: OrderedDict[tuple, Any] = OrderedDict()
         self._size = size
@@ -210,10 +210,10 @@ class ClosedPeriods:
     def get(self, key: tuple) -> Any:
         """What is kept for `key`, or None."""
         with self._lock:
-            rows = self._entries.get(key)
-            if rows is not None:
+            value = self._entries.get(key)
+            if value is not None:
                 self._entries.move_to_end(key)
-            return rows
+            return value
 
     def put(self, key: tuple, generation: int, value: Any) -> None:
         """Keep `value`, computed from the store as of `generation`, unless a late event came in since."""
@@ -282,27 +282,21 @@ def _combined(*parts: _Parts) -> _Parts:
     return days, users, models
 
 
-def _closed_parts(store: Store, params: dict[str, Any], closed: ClosedPeriods) -> _Parts:
-    """The window's whole days and hours (all closed), as kept in `closed` (never changed in place).
-
-    The whole days and the whole hours are also kept apart: when the hour turns, the window's days are
-    usually the same, and only its hours are read again."""
-    key = (params["d0"], params["d1"], params["h0"], params["h1"], params["h2"], params["h3"])
-    parts = closed.get(key)
-    if parts is None:
-        generation = closed.generation
-        pieces = []
-        for piece_key, sql in (
-            (("days", params["d0"], params["d1"]), _DAYS_OVERVIEW),
-            (("hours", params["h0"], params["h1"], params["h2"], params["h3"]), _HOURS_OVERVIEW),
-        ):
-            piece = closed.get(piece_key)
-            if piece is None:
-                piece = _add(({}, {}, {}), store.query(sql, params))
-                closed.put(piece_key, generation, piece)
-            pieces.append(piece)
-        parts = _combined(*pieces)
-        closed.put(key, generation, parts)
+def _closed_parts(store: Store, params: dict[str, Any], closed: ClosedPeriods) -> list[_Parts]:
+    """The window's whole days and its whole hours (all closed), each as kept in `closed` (never changed in
+    place). They are kept apart: when the hour turns, the window's days are usually the same and only its
+    hours are read again."""
+    generation = closed.generation
+    parts = []
+    for key, sql in (
+        (("days", params["d0"], params["d1"]), _DAYS_OVERVIEW),
+        (("hours", params["h0"], params["h1"], params["h2"], params["h3"]), _HOURS_OVERVIEW),
+    ):
+        part = closed.get(key)
+        if part is None:
+            part = _add(({}, {}, {}), store.query(sql, params))
+            closed.put(key, generation, part)
+        parts.append(part)
     return parts
 
 
@@ -349,8 +343,7 @@ def _overview(store: Store, window: Window, closed: ClosedPeriods | None) -> dic
     if closed is None or max(days_end, params["h1"], params["h3"]) > time.time() // HOUR * HOUR:
         days, users, models = _add(({}, {}, {}), store.query(_WHOLE_OVERVIEW, params))
     else:
-        c_days, c_users, c_models = _closed_parts(store, params, closed)  # copied: what is kept stays as it is
-        parts = ({k: v.copy() for k, v in c_days.items()}, {k: v.copy() for k, v in c_users.items()}, dict(c_models))
+        parts = _combined(*_closed_parts(store, params, closed))  # new dicts: what is kept stays as it is
         days, users, models = _add(parts, store.query(_OPEN_OVERVIEW, params))
     events = sum(d[0] for d in days.values())
     top_models = sorted(((r, d) for r, d in models.items() if d), key=lambda m: (-m[1], m[0]))
