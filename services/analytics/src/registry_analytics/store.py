@@ -315,9 +315,11 @@ class Store:
             self.client.command(f"CREATE MATERIALIZED VIEW IF NOT EXISTS {name}_mv TO {name} AS {select}")
 
     # ------------------------------------------------------------ reads
-    def query(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple]:
-        """Run a SELECT with server-side parameters and return its rows."""
-        return self.client.query(sql, parameters=params or {}).result_rows
+    def query(
+        self, sql: str, params: dict[str, Any] | None = None, settings: dict[str, Any] | None = None
+    ) -> list[tuple]:
+        """Run a SELECT with server-side parameters (and query settings) and return its rows."""
+        return self.client.query(sql, parameters=params or {}, settings=settings).result_rows
 
     def last_manifest(self, group_id: str) -> Manifest | None:
         """The most recent batch manifest of a consumer group, if any."""
@@ -411,9 +413,9 @@ class Store:
     def stage_duplicates(self, stage: str) -> tuple[list[int], int, int, int]:
         """(the staged rows whose event id the store holds, the access events staged, the ids left to store,
         the earliest staged ts in epoch seconds)."""
-        (dups, staged, kept, earliest), *_ = self.client.query(
+        (dups, staged, kept, earliest), *_ = self.query(
             STAGE_DUPLICATES.format(stage=_ident(stage)), settings={"max_threads": 1}
-        ).result_rows
+        )
         return sorted(int(n) for n in dups), int(staged), int(kept), int(earliest)
 
     def insert_staged(self, stage: str, skip: Sequence[int], token: str) -> None:
