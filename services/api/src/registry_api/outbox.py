@@ -30,6 +30,9 @@ from registry_shared.events import EventData, FileAccessed, encode_event, make_e
 log = logging.getLogger(__name__)
 SOURCE = "/registry/api"
 _RELAY_LOCK_ID = 0x6F7574626F78  # "outbox"
+#: How long a drained relay waits before looking again, unless this process's own writes wake it first (those
+#: of other api processes do not). Short, so it publishes a steady trickle instead of seconds-long bursts.
+_POLL_S = 0.1
 
 
 def _row(data: EventData, subject: str | None) -> tuple[uuid.UUID, str, str | None, bytes]:
@@ -199,7 +202,7 @@ class OutboxRelay(BackgroundTask):
                         if n < self._batch:
                             self._wakeup.clear()
                             with contextlib.suppress(TimeoutError):
-                                await asyncio.wait_for(self._wakeup.wait(), timeout=0.5)
+                                await asyncio.wait_for(self._wakeup.wait(), timeout=_POLL_S)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Kafka or Postgres away: back off and retry
