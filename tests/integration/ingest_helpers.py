@@ -74,6 +74,15 @@ async def create_topics(bootstrap: str, names: list[str], partitions: int = 3) -
         await admin.close()
 
 
+async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """Every partition of `topic`, as a started consumer's metadata knows them (refreshed once if empty)."""
+    partitions = consumer.partitions_for_topic(topic)
+    if not partitions:
+        await consumer._client.force_metadata_update()
+        partitions = consumer.partitions_for_topic(topic) or set()
+    return [TopicPartition(topic, p) for p in sorted(partitions)]
+
+
 async def start_group_at_end(bootstrap: str, group: str, topic: str) -> None:
     """Commit the current end offsets of `topic` for `group`, so a new worker skips the topic's history.
 
@@ -82,11 +91,7 @@ async def start_group_at_end(bootstrap: str, group: str, topic: str) -> None:
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
     await consumer.start()
     try:
-        partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            await consumer._client.force_metadata_update()
-            partitions = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        tps = await topic_partitions(consumer, topic)
         ends = await consumer.end_offsets(tps)
         consumer.assign(tps)
         await consumer.commit({tp: ends[tp] for tp in tps})

@@ -498,12 +498,11 @@ class Sweeper(BackgroundTask):
 
     async def run(self) -> None:
         interval = self.service.settings.sweep_interval_seconds
-        assert self.health is not None
         while True:
             try:
                 await self.service.sweep_once()
-                self.health.ok()
+                self.report_ok()
             except Exception as exc:
-                self.health.retrying(describe(exc))
+                self.report_retrying(exc)
                 log.warning("sweep failed: %s", describe(exc), exc_info=CLASSIFIER(exc) == "unexpected")
             await asyncio.sleep(interval)
