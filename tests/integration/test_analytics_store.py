@@ -10,7 +10,8 @@ import pytest
 from test_analytics import MODELS, USERS, Access, expected, make_events  # the same reference numbers
 
 from registry_analytics import queries
-from registry_analytics.consumer import InvalidEvent, decode_message, new_token
+from registry_analytics.batching import new_token
+from registry_analytics.decode import InvalidEvent, decode_message
 from registry_analytics.store import Store, stage_name
 from registry_shared.settings import ClickHouseSettings
 

@@ -8,21 +8,25 @@ import math
 import pytest
 from aiokafka import ConsumerRecord
 
-from registry_analytics.consumer import InvalidEvent, RawBatch, decode_message, new_token
+from registry_analytics.batching import RawBatch, new_token
+from registry_analytics.decode import InvalidEvent, decode_message
 from registry_analytics.queries import Window
+from registry_analytics.store import failure_kind
+from registry_shared.consumer_policy import PermanentError
 from registry_shared.events import FileAccessed, UserKeyRotated, UserRegistered, encode_event, make_event
 
 TS = 1_750_000_000.25
+E1 = "7d3e4c1a-1b2c-4d5e-8f90-a1b2c3d4e5f6"
 
 
-def access(eid: str = "e1", **data) -> bytes:
+def access(eid: str = E1, **data) -> bytes:
     fields = {"user_id": 7, "kind": "download", "repo_id": "acme/m", "version": "v1", "ts": TS, **data}
     return encode_event(make_event(FileAccessed(**fields), source="/test", id=eid))
 
 
 def test_fast_path():
     value = access()
-    assert decode_message(value) == ("access", ("e1", math.floor(TS * 1000), 7, "download", "acme/m", "v1", "", 0))
+    assert decode_message(value) == ("access", (E1, math.floor(TS * 1000), 7, "download", "acme/m", "v1", "", 0))
 
 
 @pytest.mark.parametrize(
@@ -38,7 +42,7 @@ def test_slow_path_accepts_what_the_shared_model_accepts(mutate):
     doc = json.loads(access())
     mutate(doc)
     kind, (eid, ts_ms, uid, *_) = decode_message(json.dumps(doc, indent=1).encode())
-    assert kind == "access" and eid == "e1" and uid == 7
+    assert kind == "access" and eid == E1 and uid == 7
     assert ts_ms == math.floor(doc["data"]["ts"] * 1000)
 
 
@@ -52,11 +56,15 @@ def test_slow_path_accepts_what_the_shared_model_accepts(mutate):
         access(user_id=-1),
         access().replace(b'"ts":', b'"extra":1,"ts":'),
         access().replace(b'"specversion":"1.0"', b'"specversion":"0.3"'),
+        access(eid="e1"),  # an id that is not a UUID (fast path and shared decoder alike)
+        access(eid="e1").replace(b'"ts":', b'"bytes":0, "ts":'),
+        access().replace(b"registry.file.accessed.v1", b"registry.file.teleported.v1"),  # outside the contract
     ],
 )
 def test_invalid_events_raise(value):
-    with pytest.raises(InvalidEvent):
+    with pytest.raises(InvalidEvent) as err:
         decode_message(value)
+    assert isinstance(err.value, PermanentError) and str(err.value)  # dead-lettered, with its reason
 
 
 def test_user_events():
@@ -94,6 +102,36 @@ def test_batches_are_ordered_by_partition_whatever_the_arrival_order():
     assert [r.value for r in one.records()] == [r.value for r in two.records()]
     assert one.ranges() == [["s", 2, 3, 3], ["t", 0, 9, 11], ["t", 1, 5, 7]]
     assert one.count == 7 and new_token() != new_token()
+
+
+def test_a_batch_splits_into_halves_that_rebuild_it():
+    batch = RawBatch()
+    batch.add([record("t", 0, o, b"a") for o in range(10, 15)] + [record("t", 1, o, b"b") for o in range(3, 6)])
+    batch.add([record("s", 2, 7, b"u")])
+    first, second = batch.split()
+    assert first.count + second.count == batch.count == 9
+    assert first.records() + second.records() == batch.records()
+    # Each half is contiguous per partition: its ranges rebuild it, and storing both commits what the whole would.
+    assert first.ranges() == [["s", 2, 7, 7], ["t", 0, 10, 12]]
+    assert second.ranges() == [["t", 0, 13, 14], ["t", 1, 3, 5]]
+    last = RawBatch()
+    last.add([record("t", 0, 1, b"x")])
+    with pytest.raises(ValueError):
+        last.split()
+
+
+def test_store_failures_are_told_apart():
+    from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
+
+    assert failure_kind(OperationalError("Error HTTPConnectionPool: connection refused")) == "transient"
+    assert failure_kind(DatabaseError("Code: 241. DB::Exception: Memory limit exceeded")) == "transient"
+    assert failure_kind(DatabaseError("Code: 252. DB::Exception: Too many parts (300). Merges are processing")) == (
+        "transient"
+    )
+    many = "Code: 252. DB::Exception: Too many partitions for single INSERT block (more than 100)."
+    assert failure_kind(DatabaseError(many)) == "permanent"
+    assert failure_kind(DatabaseError("Code: 60. DB::Exception: Unknown table")) == "permanent"
+    assert failure_kind(ValueError("x")) is None  # left to the shared classifier
 
 
 @pytest.mark.parametrize(
