@@ -1,6 +1,7 @@
 """The api's consumers under the consumer policy, against the running stack: poison messages on
 `registry.verdicts.v1` and `registry.access.v1` land in `registry.dead-letter.v1` with their error, the
-good message after them is applied, and the consumers' offsets move past both."""
+good message after them is applied, and the consumers' offsets move past both. With Postgres away, the
+download counter retries (and says so in /healthz), then counts what it read, once."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import json
 import time
 import uuid
 
+import httpx
 import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from test_outbox_kafka_outage import stack
 
 from registry_shared.events import FileAccessed, Topics, UploadVerified, encode_event, make_event
 
@@ -233,3 +236,43 @@ async def test_poison_access_events_are_dead_lettered_and_the_next_download_coun
     assert downloads(pg_settings, repo) == 1
     health = registry.http.get("/healthz").json()["consumers"]["download-counter"]
     assert health["dead_lettered"] >= 4 and health["state"] == "ok"
+
+
+# ---------------------------------------------------------------- Postgres away: retried, then counted once
+async def test_the_download_counter_waits_for_postgres_and_counts_once_it_is_back(
+    registry, api_base_url, kafka_settings, pg_settings
+):
+    bootstrap = kafka_settings.kafka_bootstrap_servers
+    dev = registry.register("PgAway")
+    repo = registry.create_model(dev, "public")
+    key = repo.encode()
+    await stack("down", "postgres")
+    try:
+        ((partition, offset),) = await publish(bootstrap, Topics.ACCESS, [(key, download(repo))])
+        # The counter retries with backoff and says so in /healthz (the pool's timeout first: 10 s).
+        async with httpx.AsyncClient(base_url=api_base_url, timeout=10) as http:
+            deadline = time.monotonic() + 60
+            while True:
+                health = (await http.get("/healthz")).json()["consumers"]["download-counter"]
+                if health["state"] == "retrying":
+                    break
+                assert time.monotonic() < deadline, f"the counter never reported its retries: {health}"
+                await asyncio.sleep(0.5)
+            assert health["status"].startswith("retrying: ") and health["retries"] >= 1
+            assert (await http.get("/healthz")).status_code == 200  # retrying is not dead
+    finally:
+        await stack("up", "postgres")
+
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if downloads(pg_settings, repo) == 1 and stored_offset(pg_settings, partition) > offset:
+                break
+        except psycopg.OperationalError:
+            pass
+        assert time.monotonic() < deadline, "the download made while Postgres was away was never counted"
+        await asyncio.sleep(0.5)
+    health = registry.http.get("/healthz").json()["consumers"]["download-counter"]
+    assert health["state"] == "ok"
+    await asyncio.sleep(1.5)
+    assert downloads(pg_settings, repo) == 1  # once
