@@ -149,3 +149,90 @@ def test_window_split(since, until, days, edges):
     else:
         assert ((p["d0"].toordinal() - 719163), (p["d1"].toordinal() - 719163)) == days
     assert [(p["a0"], p["a1"]), (p["b0"], p["b1"])] == edges
+
+
+# ---------------------------------------------------------------- the loader's failure policy (a store that fails)
+class FailingStore:
+    """A stand-in for the analytics store: every value is an access event the engine accepts; inserting a
+    batch that holds a value of `refused` fails for good (as ClickHouse refuses a block), and the first
+    `unavailable` calls fail as if the store were unreachable."""
+
+    def __init__(self, refused: set[bytes], unavailable: int = 0) -> None:
+        self.refused, self.unavailable = refused, unavailable
+        self.staged: dict[str, list] = {}
+        self.stored: list[bytes] = []
+        self.manifests: list = []
+
+    def _maybe_down(self) -> None:
+        from clickhouse_connect.driver.exceptions import OperationalError
+
+        if self.unavailable:
+            self.unavailable -= 1
+            raise OperationalError("HTTPDriver for http://store:8123 received an error: connection refused")
+
+    def stage_values(self, stage, values):
+        self._maybe_down()
+        self.staged[stage] = list(values)
+        return []
+
+    def stage_rows(self, stage, rows):
+        pass
+
+    def stage_duplicates(self, stage):
+        n = len(self.staged[stage])
+        return [], n, n, 2_000_000_000
+
+    def write_manifest(self, group_id, manifest):
+        self.manifests.append(manifest)
+
+    def insert_users(self, rows):
+        pass
+
+    def insert_staged(self, stage, skip, token):
+        from clickhouse_connect.driver.exceptions import DatabaseError
+
+        self._maybe_down()
+        if self.refused & set(self.staged[stage]):
+            raise DatabaseError("Code: 252. DB::Exception: Too many partitions for single INSERT block (more than 100)")
+        self.stored.extend(self.staged[stage])
+
+
+async def run_loader(store: FailingStore, values: list[bytes]):
+    from registry_analytics.loader import AccessLoader
+    from registry_analytics.settings import AnalyticsSettings
+    from registry_shared.backoff import Backoff
+    from registry_shared.health import HealthRegistry
+
+    health = HealthRegistry()
+    loader = AccessLoader(store, AnalyticsSettings(), registry=health, backoff=Backoff(initial=0.001, cap=0.005))
+    letters: list[tuple[bytes, dict]] = []
+
+    async def sink(topic, value, key, headers):
+        letters.append((value, headers))
+
+    loader.policy.sink = sink
+    raw = RawBatch()
+    raw.add([record("t", 0, o, v) for o, v in enumerate(values)])
+    await loader._flush(raw, loader.stages[0], None)
+    return loader, letters, health
+
+
+async def test_a_batch_refused_for_good_is_stored_in_halves_and_only_the_culprit_dead_lettered():
+    values = [b"e%d" % i for i in range(37)]
+    store = FailingStore(refused={b"e13"})
+    loader, letters, health = await run_loader(store, values)
+    assert sorted(store.stored) == sorted(v for v in values if v != b"e13")  # everything else, once
+    assert [v for v, _ in letters] == [b"e13"]
+    headers = letters[0][1]
+    assert "Too many partitions" in headers["error"] and headers["source_offset"] == "13"
+    assert loader.stats["failed"] == 1 and loader.stats["split"] >= 5  # log2(37) halvings down to one message
+    assert health.healthy and health.components()["analytics-loader"].dead_lettered == 1
+
+
+async def test_an_unreachable_store_is_retried_with_backoff_and_nothing_is_lost():
+    values = [b"e%d" % i for i in range(10)]
+    store = FailingStore(refused=set(), unavailable=3)
+    loader, letters, health = await run_loader(store, values)
+    assert store.stored == values and letters == []
+    component = health.components()["analytics-loader"]
+    assert component.retries == 3 and component.state == "ok" and loader.stats["split"] == 0

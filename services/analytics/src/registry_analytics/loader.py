@@ -43,7 +43,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -58,7 +58,8 @@ from registry_analytics.decode import AccessRow, InvalidEvent, UserRow, decode_m
 from registry_analytics.queries import ClosedPeriods
 from registry_analytics.settings import AnalyticsSettings
 from registry_analytics.store import Manifest, Store, failure_kind, stage_name
-from registry_shared.backoff import Backoff
+from registry_shared.background import BackgroundTask, supervise
+from registry_shared.backoff import Backoff, sleep_or_stop
 from registry_shared.consumer_policy import DEFAULT_CLASSIFIER, ConsumerPolicy, Stopped, describe, faststream_sink
 from registry_shared.health import HEALTH, HealthRegistry
 from registry_shared.kafka import raw_batch
@@ -189,7 +190,8 @@ class AccessLoader:
         )
         self.health = self.policy.health
         self._task: asyncio.Task | None = None
-        self._ticker: asyncio.Task | None = None
+        self._ticker: BackgroundTask | None = None
+        self._registry = registry
         self._seq = 0
         self._pending = RawBatch()
         self._wake = asyncio.Event()
@@ -221,39 +223,45 @@ class AccessLoader:
         self._task.add_done_callback(self._died)
 
     def _died(self, task: asyncio.Task) -> None:
-        """A loader task ended while the loader runs: /healthz fails (the loader would no longer load)."""
-        if task.cancelled() or self._stop.is_set():
+        """The start-up task failed in a way it does not retry: /healthz fails (the loader would never load)."""
+        if task.cancelled() or self._stop.is_set() or task.exception() is None:
             return
         exc = task.exception()
-        if exc is not None or task is self._ticker:
-            reason = describe(exc) if exc is not None else "ended"
-            log.error("analytics loader task %s died: %s", task.get_name(), reason, exc_info=exc)
-            self.health.dead(f"{task.get_name()}: {reason}")
+        log.error("analytics loader start-up died: %s", describe(exc), exc_info=exc)
+        self.health.dead(f"start-up: {describe(exc)}")
 
     async def _start(self) -> None:
-        attempt = 0
-        while True:
-            try:
-                for stage in self.stages:
-                    await asyncio.to_thread(self.store.create_stage, stage)
-                manifest = await asyncio.to_thread(self.store.last_manifest, self.settings.group_id)
-                self._seq = manifest.seq if manifest else 0
-                if manifest:
-                    await self._replay(manifest)
-                break
-            except Exception as exc:  # the store or Kafka away at start-up: retried
-                attempt += 1
-                delay = self.backoff.delay(attempt)
-                log.warning("loader start-up failed (%s); retrying in %.1f s", describe(exc), delay)
-                self.health.retrying(f"start-up: {describe(exc)}")
-                await asyncio.sleep(delay)
-        self._ticker = asyncio.create_task(self._tick(), name="access-loader-flush")
-        self._ticker.add_done_callback(self._died)
-        await self.broker.start()
+        async def prepare() -> None:
+            for stage in self.stages:
+                await asyncio.to_thread(self.store.create_stage, stage)
+            manifest = await asyncio.to_thread(self.store.last_manifest, self.settings.group_id)
+            self._seq = manifest.seq if manifest else 0
+            if manifest:
+                await self._replay(manifest)
+
+        await self._until_done("start-up", prepare)
+        # The flusher runs supervised (registry_shared.background): restarted if it dies, in /healthz.
+        self._ticker = supervise(f"{COMPONENT}-flush", self._tick, self._registry)
+        await self._until_done("starting the Kafka broker", self.broker.start)
         await self._assigned.wait()
         self.stats["phase"] = "idle"
         self.health.ok()
         self.ready.set()
+
+    async def _until_done(self, what: str, op: Callable[[], Awaitable[object]]) -> None:
+        """Start-up steps: retried with the shared backoff, whatever fails (the store or Kafka not there yet)."""
+        attempt = 0
+        while True:
+            try:
+                await op()
+                return
+            except Exception as exc:
+                attempt += 1
+                delay = self.backoff.delay(attempt)
+                log.warning("%s failed (%s); retrying in %.1f s", what, describe(exc), delay)
+                self.health.retrying(f"{what}: {describe(exc)}")
+                if await sleep_or_stop(delay, self._stop):
+                    raise Stopped from exc
 
     async def stop(self) -> None:
         """Stop consuming: a batch being stored is finished and committed, a collected one is dropped (re-read).
@@ -262,13 +270,14 @@ class AccessLoader:
         """
         self._stop.set()
         self.ready.clear()
-        for task in (self._task, self._ticker):
-            if task is not None and not task.done():
-                task.cancel()
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Stopped):
+                pass
+        if self._ticker is not None:
+            await self._ticker.stop()
         for task in (self._older, self._flushing):
             if task is not None:
                 try:
