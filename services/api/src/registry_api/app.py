@@ -33,6 +33,7 @@ from registry_api.usage.endpoints import router as usage_router
 from registry_api.users.endpoints import router as users_router
 from registry_api.webhooks.endpoints import router as webhooks_router
 from registry_api.webhooks.repository import seal_clear_secrets
+from registry_shared.health import HEALTH
 
 DESCRIPTION = """
 The Model Registry's HTTP API: both spec documents (0.3.0 and 1.0.0) on one server.
@@ -130,11 +131,26 @@ def create_app(settings: ApiSettings | None = None, fast_download: bool = True) 
         "/healthz",
         tags=["Health"],
         summary="Liveness",
-        responses={200: {"content": {"application/json": {"example": {"ok": True, "time": 1699999999}}}}},
+        responses={
+            200: {
+                "content": {
+                    "application/json": {
+                        "example": {
+                            "ok": True,
+                            "time": 1699999999,
+                            "consumers": {"verdict-consumer": {"status": "ok", "retries": 0, "dead_lettered": 0}},
+                        }
+                    }
+                }
+            },
+            503: {"description": "A consumer or background task is dead (keeps dying): `ok` is false."},
+        },
     )
-    async def healthz() -> dict[str, object]:
-        """Minimal liveness payload (no auth)."""
-        return {"ok": True, "time": int(time.time())}
+    async def healthz() -> JSONResponse:
+        """Liveness (no auth), with the health of the process's consumers and background tasks
+        (`retrying: <reason> since <time>` while they retry a transient failure); 503 when one is dead."""
+        status, consumers = HEALTH.report()
+        return JSONResponse({"ok": status == 200, "time": int(time.time()), **consumers}, status_code=status)
 
     for router in (
         users_router,

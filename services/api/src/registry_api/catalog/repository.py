@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+import uuid
+
 import psycopg
 
 from registry_api.catalog.visibility import VISIBLE
@@ -87,3 +90,111 @@ async def changes(conn: psycopg.AsyncConnection, vis: dict, since: int, limit: i
         {**vis, "since": since, "limit": limit},
     )
     return await cur.fetchall()
+
+
+# ---------------------------------------------------------------- verdicts and download counts (catalog.service)
+async def first_time(conn: psycopg.AsyncConnection, event_id: uuid.UUID) -> bool:
+    """Record that an event is being applied; False if it was applied before (consumed_events)."""
+    cur = await conn.execute("insert into consumed_events (event_id) values (%s) on conflict do nothing", [event_id])
+    return cur.rowcount == 1
+
+
+async def lock_upload(conn: psycopg.AsyncConnection, upload_id: int) -> dict | None:
+    """An upload and what it declared, locked until the end of the transaction."""
+    cur = await conn.execute(
+        "select id, model_id, version_id, rfilename, object_key, declared_size, declared_sha256, status"
+        " from uploads where id = %s for update",
+        [upload_id],
+    )
+    return await cur.fetchone()
+
+
+async def make_available(conn: psycopg.AsyncConnection, upload: dict, verified: dict, now: int) -> None:
+    """Mark a verified upload available and publish its file (the current file of its name and version)."""
+    await conn.execute("update uploads set status = 'available', verdict_ts = %s where id = %s", [now, upload["id"]])
+    await conn.execute(
+        "insert into files (model_id, version_id, rfilename, size, sha256, object_key, file_format, is_pickle, updated_ts)"
+        " values (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+        " on conflict (model_id, version_id, rfilename) do update set size = excluded.size, sha256 = excluded.sha256,"
+        " object_key = excluded.object_key, file_format = excluded.file_format, is_pickle = excluded.is_pickle,"
+        " updated_ts = excluded.updated_ts",
+        [
+            upload["model_id"],
+            upload["version_id"],
+            upload["rfilename"],
+            verified["size"],
+            verified["sha256"],
+            verified["object_key"],
+            verified["file_format"],
+            verified["is_pickle"],
+            now,
+        ],
+    )
+
+
+async def reject_upload(
+    conn: psycopg.AsyncConnection, upload_id: int, status: str, reason: str, detail: str, quarantine_key: str | None
+) -> bool:
+    """Record a verdict refusing an upload still waiting for one; False if it was not waiting."""
+    cur = await conn.execute(
+        "update uploads set status = %s, reason = %s, detail = %s, quarantine_key = %s, verdict_ts = %s"
+        " where id = %s and status in ('initiated', 'pending_verification')",
+        [status, reason, detail, quarantine_key, int(time.time()), upload_id],
+    )
+    return cur.rowcount == 1
+
+
+async def upload_exists(conn: psycopg.AsyncConnection, upload_id: int) -> bool:
+    cur = await conn.execute("select 1 from uploads where id = %s", [upload_id])
+    return await cur.fetchone() is not None
+
+
+async def current_file_names(conn: psycopg.AsyncConnection, model_id: int) -> list[str]:
+    cur = await conn.execute(CURRENT_FILES, {"model_id": model_id})
+    return [r["rfilename"] for r in await cur.fetchall()]
+
+
+async def set_model_files(
+    conn: psycopg.AsyncConnection, model_id: int, count: int, has_safetensors: bool, has_bin: bool
+) -> None:
+    """Store a model's file summary and bump last_modified / last_update_ts."""
+    await conn.execute(
+        "update models set file_count = %s, has_safetensors = %s, has_bin = %s, last_modified = now(),"
+        " last_update_ts = greatest(last_update_ts, extract(epoch from now())::bigint) where id = %s",
+        [count, has_safetensors, has_bin, model_id],
+    )
+
+
+async def notify_model_changed(conn: psycopg.AsyncConnection, model_id: int, channel: str) -> None:
+    """Tell the api processes (LISTEN `channel`) that a model's catalog entry changed, at commit."""
+    await conn.execute("select pg_notify(%s, m.repo_id) from models m where m.id = %s", [channel, model_id])
+
+
+async def existing_repo_ids(conn: psycopg.AsyncConnection, repo_ids: list[str]) -> set[str]:
+    """Which of these repo_ids are models."""
+    cur = await conn.execute("select repo_id from models where repo_id = any(%s)", [repo_ids])
+    return {r["repo_id"] for r in await cur.fetchall()}
+
+
+async def add_downloads(conn: psycopg.AsyncConnection, repo_id: str, n: int) -> bool:
+    """Add `n` to a model's downloads counter; False if there is no such model."""
+    cur = await conn.execute("update models set downloads = downloads + %s where repo_id = %s", [n, repo_id])
+    return cur.rowcount == 1
+
+
+async def stored_offsets(conn: psycopg.AsyncConnection, group_id: str, topic: str) -> dict[int, int]:
+    """The next offset to read of each partition of `topic`, as a consumer group stored it beside its counts."""
+    cur = await conn.execute(
+        "select partition, next_offset from consumer_offsets where group_id = %s and topic = %s", [group_id, topic]
+    )
+    return {r["partition"]: r["next_offset"] for r in await cur.fetchall()}
+
+
+async def store_offset(
+    conn: psycopg.AsyncConnection, group_id: str, topic: str, partition: int, next_offset: int
+) -> None:
+    await conn.execute(
+        "insert into consumer_offsets (group_id, topic, partition, next_offset) values (%s, %s, %s, %s)"
+        " on conflict (group_id, topic, partition) do update set next_offset = excluded.next_offset",
+        [group_id, topic, partition, next_offset],
+    )
