@@ -7,11 +7,13 @@ import gc
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 import psycopg
 from fastapi import FastAPI
 from psycopg_pool import PoolTimeout
+from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -168,12 +170,14 @@ def create_app(settings: ApiSettings | None = None, fast_download: bool = True) 
         "/readyz",
         tags=["Health"],
         summary="Readiness",
+        response_model=Readiness,
         description="200 when the database, the cache invalidation listener, the access-event buffer, the outbox "
         "relay (Kafka) and the event consumers all work; otherwise 503 naming each component that does not "
         "and why (`not_ready`). Probes the database once (under a second) when it is believed up. No auth.",
         responses={
             200: {"content": {"application/json": {"example": READY_EXAMPLE}}},
             503: {
+                "model": Readiness,
                 "description": "A component is not ready",
                 "content": {"application/json": {"example": NOT_READY_EXAMPLE}},
             },
@@ -197,14 +201,32 @@ def create_app(settings: ApiSettings | None = None, fast_download: bool = True) 
     return app
 
 
+class Readiness(BaseModel):
+    """/readyz: whether every component works, each component's state, and why those that do not."""
+
+    ready: bool
+    time: int
+    detail: str | None = Field(None, description="Only when not ready: which components, and why.")
+    components: dict[str, dict[str, Any]] = Field(
+        description="By name: `ok`, `status`, and what the component reports (`reason`, `since`, counters)."
+    )
+    not_ready: dict[str, str] = Field(description="Component → why it is not ready (empty when ready).")
+
+
 READY_EXAMPLE = {
     "ready": True,
     "time": 1699999999,
     "components": {
         "database": {"ok": True, "status": "up", "reason": None, "since": 1699990000, "outages": 0},
-        "invalidation-listener": {"ok": True, "status": "listening", "reason": None, "since": 1699990000},
-        "access-recorder": {"ok": True, "status": "ok", "buffered": 0, "max_buffered": 100000},
-        "outbox-relay": {"ok": True, "status": "ok"},
+        "invalidation-listener": {
+            "ok": True,
+            "status": "listening",
+            "reason": None,
+            "since": 1699990000,
+            "health": "ok",
+        },
+        "access-recorder": {"ok": True, "buffered": 0, "max_buffered": 100000, "health": "ok"},
+        "outbox-relay": {"ok": True, "status": "ok", "health": "ok"},
     },
     "not_ready": {},
 }
@@ -242,7 +264,8 @@ async def readiness(app: FastAPI) -> tuple[int, dict[str, object]]:
     for name, health in HEALTH.components().items():  # the consumers and background tasks of this process
         entry = components.setdefault(name, {})
         entry["ok"] = bool(entry.get("ok", True)) and health.state in ("ok", "starting")
-        entry["status"] = health.status
+        entry.setdefault("status", health.status)
+        entry["health"] = health.status
     for entry in components.values():
         entry.setdefault("ok", True)
     not_ready = {name: _why(c) for name, c in components.items() if not c["ok"]}
