@@ -85,9 +85,9 @@ async def list_files(
     presign: Presign = False,
     expires: Expires = EXPIRES_DEFAULT,
 ) -> FileList:
-    _, rows = await _current_files(request, principal, repo_id, presign, expires)
-    record_access(request, principal, "files_list", repo_id=repo_id)
-    return FileList(repo_id=repo_id, items=[FileItem(**r) for r in rows])
+    model, rows = await _current_files(request, principal, repo_id, presign, expires)
+    record_access(request, principal, "files_list", repo_id=model["repo_id"])
+    return FileList(repo_id=model["repo_id"], items=[FileItem(**r) for r in rows])
 
 
 @router.get(
@@ -196,8 +196,8 @@ async def manifest(
 ) -> Manifest:
     model, rows = await _current_files(request, principal, repo_id, presign, expires)
     files = [ManifestFile(**{k: r[k] for k in ManifestFile.model_fields}) for r in rows]
-    record_access(request, principal, "manifest", repo_id=repo_id)
-    return Manifest(repo_id=repo_id, updated_ts=model["last_update_ts"], files=files)
+    record_access(request, principal, "manifest", repo_id=model["repo_id"])
+    return Manifest(repo_id=model["repo_id"], updated_ts=model["last_update_ts"], files=files)
 
 
 @router.get(
