@@ -65,8 +65,6 @@ async def update_grant(conn: psycopg.AsyncConnection, grant_id: int, body: Grant
         if grant["revoked_ts"] is not None:
             raise Conflict("grant is revoked; create a new one")
         from_ts = changes.get("permitted_from_ts", grant["permitted_from_ts"])
-        if from_ts is None:
-            raise Unprocessable("permitted_from_ts cannot be null")
         until_ts = changes.get("permitted_until_ts", grant["permitted_until_ts"])
         if until_ts is not None and until_ts <= from_ts:
             raise Unprocessable("permitted_until_ts must be after permitted_from_ts")

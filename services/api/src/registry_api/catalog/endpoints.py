@@ -25,7 +25,7 @@ from registry_api.catalog.schemas import (
 from registry_api.catalog.visibility import visibility_params
 from registry_api.errors import NotFound
 from registry_api.kit.presign import EXPIRES_DEFAULT, EXPIRES_MAX, EXPIRES_MIN
-from registry_api.kit.schemas import errors
+from registry_api.kit.schemas import EPOCH_MAX, errors
 from registry_api.kit.validate import check_repo_id, check_rfilename, check_version
 from registry_shared.events import AccessKind, FileAccessed
 
@@ -62,7 +62,9 @@ async def list_models(
     request: Request,
     principal: CatalogReader,
     q: Annotated[str | None, Query(max_length=200, description="Substring of repo_id, model_name or author")] = None,
-    updated_since: Annotated[int | None, Query(ge=0, description="Only models changed after (epoch s)")] = None,
+    updated_since: Annotated[
+        int | None, Query(ge=0, le=EPOCH_MAX, description="Only models changed after (epoch s)")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> ModelList:
@@ -211,7 +213,7 @@ async def manifest(
 async def changes(
     request: Request,
     principal: CatalogReader,
-    since: Annotated[int, Query(ge=0, description="Epoch seconds (required)")],
+    since: Annotated[int, Query(ge=0, le=EPOCH_MAX, description="Epoch seconds (required)")],
     limit: Annotated[int, Query(ge=1, le=2000)] = 500,
 ) -> ChangeList:
     async with request.app.state.pool.connection() as conn:

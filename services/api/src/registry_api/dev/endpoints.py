@@ -21,7 +21,7 @@ from registry_api.dev.schemas import (
     VersionOut,
 )
 from registry_api.kit.presign import EXPIRES_DEFAULT, EXPIRES_MAX, EXPIRES_MIN
-from registry_api.kit.schemas import errors
+from registry_api.kit.schemas import RowId, errors
 
 router = APIRouter(prefix="/v1/dev", tags=["Developer"])
 _DEV_ERRORS = errors(401, 403, 404, 409, 422)
@@ -125,6 +125,6 @@ async def update_model(repo_id: str, body: ModelUpdate, request: Request, princi
 
 
 @router.get("/uploads/{upload_id}", response_model=UploadOut, summary="One upload's status", responses=_DEV_ERRORS)
-async def get_upload(upload_id: int, request: Request, principal: Developer) -> UploadOut:
+async def get_upload(upload_id: RowId, request: Request, principal: Developer) -> UploadOut:
     async with request.app.state.pool.connection() as conn:
         return UploadOut(**await service.get_upload(conn, principal, upload_id))

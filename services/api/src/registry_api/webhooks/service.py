@@ -83,9 +83,6 @@ async def update_webhook(
 ) -> dict:
     """Change the caller's subscription; a new URL is checked like at creation."""
     changes = body.model_dump(exclude_unset=True)
-    for field in ("url", "event_types", "description", "enabled"):
-        if field in changes and changes[field] is None:
-            raise Unprocessable(f"{field} cannot be null")
     if "url" in changes:
         await check_url(changes["url"])
     async with conn.transaction():
