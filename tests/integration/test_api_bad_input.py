@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import uuid
 
+import httpx
 import psycopg
 import pytest
+
+from registry_shared.storage import quarantine_key, upload_object_key
 
 
 @pytest.fixture(scope="module")
@@ -426,3 +429,37 @@ def test_the_largest_bigint_is_a_valid_id(registry, dev):
     assert_error(registry.http.get(f"/v1/dev/uploads/{BIGINT_MAX}", headers=dev.headers), 404)
     r = registry.http.get("/v1/admin/users", headers=registry.admin, params={"offset": BIGINT_MAX})
     assert r.status_code == 200 and r.json()["items"] == []
+
+
+# ---------------------------------------------------------------- object keys the store cannot hold
+
+
+def test_initiate_refuses_a_file_name_whose_object_key_the_store_cannot_hold(registry, pg_settings, dev, model):
+    def initiate(filename: str):
+        return registry.http.post(
+            f"/v1/dev/models/{model}/versions/v1/uploads/initiate", params={"filename": filename}, headers=dev.headers
+        )
+
+    def uploads() -> int:
+        return count(
+            pg_settings, "select count(*) from uploads u join models m on m.id = u.model_id where m.repo_id = %s", model
+        )
+
+    before = uploads()
+    too_long = "/".join(["é" * 100] * 6)  # 605 characters (under the 1,024 allowed), 1,205 bytes
+    r = initiate(too_long)
+    assert_error(r, 422)
+    assert "too long" in r.json()["detail"]
+    r = initiate("a/" + "b" * 256)  # MinIO refuses a segment over 255 bytes
+    assert_error(r, 422)
+    assert "segment" in r.json()["detail"]
+    assert uploads() == before
+    # The longest name that fits is accepted, and the store takes its object.
+    room = 1024 - len(quarantine_key(upload_object_key(model, "v1", "")).encode())
+    name = ("f" * 200 + "/") * 6
+    name = name[: room - 1] + "f"
+    assert len(quarantine_key(upload_object_key(model, "v1", name)).encode()) == 1024
+    r = initiate(name)
+    assert r.status_code == 200, r.text
+    put = httpx.put(r.json()["url"], content=b"x", timeout=30)
+    assert put.status_code == 200, put.text

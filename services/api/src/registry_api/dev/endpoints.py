@@ -22,6 +22,7 @@ from registry_api.dev.schemas import (
 )
 from registry_api.kit.presign import EXPIRES_DEFAULT, EXPIRES_MAX, EXPIRES_MIN
 from registry_api.kit.schemas import RowId, errors
+from registry_api.kit.validate import MAX_KEY_SEGMENT_BYTES, MAX_OBJECT_KEY_BYTES, MAX_UPLOAD_KEY_BYTES
 
 router = APIRouter(prefix="/v1/dev", tags=["Developer"])
 _DEV_ERRORS = errors(401, 403, 404, 409, 422)
@@ -51,7 +52,10 @@ async def my_models(request: Request, principal: Developer) -> ModelList:
     "/models/{repo_id:path}/versions/{version}/uploads/initiate",
     response_model=InitiateOut,
     summary="Start an upload",
-    description="Returns a presigned PUT URL; send the file's bytes there directly, then call `complete`.",
+    description="Returns a presigned PUT URL; send the file's bytes there directly, then call `complete`. "
+    "The file's object key (`uploads/{repo_id}/{version}/{filename}`) must fit the store: at most "
+    f"{MAX_UPLOAD_KEY_BYTES} bytes in UTF-8 (S3's {MAX_OBJECT_KEY_BYTES} less the quarantine prefix) and no path "
+    f"segment longer than {MAX_KEY_SEGMENT_BYTES} bytes; else 422.",
     responses=_DEV_ERRORS,
 )
 async def initiate_upload(

@@ -11,7 +11,7 @@ from registry_api.catalog.cache import download_cache, notify_catalog_changed
 from registry_api.dev import repository
 from registry_api.dev.schemas import CompleteIn, ModelIn, ModelUpdate
 from registry_api.errors import Conflict, Forbidden, NotFound
-from registry_api.kit.validate import check_repo_id, check_rfilename, check_version
+from registry_api.kit.validate import check_object_key, check_repo_id, check_rfilename, check_version
 from registry_api.outbox import write_event
 from registry_shared.events import ModelCreated, UploadCompleted, UploadInitiated, VersionCreated
 from registry_shared.storage import upload_object_key
@@ -109,7 +109,7 @@ async def initiate_upload(
         if await repository.file_exists(conn, ver["id"], filename):
             raise Conflict("file already published in this version; create a new version to change it")
         repo_id = model["repo_id"]
-        object_key = upload_object_key(repo_id, version, filename)
+        object_key = check_object_key(upload_object_key(repo_id, version, filename))
         expires_ts = int(time.time()) + expires
         row = await repository.insert_upload(
             conn, model["id"], ver["id"], filename, object_key, principal.user_id, expires_ts
