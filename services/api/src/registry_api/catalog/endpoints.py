@@ -26,7 +26,7 @@ from registry_api.catalog.visibility import visibility_params
 from registry_api.errors import NotFound
 from registry_api.kit.presign import EXPIRES_DEFAULT, EXPIRES_MAX, EXPIRES_MIN
 from registry_api.kit.schemas import EPOCH_MAX, errors
-from registry_api.kit.validate import check_repo_id, check_rfilename, check_version
+from registry_api.kit.validate import RepoIdPath, check_repo_id, check_rfilename, check_version
 from registry_shared.events import AccessKind, FileAccessed
 
 router = APIRouter(tags=["Catalog"])
@@ -81,7 +81,7 @@ async def list_models(
     responses=errors(401, 404, 422),
 )
 async def list_files(
-    repo_id: str,
+    repo_id: RepoIdPath,
     request: Request,
     principal: CatalogReader,
     presign: Presign = False,
@@ -98,7 +98,7 @@ async def list_files(
     summary="Get a model",
     responses=errors(401, 404, 422),
 )
-async def get_model(repo_id: str, request: Request, principal: CatalogReader) -> ModelItem:
+async def get_model(repo_id: RepoIdPath, request: Request, principal: CatalogReader) -> ModelItem:
     return ModelItem.from_row(await _visible_model(request, principal, repo_id))
 
 
@@ -190,7 +190,7 @@ async def download(
     responses=errors(401, 404, 422),
 )
 async def manifest(
-    repo_id: str,
+    repo_id: RepoIdPath,
     request: Request,
     principal: CatalogReader,
     presign: Presign = False,

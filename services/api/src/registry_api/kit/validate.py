@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from typing import Annotated
+
+from fastapi import Path
 
 from registry_api.errors import Unprocessable
 from registry_shared.storage import QUARANTINE_PREFIX, quarantine_key
@@ -13,6 +16,20 @@ REPO_ID_RE = re.compile(rf"^{_SEGMENT}/{_SEGMENT}$")
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 REPO_ID_PATTERN = REPO_ID_RE.pattern
 VERSION_PATTERN = VERSION_RE.pattern
+
+#: A repo_id in a path: the OpenAPI pattern is the one check_repo_id validates with (the api's own 422).
+RepoIdPath = Annotated[
+    str,
+    Path(
+        description="namespace/name: letters, digits, '-', '_', '.' (no '..'); any case finds the model",
+        json_schema_extra={"pattern": REPO_ID_PATTERN},
+        examples=["acme/finetune-bert"],
+    ),
+]
+#: A version label in a path (check_version).
+VersionPath = Annotated[
+    str, Path(description="A version label", json_schema_extra={"pattern": VERSION_PATTERN}, examples=["v1"])
+]
 
 #: S3 keys are at most 1,024 bytes (UTF-8); MinIO also refuses a path segment longer than 255 bytes.
 MAX_OBJECT_KEY_BYTES = 1024
