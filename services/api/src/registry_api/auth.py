@@ -36,9 +36,16 @@ _CACHE_TTL = 30.0
 
 Role = Literal["developer", "platform", "admin"]
 
-api_key_header = APIKeyHeader(name="x-api-key", auto_error=False, description="Your user API key (sk_live_...).")
+# Two security schemes of their own names in OpenAPI: user operations declare ApiKey, admin operations
+# AdminToken, and the catalog reads either (a list of alternatives).
+api_key_header = APIKeyHeader(
+    name="x-api-key", scheme_name="ApiKey", auto_error=False, description="Your user API key (sk_live_...)."
+)
 admin_token_header = APIKeyHeader(
-    name="x-admin-token", auto_error=False, description="The REGISTRY_ADMIN_TOKEN of this deployment."
+    name="x-admin-token",
+    scheme_name="AdminToken",
+    auto_error=False,
+    description="The REGISTRY_ADMIN_TOKEN of this deployment.",
 )
 
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request, status
 from registry_api.admin import repository, service
 from registry_api.admin.schemas import AdminUserIn, GrantIn, GrantList, GrantOut, GrantUpdate, UserList, UserOut
 from registry_api.auth import Admin
-from registry_api.kit.schemas import errors
+from registry_api.kit.schemas import BIGINT_MAX, Offset, RowId, errors
 from registry_api.users import service as users_service
 from registry_api.users.schemas import ApiKeyOut
 
@@ -38,7 +38,7 @@ async def list_users(
     role: Literal["developer", "platform", "admin"] | None = None,
     email: Annotated[str | None, Query(max_length=254)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> UserList:
     async with request.app.state.pool.connection() as conn:
         rows = await repository.list_users(conn, role, email, limit, offset)
@@ -62,11 +62,11 @@ async def create_grant(body: GrantIn, request: Request, _: Admin) -> GrantOut:
 async def list_grants(
     request: Request,
     _: Admin,
-    platform_user_id: Annotated[int | None, Query(ge=1)] = None,
+    platform_user_id: Annotated[int | None, Query(ge=1, le=BIGINT_MAX)] = None,
     repo_id: Annotated[str | None, Query(max_length=193)] = None,
     active: Annotated[bool | None, Query(description="Only grants in force now (true) or not (false)")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> GrantList:
     async with request.app.state.pool.connection() as conn:
         rows = await repository.list_grants(conn, platform_user_id, repo_id, active, limit, offset)
@@ -74,13 +74,13 @@ async def list_grants(
 
 
 @router.get("/grants/{grant_id}", response_model=GrantOut, summary="Get a grant", responses=_ERR)
-async def get_grant(grant_id: int, request: Request, _: Admin) -> GrantOut:
+async def get_grant(grant_id: RowId, request: Request, _: Admin) -> GrantOut:
     async with request.app.state.pool.connection() as conn:
         return GrantOut(**await service.get_grant(conn, grant_id))
 
 
 @router.patch("/grants/{grant_id}", response_model=GrantOut, summary="Change a grant's window", responses=_ERR)
-async def update_grant(grant_id: int, body: GrantUpdate, request: Request, _: Admin) -> GrantOut:
+async def update_grant(grant_id: RowId, body: GrantUpdate, request: Request, _: Admin) -> GrantOut:
     async with request.app.state.pool.connection() as conn:
         return GrantOut(**await service.update_grant(conn, grant_id, body))
 
@@ -92,6 +92,6 @@ async def update_grant(grant_id: int, body: GrantUpdate, request: Request, _: Ad
     description="The platform user loses access at once. The grant is kept (revoked_ts set) for audit.",
     responses=_ERR,
 )
-async def revoke_grant(grant_id: int, request: Request, _: Admin) -> GrantOut:
+async def revoke_grant(grant_id: RowId, request: Request, _: Admin) -> GrantOut:
     async with request.app.state.pool.connection() as conn:
         return GrantOut(**await service.revoke_grant(conn, grant_id))

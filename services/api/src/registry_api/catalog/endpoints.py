@@ -24,8 +24,8 @@ from registry_api.catalog.service import download_answer, record_access
 from registry_api.catalog.visibility import visibility_params
 from registry_api.errors import NotFound
 from registry_api.kit.presign import EXPIRES_DEFAULT, EXPIRES_MAX, EXPIRES_MIN
-from registry_api.kit.schemas import ErrorOut, errors
-from registry_api.kit.validate import check_repo_id
+from registry_api.kit.schemas import EPOCH_MAX, ErrorOut, errors
+from registry_api.kit.validate import RepoIdPath, check_repo_id
 
 router = APIRouter(tags=["Catalog"])
 
@@ -55,7 +55,9 @@ async def list_models(
     request: Request,
     principal: CatalogReader,
     q: Annotated[str | None, Query(max_length=200, description="Substring of repo_id, model_name or author")] = None,
-    updated_since: Annotated[int | None, Query(ge=0, description="Only models changed after (epoch s)")] = None,
+    updated_since: Annotated[
+        int | None, Query(ge=0, le=EPOCH_MAX, description="Only models changed after (epoch s)")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> ModelList:
@@ -72,15 +74,15 @@ async def list_models(
     responses=errors(401, 404, 422),
 )
 async def list_files(
-    repo_id: str,
+    repo_id: RepoIdPath,
     request: Request,
     principal: CatalogReader,
     presign: Presign = False,
     expires: Expires = EXPIRES_DEFAULT,
 ) -> FileList:
-    _, rows = await _current_files(request, principal, repo_id, presign, expires)
-    record_access(request.app, principal, "files_list", repo_id=repo_id)
-    return FileList(repo_id=repo_id, items=[FileItem(**r) for r in rows])
+    model, rows = await _current_files(request, principal, repo_id, presign, expires)
+    record_access(request.app, principal, "files_list", repo_id=model["repo_id"])
+    return FileList(repo_id=model["repo_id"], items=[FileItem(**r) for r in rows])
 
 
 @router.get(
@@ -89,7 +91,7 @@ async def list_files(
     summary="Get a model",
     responses=errors(401, 404, 422),
 )
-async def get_model(repo_id: str, request: Request, principal: CatalogReader) -> ModelItem:
+async def get_model(repo_id: RepoIdPath, request: Request, principal: CatalogReader) -> ModelItem:
     return ModelItem.from_row(await _visible_model(request, principal, repo_id))
 
 
@@ -147,7 +149,7 @@ async def download(
     responses=errors(401, 404, 422),
 )
 async def manifest(
-    repo_id: str,
+    repo_id: RepoIdPath,
     request: Request,
     principal: CatalogReader,
     presign: Presign = False,
@@ -155,8 +157,8 @@ async def manifest(
 ) -> Manifest:
     model, rows = await _current_files(request, principal, repo_id, presign, expires)
     files = [ManifestFile(**{k: r[k] for k in ManifestFile.model_fields}) for r in rows]
-    record_access(request.app, principal, "manifest", repo_id=repo_id)
-    return Manifest(repo_id=repo_id, updated_ts=model["last_update_ts"], files=files)
+    record_access(request.app, principal, "manifest", repo_id=model["repo_id"])
+    return Manifest(repo_id=model["repo_id"], updated_ts=model["last_update_ts"], files=files)
 
 
 @router.get(
@@ -170,7 +172,7 @@ async def manifest(
 async def changes(
     request: Request,
     principal: CatalogReader,
-    since: Annotated[int, Query(ge=0, description="Epoch seconds (required)")],
+    since: Annotated[int, Query(ge=0, le=EPOCH_MAX, description="Epoch seconds (required)")],
     limit: Annotated[int, Query(ge=1, le=2000)] = 500,
 ) -> ChangeList:
     async with request.app.state.pool.connection() as conn:

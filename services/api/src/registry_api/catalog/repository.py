@@ -47,9 +47,9 @@ async def list_models(
 
 
 async def get_model(conn: psycopg.AsyncConnection, vis: dict, repo_id: str) -> dict | None:
-    """One visible model, or None."""
+    """One visible model, or None. `repo_id` in any case (models_repo_id_lower); the row has its own spelling."""
     cur = await conn.execute(
-        f"select {MODEL_COLUMNS} from models m where m.repo_id = %(repo_id)s and {VISIBLE}",
+        f"select {MODEL_COLUMNS} from models m where lower(m.repo_id) = lower(%(repo_id)s) and {VISIBLE}",
         {**vis, "repo_id": repo_id},
     )
     return await cur.fetchone()
@@ -65,7 +65,8 @@ async def find_download(
     conn: psycopg.AsyncConnection, vis: dict, repo_id: str, rfilename: str, version: str | None
 ) -> dict | None:
     """The file to download (of `version` if given, else of the newest version that has it), with
-    `access_until`: when the caller's access ends (the end of the grant that allows it; null: no end)."""
+    `access_until`: when the caller's access ends (the end of the grant that allows it; null: no end).
+    `repo_id` in any case; the row has the model's own spelling."""
     cur = await conn.execute(
         "select m.repo_id, f.rfilename, f.size, f.sha256, f.object_key, v.version,"
         " case when %(see_all)s or m.visibility = 'public' or m.owner_id = %(uid)s then null"
@@ -74,7 +75,7 @@ async def find_download(
         "          and g.permitted_from_ts <= %(now)s"
         "          and (g.permitted_until_ts is null or g.permitted_until_ts > %(now)s)) end as access_until"
         " from models m join files f on f.model_id = m.id left join versions v on v.id = f.version_id"
-        " where m.repo_id = %(repo_id)s and f.rfilename = %(rfilename)s"
+        " where lower(m.repo_id) = lower(%(repo_id)s) and f.rfilename = %(rfilename)s"
         " and (%(version)s::text is null or v.version = %(version)s)"
         f" and {VISIBLE} order by coalesce(f.version_id, 0) desc limit 1",
         {**vis, "repo_id": repo_id, "rfilename": rfilename, "version": version},

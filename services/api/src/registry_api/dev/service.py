@@ -12,20 +12,24 @@ from registry_api.dev import repository
 from registry_api.dev.schemas import CompleteIn, ModelIn, ModelUpdate
 from registry_api.errors import Conflict, Forbidden, NotFound
 from registry_api.kit.outbox import write_event
-from registry_api.kit.validate import check_repo_id, check_rfilename, check_version
+from registry_api.kit.validate import check_object_key, check_repo_id, check_rfilename, check_version
 from registry_shared.events import ModelCreated, UploadCompleted, UploadInitiated, VersionCreated
 from registry_shared.storage import upload_object_key
 
 
 async def create_model(conn: psycopg.AsyncConnection, principal: Principal, body: ModelIn) -> dict:
-    """Create a model owned by the caller; the namespace must be free or theirs."""
+    """Create a model owned by the caller; the namespace must be free or theirs.
+
+    Namespaces and repo ids are case-insensitive: `Acme/x` is refused beside someone else's `acme/y`, and
+    beside `acme/x` of anyone. The model keeps the case it is created with.
+    """
     check_repo_id(body.repo_id)
     namespace = body.repo_id.split("/", 1)[0]
     fields = body.model_dump()
     fields["author"] = fields["author"] or namespace
     async with conn.transaction():
-        owner = await repository.namespace_owner(conn, namespace)
-        if owner is not None and owner != principal.user_id and not principal.sees_everything:
+        owner = await repository.claim_namespace(conn, namespace, principal.user_id)
+        if owner != principal.user_id and not principal.sees_everything:
             raise Forbidden(f"namespace '{namespace}' belongs to another developer")
         row = await repository.insert_model(conn, principal.user_id, fields)
         if row is None:
@@ -37,7 +41,8 @@ async def create_model(conn: psycopg.AsyncConnection, principal: Principal, body
 
 
 async def own_model(conn: psycopg.AsyncConnection, principal: Principal, repo_id: str, lock: bool = False) -> dict:
-    """The caller's model: 404 if they cannot see it, 403 if they can but do not own it."""
+    """The caller's model (`repo_id` in any case; the row has its own spelling): 404 if they cannot see it,
+    403 if they can but do not own it."""
     check_repo_id(repo_id)
     row = await repository.owned_model(conn, repo_id, for_update=lock)
     if row is None:
@@ -57,7 +62,7 @@ async def update_model(conn: psycopg.AsyncConnection, principal: Principal, repo
         if not fields:
             return model
         row = await repository.update_model(conn, model["id"], fields)
-        await notify_catalog_changed(conn, repo_id)
+        await notify_catalog_changed(conn, model["repo_id"])
     download_cache.clear()
     return row
 
@@ -71,8 +76,10 @@ async def create_version(conn: psycopg.AsyncConnection, principal: Principal, re
         if row is None:
             raise Conflict("version already exists")
         await repository.touch_model(conn, model["id"])
-        await write_event(conn, VersionCreated(repo_id=repo_id, version=version, owner_id=model["owner_id"] or 0))
-    return {"repo_id": repo_id, "version": row["version"], "created_ts": row["created_ts"]}
+        await write_event(
+            conn, VersionCreated(repo_id=model["repo_id"], version=version, owner_id=model["owner_id"] or 0)
+        )
+    return {"repo_id": model["repo_id"], "version": row["version"], "created_ts": row["created_ts"]}
 
 
 async def _version(conn: psycopg.AsyncConnection, model: dict, version: str) -> dict:
@@ -86,7 +93,7 @@ async def _version(conn: psycopg.AsyncConnection, model: dict, version: str) -> 
 async def list_versions(conn: psycopg.AsyncConnection, principal: Principal, repo_id: str) -> list[dict]:
     model = await own_model(conn, principal, repo_id)
     return [
-        {"repo_id": repo_id, "version": v["version"], "created_ts": v["created_ts"]}
+        {"repo_id": model["repo_id"], "version": v["version"], "created_ts": v["created_ts"]}
         for v in await repository.list_versions(conn, model["id"])
     ]
 
@@ -101,7 +108,8 @@ async def initiate_upload(
         ver = await _version(conn, model, version)
         if await repository.file_exists(conn, ver["id"], filename):
             raise Conflict("file already published in this version; create a new version to change it")
-        object_key = upload_object_key(repo_id, version, filename)
+        repo_id = model["repo_id"]
+        object_key = check_object_key(upload_object_key(repo_id, version, filename))
         expires_ts = int(time.time()) + expires
         row = await repository.insert_upload(
             conn, model["id"], ver["id"], filename, object_key, principal.user_id, expires_ts
@@ -142,6 +150,7 @@ async def complete_upload(
         if upload["status"] != "initiated":
             raise Conflict(f"upload is already {upload['status']}; initiate a new upload to try again")
         now = int(time.time())
+        repo_id = model["repo_id"]
         await repository.mark_completed(conn, upload["upload_id"], body.size, sha256, now)
         await write_event(
             conn,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from registry_api.auth import CurrentUser
+from registry_api.auth import CurrentUser, lookup_prefix
 from registry_api.kit.schemas import errors
 from registry_api.users import service
 from registry_api.users.schemas import ApiKeyOut, MeOut, RegisterIn
@@ -31,12 +31,14 @@ async def register(body: RegisterIn, request: Request) -> ApiKeyOut:
     "/rotate-key",
     response_model=ApiKeyOut,
     summary="Rotate your API key",
-    description="Issues a new key; the previous key is revoked immediately.",
+    description="Issues a new key; the previous key is revoked immediately. Of several rotations sent at once "
+    "with one key, one succeeds and the others answer 401 (their key is already revoked): exactly one key works.",
     responses=errors(401),
 )
 async def rotate_key(principal: CurrentUser, request: Request) -> ApiKeyOut:
+    presented = lookup_prefix(request.headers.get("x-api-key", "")) or ""
     async with request.app.state.pool.connection() as conn:
-        key = await service.rotate_key(conn, principal)
+        key = await service.rotate_key(conn, principal, presented)
     return ApiKeyOut(user_id=principal.user_id, api_key=key)
 
 

@@ -31,6 +31,11 @@ async def issue_key(conn: psycopg.AsyncConnection, user_id: int) -> tuple[str, s
     return key, prefix
 
 
+async def lock_user(conn: psycopg.AsyncConnection, user_id: int) -> None:
+    """Hold the user's row until the transaction ends: key changes of one user happen one at a time."""
+    await conn.execute("select id from users where id = %s for update", [user_id])
+
+
 async def revoke_keys(conn: psycopg.AsyncConnection, user_id: int) -> list[str]:
     """Revoke every active key of `user_id` and tell every api process (NOTIFY at commit)."""
     cur = await conn.execute(

@@ -7,7 +7,7 @@ import time
 import psycopg
 
 from registry_api.auth import Principal, key_cache
-from registry_api.errors import Forbidden
+from registry_api.errors import Forbidden, Unauthorized
 from registry_api.kit.outbox import write_event
 from registry_api.settings import ApiSettings
 from registry_api.users import repository
@@ -33,10 +33,18 @@ async def create_user(conn: psycopg.AsyncConnection, email: str, name: str, role
     return user_id, key
 
 
-async def rotate_key(conn: psycopg.AsyncConnection, principal: Principal) -> str:
-    """Revoke the caller's keys and issue a new one; the old key fails from the commit on."""
+async def rotate_key(conn: psycopg.AsyncConnection, principal: Principal, presented_prefix: str) -> str:
+    """Revoke the caller's keys and issue a new one; the old key fails from the commit on.
+
+    The presented key (by its lookup prefix) must still be live once the user's row is locked: of several
+    rotations sent at once with one key, the first revokes it and the others answer 401, so exactly one
+    key works afterwards.
+    """
     async with conn.transaction():
+        await repository.lock_user(conn, principal.user_id)
         revoked = await repository.revoke_keys(conn, principal.user_id)
+        if presented_prefix not in revoked:
+            raise Unauthorized("invalid or revoked api key")  # rolls the transaction back
         key, prefix = await repository.issue_key(conn, principal.user_id)
         await write_event(
             conn,
