@@ -411,3 +411,57 @@ async def test_an_expiry_verdict_closes_the_api_upload(registry, model, kafka_se
     assert sign(registry, dev, up["upload_id"], [1]).status_code == 409
     r = complete(registry, dev, up["upload_id"], etags, data)
     assert r.status_code == 409 and "expired" in r.json()["detail"], r.text
+
+
+def test_listing_pages_through_more_than_1000_parts(registry, model, minio_settings):
+    """ListParts answers 1,000 parts a page: the api follows the pages (parts are tiny here, which S3 only
+    refuses at complete)."""
+    dev, repo = model
+    up = initiate(registry, dev, repo, "many.bin", 1005 * PART).json()
+    assert up["part_count"] == 1005
+    urls = []
+    for start in (1, 1001):
+        r = sign(registry, dev, up["upload_id"], list(range(start, min(start + 1000, 1006))))
+        assert r.status_code == 200, r.text
+        urls += [p["url"] for p in r.json()["parts"]]
+    assert len(urls) == 1005
+    assert sign(registry, dev, up["upload_id"], list(range(1, 1002))).status_code == 422  # 1,000 a request
+    with httpx.Client(timeout=30) as http:
+        for url in urls[:1003]:
+            assert http.put(url, content=b"x").status_code == 200
+    listed = stored_parts(registry, dev, up["upload_id"])
+    assert [p["part_number"] for p in listed["parts"]] == list(range(1, 1004))
+    assert registry.http.delete(f"/v1/dev/uploads/{up['upload_id']}", headers=dev.headers).status_code == 200
+
+
+def test_complete_is_safe_to_repeat_and_to_race(registry, model, minio_settings):
+    dev, repo = model
+    data = body_of(PART + 11, seed=9)
+    up = initiate(registry, dev, repo, "race.bin", len(data)).json()
+    etags = put_parts(registry, dev, up, data, [1, 2])
+    # Two completes at once: one assembles the object, the other is told the upload is no longer open.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: complete(registry, dev, up["upload_id"], etags, data), range(2)))
+    assert sorted(a.status_code for a in answers) == [200, 409], [a.text for a in answers]
+    assert registry.wait_upload(dev, up["upload_id"], timeout=60)["status"] == "available"
+
+
+def test_a_complete_that_reached_storage_but_not_the_database_can_be_repeated(registry, model, minio_settings):
+    """Object storage assembled the object, then the api's transaction failed: the retry recognizes the object
+    by its multipart ETag (md5 of the parts' md5s, -count) and records the completion."""
+    dev, repo = model
+    data = body_of(2 * PART + 3, seed=10)
+    up = initiate(registry, dev, repo, "retried.bin", len(data)).json()
+    etags = put_parts(registry, dev, up, data, [1, 2, 3])
+    client = minio_client(minio_settings)
+    s3_id = _s3_upload_id(registry, up["upload_id"])
+    parts = [Part(n, e.strip('"')) for n, e in sorted(etags.items())]
+    client._complete_multipart_upload(minio_settings.minio_bucket, up["object_key"], s3_id, parts)
+
+    wrong = complete(registry, dev, up["upload_id"], {**etags, 3: etags[2]}, data)
+    assert wrong.status_code == 409 and "no longer exists" in wrong.json()["detail"], wrong.text
+    r = complete(registry, dev, up["upload_id"], etags, data)
+    assert r.status_code == 200, r.text
+    assert registry.wait_upload(dev, up["upload_id"], timeout=60)["status"] == "available"
