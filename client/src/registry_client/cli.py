@@ -349,6 +349,9 @@ def upload(
         str, typer.Option(help="Files from this size on go multipart", envvar="REGISTRY_MULTIPART_THRESHOLD")
     ] = "64M",
     limit_rate: Annotated[str | None, typer.Option(help="At most this many bytes/s, e.g. 10M")] = None,
+    url_expires: Annotated[
+        int, typer.Option(min=1, max=604800, help="Lifetime of part URLs in seconds (expired ones are signed again)")
+    ] = 3600,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the registry to verify the files")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars")] = False,
     json_out: JsonOpt = False,
@@ -364,6 +367,7 @@ def upload(
         "parallel": parallel,
         "limit_rate": _size(limit_rate, "--limit-rate") if limit_rate else None,
         "wait": wait,
+        "url_expires": url_expires,
     }
     with _client() as client:
         if create_version:

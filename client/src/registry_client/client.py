@@ -217,17 +217,16 @@ class RegistryClient:
         )
 
     def part_urls(self, upload_id: int, part_numbers: list[int], expires: int = 3600) -> dict[int, str]:
-        """Presigned PUT URLs of the given parts (signed anew at every call)."""
+        """Presigned PUT URLs of the given parts (signed anew at every call; at most 1,000 at a time)."""
         body = self.request(
-            "POST",
-            f"/v1/dev/uploads/{upload_id}/parts/urls",
-            json={"part_numbers": part_numbers, "expires": expires},
+            "POST", f"/v1/dev/uploads/{upload_id}/parts", json={"part_numbers": part_numbers, "expires": expires}
         )
-        return {int(p["part_number"]): p["url"] for p in body["items"]}
+        return {int(p["part_number"]): p["url"] for p in body["parts"]}
 
-    def list_parts(self, upload_id: int) -> list[dict]:
-        """The parts already stored: `part_number`, `etag`, `size`."""
-        return self.request("GET", f"/v1/dev/uploads/{upload_id}/parts")["items"]
+    def list_parts(self, upload_id: int) -> dict:
+        """The upload's `status`, `part_size`, `part_count` and the `parts` already stored (`part_number`,
+        `etag`, `size`); `parts` is empty once the upload is no longer `initiated`."""
+        return self.request("GET", f"/v1/dev/uploads/{upload_id}/parts")
 
     def complete_multipart(self, upload_id: int, parts: list[dict], size: int, sha256: str) -> dict:
         """Assemble the parts (`part_number`, `etag`) and declare the file's size and sha256."""

@@ -12,6 +12,7 @@ from rich.progress import (
     DownloadColumn,
     Progress,
     TaskID,
+    TaskProgressColumn,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
@@ -46,6 +47,7 @@ class RichReporter:
         self.progress = Progress(
             TextColumn("[bold]{task.description}", justify="left"),
             BarColumn(bar_width=None),
+            TaskProgressColumn(),
             DownloadColumn(binary_units=True),
             TransferSpeedColumn(),
             TimeRemainingColumn(),

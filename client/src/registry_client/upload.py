@@ -156,6 +156,7 @@ class Uploader:
             "parts_sent": 0,
             "parts_reused": 0,
             "resumed": False,
+            "urls_resigned": 0,
         }
         if previous is not None and previous["status"] == "available":
             if previous.get("size") != lf.size:
@@ -181,7 +182,8 @@ class Uploader:
 
     def _single(self, repo_id: str, version: str, lf: LocalFile, task: int, result: dict) -> dict:
         for attempt in range(RETRIES):
-            up = self.client.initiate_upload(repo_id, version, lf.rfilename, expires=self.opts.url_expires)
+            # A whole-file PUT URL lives at least 60 s (the API's minimum); part URLs may live shorter.
+            up = self.client.initiate_upload(repo_id, version, lf.rfilename, expires=max(60, self.opts.url_expires))
             sha = hashlib.sha256()
             sent = [0]
             try:
@@ -201,8 +203,9 @@ class Uploader:
             if response.status_code >= 300:
                 raise RegistryError(f"{lf.rfilename}: storage answered {response.status_code}: {_s3_message(response)}")
             break
-        done = self.client.complete_upload(repo_id, version, lf.rfilename, lf.size, sha.hexdigest())
-        return {**result, **_verdict_fields(done), "parts_sent": 1}
+        digest = sha.hexdigest()
+        done = self.client.complete_upload(repo_id, version, lf.rfilename, lf.size, digest)
+        return {**result, **_verdict_fields(done), "sha256": digest, "parts_sent": 1}
 
     def _file_chunks(self, lf: LocalFile, sha: Any, task: int, sent: list[int]) -> Iterator[bytes]:
         with lf.path.open("rb") as f:
@@ -239,6 +242,7 @@ class Uploader:
             # The local file changed since: its stored parts are worthless.
             with contextlib.suppress(RegistryError):
                 self.client.abort_multipart(state["upload_id"])
+            path.unlink(missing_ok=True)
             return None
         return state
 
@@ -254,11 +258,15 @@ class Uploader:
         stored: dict[int, dict] = {}
         if state is not None:
             try:
-                stored = {p["part_number"]: p for p in self.client.list_parts(state["upload_id"])}
-                result["resumed"] = True
+                listed = self.client.list_parts(state["upload_id"])
             except RegistryError as exc:
-                if exc.status not in (404, 409, 410):
+                if exc.status not in (404, 409):
                     raise
+                listed = {"status": "gone"}
+            if listed["status"] == "initiated" and listed.get("part_size") == state["part_size"]:
+                stored = {p["part_number"]: p for p in listed["parts"]}
+                result["resumed"] = True
+            else:
                 state = None  # completed, aborted or expired meanwhile: start over
         if state is None:
             part_size = plan_part_size(lf.size, self.opts.part_size)
@@ -266,7 +274,7 @@ class Uploader:
             st = lf.path.stat()
             state = {
                 "upload_id": up["upload_id"],
-                "part_size": up.get("part_size", part_size),
+                "part_size": up["part_size"],
                 "path": str(lf.path.resolve()),
                 "size": st.st_size,
                 "mtime_ns": st.st_mtime_ns,
@@ -315,10 +323,12 @@ class Uploader:
                 raise
         result["parts_total"] = count
         result["parts_sent"] = count - result["parts_reused"]
+        result["urls_resigned"] = urls.resigned
         parts = [{"part_number": n, "etag": etags[n]} for n in range(1, count + 1)]
-        done_up = self.client.complete_multipart(upload_id, parts, lf.size, sha.hexdigest())
+        digest = sha.hexdigest()
+        done_up = self.client.complete_multipart(upload_id, parts, lf.size, digest)
         state_path.unlink(missing_ok=True)
-        return {**result, **_verdict_fields(done_up)}
+        return {**result, **_verdict_fields(done_up), "sha256": digest}
 
     def _send_part(self, urls: _PartUrls, number: int, buf: bytes, task: int) -> tuple[int, str]:
         last: str = ""
@@ -366,10 +376,12 @@ class _PartUrls:
         self.expires = expires
         self._urls: dict[int, str] = {}
         self._lock = threading.Lock()
+        self.resigned = 0  # URLs asked for again because storage refused them (expired) or a PUT failed
 
     def get(self, number: int, fresh: bool = False) -> str:
         with self._lock:
             if fresh or number not in self._urls:
+                self.resigned += fresh
                 numbers = [n for n in range(number, min(self.count, number + URL_BATCH - 1) + 1)]
                 self._urls.update(self.client.part_urls(self.upload_id, numbers, self.expires))
             return self._urls[number]
