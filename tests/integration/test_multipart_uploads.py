@@ -6,14 +6,19 @@ Files are a little above the 5 MiB part minimum so that several parts stay cheap
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import os
 import time
+import uuid
 
 import httpx
 import pytest
+from minio.datatypes import Part
 from minio.error import S3Error
 
+from registry_api.uploads.storage import multipart_etag
 from registry_shared.storage import minio_client
 
 pytestmark = pytest.mark.timeout(180)
@@ -111,7 +116,7 @@ def test_a_file_in_three_parts_is_verified_and_downloads_byte_identical(registry
     assert r.status_code == 200, r.text
     got = httpx.get(r.json()["url"], timeout=60)
     assert got.status_code == 200
-    assert got.headers["etag"].strip('"').endswith("-3")
+    assert got.headers["etag"].strip('"') == multipart_etag([etags[n] for n in (1, 2, 3)])
     assert got.content == data
     # Nothing is left to list or sign once complete.
     assert stored_parts(registry, dev, up["upload_id"])["parts"] == []
@@ -316,3 +321,148 @@ def _s3_upload_id(registry, upload_id: int) -> str:
         row = conn.execute("select multipart_upload_id from uploads where id = %s", [upload_id]).fetchone()
     assert row and row[0]
     return row[0]
+
+
+# ---------------------------------------------------------------- expiry: ingest aborts abandoned multipart uploads
+async def test_ingest_aborts_abandoned_multipart_uploads_and_rejects_them_as_expired(
+    kafka_settings, minio_settings, pg_settings, tmp_path
+):
+    """A test ingest worker (own prefix and topics; see ingest_helpers) with INGEST_MULTIPART_TTL_SECONDS=4."""
+    from ingest_helpers import EventBus, IngestProcess, TopicReader, Upload, WorkerConfig, upload_row
+
+    bootstrap = kafka_settings.kafka_bootstrap_servers
+    config = WorkerConfig(tag=uuid.uuid4().hex[:8], overrides={"INGEST_MULTIPART_TTL_SECONDS": "4"})
+    await config.prepare(bootstrap)
+    worker = IngestProcess(config, tmp_path, "multipart-worker")
+    worker.start()
+    bus, verdicts = EventBus(bootstrap), TopicReader(bootstrap, config.verdicts_topic)
+    await bus.start()
+    await verdicts.start()
+    client, bucket = minio_client(minio_settings), minio_settings.minio_bucket
+    try:
+        await worker.wait_ready()
+        repo = f"acme/mp-{uuid.uuid4().hex[:6]}"
+        abandoned, finished, single = (Upload(config.prefix, repo, n) for n in ("gone.bin", "done.bin", "one.bin"))
+        part = body_of(PART, seed=7)
+        ids = {}
+        for up in (abandoned, finished):
+            ids[up.upload_id] = await asyncio.to_thread(client._create_multipart_upload, bucket, up.key, {})
+            etag = await asyncio.to_thread(client._upload_part, bucket, up.key, part, None, ids[up.upload_id], 1)
+            await bus.publish(
+                config.uploads_topic, up.initiated().model_copy(update={"multipart_upload_id": ids[up.upload_id]})
+            )
+        await bus.publish(config.uploads_topic, single.initiated())  # a single PUT never started: TTL 600 s
+        # `finished` is completed in time, as the api would: S3 complete, then UploadCompleted.
+        await asyncio.to_thread(
+            client._complete_multipart_upload, bucket, finished.key, ids[finished.upload_id], [Part(1, etag)]
+        )
+        await bus.publish(config.uploads_topic, finished.completed(PART, hashlib.sha256(part).hexdigest()))
+
+        expired = await verdicts.wait_verdict(abandoned.upload_id, within=60)
+        assert expired.type == "registry.upload.rejected.v1"
+        assert expired.payload().reason == "expired"
+        assert "4 s" in (expired.payload().detail or "")
+        with pytest.raises(S3Error) as exc:
+            await asyncio.to_thread(client._list_parts, bucket, abandoned.key, ids[abandoned.upload_id])
+        assert exc.value.code == "NoSuchUpload"
+        row = await upload_row(pg_settings.database_url, abandoned.upload_id)
+        assert (row["verdict"], row["multipart_upload_id"]) == ("rejected", ids[abandoned.upload_id])
+
+        verified = await verdicts.wait_verdict(finished.upload_id, within=60)
+        assert verified.type == "registry.upload.verified.v1"
+        # The single-PUT upload of the same age is left alone (its TTL is the 600 s upload TTL).
+        await asyncio.sleep(2)
+        assert verdicts.verdicts_for(single.upload_id) == []
+        assert (await upload_row(pg_settings.database_url, single.upload_id))["verdict"] is None
+    finally:
+        worker.stop()
+        await verdicts.stop()
+        await bus.stop()
+        with contextlib.suppress(Exception):
+            client.remove_object(bucket, finished.key)
+
+
+async def test_an_expiry_verdict_closes_the_api_upload(registry, model, kafka_settings):
+    """The api applies ingest's `expired` verdict to a multipart upload: it can be neither signed nor completed."""
+    from ingest_helpers import EventBus
+
+    from registry_shared.events import Topics, UploadRejected, make_event
+
+    dev, repo = model
+    data = body_of(PART + 9, seed=8)
+    up = initiate(registry, dev, repo, "late.bin", len(data)).json()
+    etags = put_parts(registry, dev, up, data, [1, 2])
+    bus = EventBus(kafka_settings.kafka_bootstrap_servers)
+    await bus.start()
+    try:
+        verdict = UploadRejected(
+            upload_id=up["upload_id"],
+            repo_id=repo,
+            version="v1",
+            rfilename="late.bin",
+            object_key=up["object_key"],
+            reason="expired",
+            detail="not completed within 4 s of being initiated",
+        )
+        await bus.publish(Topics.VERDICTS, verdict, make_event(verdict, source="/ingest"))
+    finally:
+        await bus.stop()
+    done = registry.wait_upload(dev, up["upload_id"], timeout=30)
+    assert (done["status"], done["reason"]) == ("expired", "expired")
+    assert sign(registry, dev, up["upload_id"], [1]).status_code == 409
+    r = complete(registry, dev, up["upload_id"], etags, data)
+    assert r.status_code == 409 and "expired" in r.json()["detail"], r.text
+
+
+def test_listing_pages_through_more_than_1000_parts(registry, model, minio_settings):
+    """ListParts answers 1,000 parts a page: the api follows the pages (parts are tiny here, which S3 only
+    refuses at complete)."""
+    dev, repo = model
+    up = initiate(registry, dev, repo, "many.bin", 1005 * PART).json()
+    assert up["part_count"] == 1005
+    urls = []
+    for start in (1, 1001):
+        r = sign(registry, dev, up["upload_id"], list(range(start, min(start + 1000, 1006))))
+        assert r.status_code == 200, r.text
+        urls += [p["url"] for p in r.json()["parts"]]
+    assert len(urls) == 1005
+    assert sign(registry, dev, up["upload_id"], list(range(1, 1002))).status_code == 422  # 1,000 a request
+    with httpx.Client(timeout=30) as http:
+        for url in urls[:1003]:
+            assert http.put(url, content=b"x").status_code == 200
+    listed = stored_parts(registry, dev, up["upload_id"])
+    assert [p["part_number"] for p in listed["parts"]] == list(range(1, 1004))
+    assert registry.http.delete(f"/v1/dev/uploads/{up['upload_id']}", headers=dev.headers).status_code == 200
+
+
+def test_complete_is_safe_to_repeat_and_to_race(registry, model, minio_settings):
+    dev, repo = model
+    data = body_of(PART + 11, seed=9)
+    up = initiate(registry, dev, repo, "race.bin", len(data)).json()
+    etags = put_parts(registry, dev, up, data, [1, 2])
+    # Two completes at once: one assembles the object, the other is told the upload is no longer open.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: complete(registry, dev, up["upload_id"], etags, data), range(2)))
+    assert sorted(a.status_code for a in answers) == [200, 409], [a.text for a in answers]
+    assert registry.wait_upload(dev, up["upload_id"], timeout=60)["status"] == "available"
+
+
+def test_a_complete_that_reached_storage_but_not_the_database_can_be_repeated(registry, model, minio_settings):
+    """Object storage assembled the object, then the api's transaction failed: the retry recognizes the object
+    by its multipart ETag (md5 of the parts' md5s, -count) and records the completion."""
+    dev, repo = model
+    data = body_of(2 * PART + 3, seed=10)
+    up = initiate(registry, dev, repo, "retried.bin", len(data)).json()
+    etags = put_parts(registry, dev, up, data, [1, 2, 3])
+    client = minio_client(minio_settings)
+    s3_id = _s3_upload_id(registry, up["upload_id"])
+    parts = [Part(n, e.strip('"')) for n, e in sorted(etags.items())]
+    client._complete_multipart_upload(minio_settings.minio_bucket, up["object_key"], s3_id, parts)
+
+    wrong = complete(registry, dev, up["upload_id"], {**etags, 3: etags[2]}, data)
+    assert wrong.status_code == 409 and "no longer exists" in wrong.json()["detail"], wrong.text
+    r = complete(registry, dev, up["upload_id"], etags, data)
+    assert r.status_code == 200, r.text
+    assert registry.wait_upload(dev, up["upload_id"], timeout=60)["status"] == "available"

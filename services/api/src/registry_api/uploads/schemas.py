@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from registry_api.kit.schemas import RequestBody
 
@@ -28,6 +28,12 @@ _ETAG = "5d41402abc4b2a76b9719d911017c592"
 
 class MultipartIn(RequestBody):
     """A file to upload in parts: its name in the version, its size, and optionally the part size."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"rfilename": "model-00001-of-00002.gguf", "size": 4294967296, "part_size": 67108864}]
+        }
+    )
 
     rfilename: str = Field(min_length=1, max_length=1024, examples=["model-00001-of-00002.gguf"])
     size: int = Field(
@@ -63,6 +69,8 @@ class MultipartOut(BaseModel):
 
 class SignIn(RequestBody):
     """Which parts to sign (at most 1,000 per request; ask again for more, or when URLs have expired)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"part_numbers": [1, 2, 3], "expires": 3600}]})
 
     part_numbers: list[int] = Field(
         min_length=1, max_length=SIGN_BATCH_MAX, description="Part numbers, 1..part_count.", examples=[[1, 2, 3]]
@@ -126,6 +134,21 @@ class PartIn(RequestBody):
 
 class MultipartCompleteIn(RequestBody):
     """The whole file: every part in order, plus the size and sha256 ingest checks the assembled object against."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "parts": [
+                        {"part_number": 1, "etag": _ETAG},
+                        {"part_number": 2, "etag": "7d793037a0760186574b0282f2f435e7"},
+                    ],
+                    "size": 73400320,
+                    "sha256": _SHA,
+                }
+            ]
+        }
+    )
 
     parts: list[PartIn] = Field(
         min_length=1,
