@@ -243,6 +243,30 @@ def test_upload_killed_halfway_resumes_sending_only_the_missing_parts(
     assert not list((cli.home / "cache" / "registry" / "uploads").glob("*.json"))  # the resume state is gone
 
 
+def test_ctrl_c_stops_with_one_line_and_the_same_command_resumes(cli: Cli, registry: Registry, tmp_path: Path) -> None:
+    dev = registry.register("Dev")
+    repo_id = new_model(registry, dev)
+    big = tmp_path / "weights.bin"
+    big.write_bytes(os.urandom(BIG))
+    proc = cli.start("upload", repo_id, str(big), "-v", "v1", "--parallel", "1", "--limit-rate", "4M",
+                     key=dev.api_key)  # fmt: skip
+    with httpx.Client(base_url=cli.base_url, timeout=30) as http:
+        wait_until(lambda: (stored_parts(http, dev, repo_id, "weights.bin") or 0) >= 1, 60, "a stored part")
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert [line for line in stderr.splitlines() if line.strip()] == [
+        "error: interrupted: run the same command again to resume"
+    ]
+    assert len(list((cli.home / "cache" / "registry" / "uploads").glob("*.json"))) == 1  # the resume state
+
+    (res,) = cli.json("upload", repo_id, str(big), "-v", "v1", key=dev.api_key)["files"]
+    assert res["resumed"] is True and res["parts_reused"] >= 1
+    assert res["parts_reused"] + res["parts_sent"] == 3
+    assert res["status"] == "available", res
+
+
 def test_an_expired_part_url_is_signed_again(cli: Cli, registry: Registry, tmp_path: Path) -> None:
     dev = registry.register("Dev")
     repo_id = new_model(registry, dev)
