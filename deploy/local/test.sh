@@ -33,6 +33,9 @@ if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modu
   npm ci --no-audit --no-fund --silent
 fi
 
+# tmux: the terminal the client's progress bars are tested in (tests/integration/test_cli_terminal.py).
+command -v tmux >/dev/null 2>&1 || { log "installing tmux"; apt-get update -qq && apt-get install -y -qq tmux >/dev/null; }
+
 if [ "$mode" = "--bench" ]; then
   # The load tool of the HTTP benchmarks and the openssl baseline of the ingest benchmark.
   for tool in wrk openssl; do

@@ -1,0 +1,261 @@
+"""Downloads: files in parallel, each resumable (HTTP `Range` into `<file>.part`), its sha256 and size checked
+against the registry's before it is renamed into place; files already present and verified are skipped.
+
+Local layout (see the README): `<local_dir>/<rfilename>` for the files, and `<local_dir>/.registry/<rfilename>.json`
+recording the sha256, size and mtime of each verified file, so that a second run skips it without hashing it
+again. Without `--local-dir`, `<local_dir>` is `<cache>/models/<repo_id>/<version or "latest">`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from registry_client.errors import ExitCode, RegistryError
+from registry_client.progress import NullReporter, RateLimiter, Reporter
+
+if TYPE_CHECKING:
+    from registry_client.client import RegistryClient
+
+CHUNK = 1024 * 1024
+READ_CHUNK = 8 * 1024 * 1024
+RETRIES = 5
+META_DIR = ".registry"
+
+
+@dataclass
+class DownloadOptions:
+    parallel: int = 4
+    limit_rate: int | None = None
+    url_expires: int = 3600
+    reporter: Reporter = field(default_factory=NullReporter)
+
+
+def default_local_dir(repo_id: str, version: str | None) -> Path:
+    from registry_client.config import cache_dir
+
+    return cache_dir() / "models" / repo_id / (version or "latest")
+
+
+def _inside(base: Path, rfilename: str) -> Path:
+    """`base/rfilename`, refusing names that would land outside `base`."""
+    target = (base / rfilename).resolve()
+    if base.resolve() not in target.parents:
+        raise RegistryError(f"refusing a file name outside the download folder: {rfilename}", exit_code=ExitCode.VERIFY)
+    return target
+
+
+def hash_file(path: Path) -> str:
+    sha = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(READ_CHUNK):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+class _Hasher:
+    """sha256 in a thread of its own, so hashing overlaps receiving (hashlib releases the GIL)."""
+
+    def __init__(self, sha: Any) -> None:
+        self.sha = sha
+        self.q: queue.Queue[list[bytes] | None] = queue.Queue(maxsize=64)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (chunks := self.q.get()) is not None:
+            for chunk in chunks:
+                self.sha.update(chunk)
+
+    def update(self, chunks: list[bytes]) -> None:
+        """Hash these chunks next (handed over ~1 MiB at a time: fewer hand-overs between the threads)."""
+        self.q.put(chunks)
+
+    def finish(self) -> Any:
+        self.q.put(None)
+        self.thread.join()
+        return self.sha
+
+
+class Downloader:
+    """Downloads one model's files."""
+
+    def __init__(self, client: RegistryClient, options: DownloadOptions) -> None:
+        self.client = client
+        self.opts = options
+        self.reporter = options.reporter
+        self.limiter = RateLimiter(options.limit_rate)
+        self.stop = threading.Event()
+
+    # ------------------------------------------------------------------ which files
+
+    def files_of(self, repo_id: str, version: str | None) -> list[dict]:
+        """The files to fetch: the model's current files, or those of `version`."""
+        if version is None:
+            return self.client.manifest(repo_id)["files"]
+        # No endpoint lists one version's files to every reader: a platform user finds them in its manifest,
+        # the owner in the version's uploads, anyone else among the current files.
+        try:
+            for item in self.client.platform_manifest()["items"]:
+                if item["repo_id"] == repo_id:
+                    for v in item["versions"]:
+                        if v["version"] == version:
+                            return v["files"]
+        except RegistryError as exc:
+            if exc.status != 403:
+                raise
+        try:
+            latest: dict[str, dict] = {}
+            for up in self.client.list_uploads(repo_id, version)["items"]:
+                if up["status"] == "available":
+                    latest[up["rfilename"]] = {**up, "version": version}
+            if latest:
+                return list(latest.values())
+        except RegistryError as exc:
+            if exc.status not in (403, 404):
+                raise
+        files = [f for f in self.client.manifest(repo_id)["files"] if f.get("version") == version]
+        if not files:
+            raise RegistryError(f"version not found or without verified files: {version}", exit_code=ExitCode.NOT_FOUND)
+        return files
+
+    # ------------------------------------------------------------------ the whole command
+
+    def download(
+        self, repo_id: str, version: str | None, local_dir: str | Path | None, files: list[dict] | None = None
+    ) -> list[dict]:
+        """Fetch `files` (default: `files_of(repo_id, version)`) into `local_dir`; one result dict per file."""
+        if files is None:
+            files = self.files_of(repo_id, version)
+        base = Path(local_dir) if local_dir is not None else default_local_dir(repo_id, version)
+        base.mkdir(parents=True, exist_ok=True)
+        plan = [(f, _inside(base, f["rfilename"])) for f in files]
+        results: list[dict] = []
+        with ThreadPoolExecutor(max(1, self.opts.parallel), thread_name_prefix="download") as pool:
+            futures = [pool.submit(self._one, repo_id, version, base, f, target) for f, target in plan]
+            try:
+                for fut in futures:
+                    results.append(fut.result())
+            except BaseException:
+                self.stop.set()
+                for fut in futures:
+                    fut.cancel()
+                raise
+        return results
+
+    def _meta_path(self, base: Path, rfilename: str) -> Path:
+        return base / META_DIR / f"{rfilename}.json"
+
+    def _one(self, repo_id: str, version: str | None, base: Path, f: dict, target: Path) -> dict:
+        size, sha256 = int(f["size"]), f["sha256"].lower()
+        task = self.reporter.add_file(f["rfilename"], size)
+        result = {"rfilename": f["rfilename"], "path": str(target), "size": size, "sha256": sha256, "resumed_from": 0}
+        meta_path = self._meta_path(base, f["rfilename"])
+        if target.is_file() and target.stat().st_size == size:
+            st = target.stat()
+            try:
+                meta = json.loads(meta_path.read_text())
+            except (OSError, ValueError):
+                meta = {}
+            if meta.get("sha256") == sha256 and meta.get("size") == size and meta.get("mtime_ns") == st.st_mtime_ns:
+                self.reporter.finish_file(task, "already verified")
+                return {**result, "status": "already verified"}
+            if hash_file(target) == sha256:
+                self._write_meta(meta_path, target, sha256, size)
+                self.reporter.finish_file(task, "verified")
+                return {**result, "status": "verified"}
+        target.parent.mkdir(parents=True, exist_ok=True)
+        part = target.with_name(target.name + ".part")
+        offset = part.stat().st_size if part.is_file() else 0
+        if offset > size:
+            part.unlink()
+            offset = 0
+        result["resumed_from"] = offset
+        sha = hashlib.sha256()
+        if offset:
+            with part.open("rb") as fh:  # what is already here counts in the sha256 (read locally, not sent)
+                left = offset
+                while left and (chunk := fh.read(min(READ_CHUNK, left))):
+                    sha.update(chunk)
+                    left -= len(chunk)
+            self.reporter.advance(task, offset)
+        offset, sha = self._fetch(repo_id, version or f.get("version"), f["rfilename"], part, offset, size, sha, task)
+        digest = sha.hexdigest()
+        if offset != size or digest != sha256:
+            part.unlink(missing_ok=True)
+            self.reporter.finish_file(task, "[red]corrupt")
+            raise RegistryError(
+                f"{f['rfilename']}: downloaded bytes do not match the registry's "
+                f"(size {offset}/{size}, sha256 {digest[:12]}… vs {sha256[:12]}…); removed, run again",
+                exit_code=ExitCode.VERIFY,
+            )
+        os.replace(part, target)
+        self._write_meta(meta_path, target, sha256, size)
+        self.reporter.finish_file(task, "resumed, verified" if result["resumed_from"] else "verified")
+        return {**result, "status": "downloaded"}
+
+    def _fetch(
+        self, repo_id: str, version: str | None, rfilename: str, part: Path, offset: int, size: int, sha: Any, task: int
+    ) -> tuple[int, Any]:
+        """Bring `part` from `offset` to `size` bytes, hashing what arrives; (new offset, sha)."""
+        last = ""
+        for _attempt in range(RETRIES):
+            if offset >= size:
+                break
+            if self.stop.is_set():
+                raise KeyboardInterrupt
+            url = self.client.download_url(repo_id, rfilename, version=version, expires=self.opts.url_expires)["url"]
+            headers = {"range": f"bytes={offset}-"} if offset else {}
+            try:
+                with self.client.transfer.stream("GET", url, headers=headers) as response:
+                    if response.status_code == 200 and offset:  # the range was ignored: start over
+                        self.reporter.advance(task, -offset)
+                        offset, sha = 0, hashlib.sha256()
+                    elif response.status_code not in (200, 206):
+                        response.read()
+                        last = f"storage answered {response.status_code}"
+                        if response.status_code in (403, 500, 502, 503, 504):
+                            continue  # expired URL or a busy server: a new URL and again
+                        break
+                    hasher = _Hasher(sha)
+                    pending, batch = 0, []  # bytes not yet counted on the bars, hashed, or rate limited
+                    try:
+                        # Unbuffered: the chunks as they arrive from the socket go straight to the file.
+                        with part.open("r+b" if offset else "wb", buffering=0) as out:
+                            out.seek(offset)
+                            out.truncate()
+                            for chunk in response.iter_raw():
+                                if self.stop.is_set():
+                                    raise KeyboardInterrupt
+                                out.write(chunk)
+                                batch.append(chunk)
+                                offset += len(chunk)
+                                pending += len(chunk)
+                                if pending >= CHUNK:
+                                    hasher.update(batch)
+                                    self.limiter.consume(pending)
+                                    self.reporter.advance(task, pending)
+                                    pending, batch = 0, []
+                    finally:
+                        hasher.update(batch)
+                        self.reporter.advance(task, pending)
+                        sha = hasher.finish()
+            except httpx.HTTPError as exc:  # dropped: keep what arrived, ask for the rest
+                last = str(exc) or type(exc).__name__
+                continue
+        if offset < size:
+            raise RegistryError(f"{rfilename}: download failed at {offset}/{size} bytes: {last}; run again to resume")
+        return offset, sha
+
+    def _write_meta(self, meta_path: Path, target: Path, sha256: str, size: int) -> None:
+        meta_path.parent.mkdir(parents=True, exist_ok=True)
+        meta_path.write_text(json.dumps({"sha256": sha256, "size": size, "mtime_ns": target.stat().st_mtime_ns}))
