@@ -47,12 +47,13 @@ from registry_api.hf.schemas import (
 from registry_api.hf.service import HfError, error_headers
 
 PREFIX = "/hf"
+EMPTY_BLOB_ID = "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"  # git's id of the empty blob
 _PAGE_MAX = 1000
 
 
 def _error_response(exc: ApiError) -> Response:
     return Response(
-        orjson.dumps({"detail": exc.detail}),
+        orjson.dumps({**getattr(exc, "body", {}), "detail": exc.detail}),
         status_code=exc.status_code,
         media_type="application/json",
         headers=error_headers(exc),
@@ -349,7 +350,8 @@ async def create_repo(body: RepoCreateIn, request: Request, principal: Writer) -
             row = await dev_service.create_model(conn, principal, model_in)
         except ApiError as exc:
             if exc.status_code == 409:
-                raise HfError(409, "RepoExists", "You already created this model repo") from None
+                url = f"{base_url(request)}/{repo_id}"  # the client reads it when exist_ok
+                raise HfError(409, "RepoExists", "You already created this model repo", body={"url": url}) from None
             raise
     return RepoCreateOut(url=f"{base_url(request)}/{repo_id}", name=repo_id, id=str(row["id"]))
 
@@ -363,11 +365,15 @@ async def preupload(namespace: str, name: str, body: PreuploadIn, request: Reque
         model = await service.owned_model(conn, principal, repo_id)
         parent = await service.main_revision(conn, model["id"])
         files = await repository.revision_files(conn, model["id"], parent.version_id) if parent else []
-    current = {f["rfilename"]: f["sha256"] for f in files}
+    current = {f["rfilename"]: f for f in files}
     out = []
     for f in body.files:
         path = service.check_path(f.path)
-        out.append({"path": path, "uploadMode": "lfs", "shouldIgnore": False, "oid": current.get(path)})
+        # The client compares `oid` with its own: the sha256 for LFS files, the git blob id for the empty
+        # files it always sends inline.
+        have = current.get(path)
+        oid = None if have is None else (EMPTY_BLOB_ID if have["size"] == 0 else have["sha256"])
+        out.append({"path": path, "uploadMode": "lfs", "shouldIgnore": False, "oid": oid})
     return PreuploadOut(files=out, commitOid=parent.sha if parent else None)
 
 
@@ -421,14 +427,20 @@ async def validate_yaml(body: ValidateYamlIn, principal: Writer) -> dict[str, An
     content = body.content
     if content.startswith("---"):
         end = content.find("\n---", 3)
+        problem = None
         if end == -1:
-            raise HfError(400, "InvalidYaml", "the YAML header is not closed with ---")
-        try:
-            meta = yaml.safe_load(content[3:end])
-        except yaml.YAMLError as exc:
-            raise HfError(400, "InvalidYaml", f"invalid YAML: {exc}") from None
-        if meta is not None and not isinstance(meta, dict):
-            raise HfError(400, "InvalidYaml", "the YAML header must be a mapping")
+            problem = "the YAML header is not closed with ---"
+        else:
+            try:
+                meta = yaml.safe_load(content[3:end])
+            except yaml.YAMLError as exc:
+                problem = f"invalid YAML: {exc}"
+            else:
+                if meta is not None and not isinstance(meta, dict):
+                    problem = "the YAML header must be a mapping"
+        if problem is not None:
+            # the client lists `errors[].message` in the ValueError it raises
+            raise HfError(400, "InvalidYaml", problem, body={"errors": [{"message": problem}], "warnings": []})
     return {"errors": [], "warnings": []}
 
 

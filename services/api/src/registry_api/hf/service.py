@@ -20,7 +20,7 @@ import hashlib
 import hmac
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -43,6 +43,8 @@ from registry_api.errors import ApiError, Conflict, NotFound
 from registry_api.hf import repository
 from registry_api.kit.validate import check_repo_id, check_rfilename
 from registry_api.outbox import write_event
+from registry_api.uploads.service import plan_parts
+from registry_api.uploads.storage import MultipartStorage, PartsRejected, UploadGone
 from registry_shared.events import UploadCompleted, UploadInitiated
 from registry_shared.storage import minio_client, upload_object_key
 
@@ -72,11 +74,14 @@ class HfSettings(BaseSettings):
 class HfError(ApiError):
     """An error of the Hub's contract: a status, an `X-Error-Code` and a message."""
 
-    def __init__(self, status: int, code: str, detail: str, commit: str | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, detail: str, commit: str | None = None, body: dict | None = None
+    ) -> None:
         super().__init__(detail)
         self.status_code = status
         self.code = code
         self.commit = commit
+        self.body = body or {}
 
 
 def repo_not_found() -> HfError:
@@ -90,7 +95,8 @@ def error_headers(exc: ApiError) -> dict[str, str]:
         code = {401: "Unauthorized", 403: "Forbidden", 404: "RepoNotFound", 409: "Conflict"}.get(
             exc.status_code, "BadRequest"
         )
-    headers = {"X-Error-Code": code, "X-Error-Message": exc.detail.encode("ascii", "replace").decode()}
+    message = " ".join(exc.detail.encode("ascii", "replace").decode().split())[:500]  # one printable line
+    headers = {"X-Error-Code": code, "X-Error-Message": message}
     commit = getattr(exc, "commit", None)
     if commit:
         headers["X-Repo-Commit"] = commit
@@ -429,27 +435,27 @@ async def lfs_batch(app: Any, principal: Principal, repo_id: str, body: dict, ba
     return {"transfer": chosen, "objects": out, "hash_algo": "sha256"}
 
 
+def _multipart_storage(app: Any) -> MultipartStorage:
+    storage = getattr(app.state, "hf_multipart", None)
+    if storage is None:
+        storage = app.state.hf_multipart = MultipartStorage(app.state.settings, store(app))
+    return storage
+
+
 async def _multipart(app: Any, repo_id: str, oid: str, size: int, base: str) -> dict:
-    """Start a multipart upload of the staged object: presigned part URLs and a signed completion href."""
+    """Start an S3 multipart upload of the staged object (the uploads domain's storage and part signer):
+    presigned part URLs and a signed completion href."""
     settings = _hf_settings(app)
-    chunk = settings.multipart_chunk
-    parts = -(-size // chunk)
-    if parts > 10_000:
-        chunk = -(-size // 10_000)
-        parts = -(-size // chunk)
+    try:
+        chunk, parts = plan_parts(size, settings.multipart_chunk)
+    except ApiError as exc:
+        raise HfError(422, "BadRequest", exc.detail) from None
     key = lfs_key(repo_id, oid)
-    client, bucket = store(app), app.state.settings.minio_bucket
-    upload_id = await asyncio.to_thread(client._create_multipart_upload, bucket, key, {})
-    public: Minio = app.state.presigner._client
+    upload_id = await asyncio.to_thread(_multipart_storage(app).create, key)
+    presigner = app.state.presigner
     header: dict[str, str] = {"chunk_size": str(chunk)}
     for n in range(1, parts + 1):
-        header[f"{n:05d}"] = public.get_presigned_url(
-            "PUT",
-            bucket,
-            key,
-            expires=timedelta(seconds=settings.url_expires),
-            extra_query_params={"partNumber": str(n), "uploadId": upload_id},
-        )
+        header[f"{n:05d}"] = presigner.part_url(key, upload_id, n, settings.url_expires)
     token = signed_token(
         app,
         {
@@ -465,14 +471,16 @@ async def _multipart(app: Any, repo_id: str, oid: str, size: int, base: str) -> 
 
 
 async def complete_multipart(app: Any, token: str, body: dict) -> dict:
-    """Finish a multipart upload (the URL authorizes itself); the part list must match what was handed out."""
-    from minio.datatypes import Part
-
+    """Finish a multipart upload (the URL authorizes itself). The part list must be every part handed out,
+    in order, with the ETags the store gave; otherwise the upload is aborted and nothing is kept."""
     fields = open_token(app, token)
-    if body.get("oid") != fields["oid"]:
-        raise HfError(400, "PartsMismatch", "oid does not match this upload")
+    storage = _multipart_storage(app)
+    key = lfs_key(fields["repo"], fields["oid"])
     parts = body.get("parts")
-    if (
+    problem = None
+    if body.get("oid") != fields["oid"]:
+        problem = "oid does not match this upload"
+    elif (
         not isinstance(parts, list)
         or len(parts) != fields["n"]
         or any(
@@ -483,19 +491,18 @@ async def complete_multipart(app: Any, token: str, body: dict) -> dict:
             for i, p in enumerate(parts)
         )
     ):
-        raise HfError(400, "PartsMismatch", f"expected parts 1..{fields['n']}, each with its etag, in order")
+        problem = f"expected parts 1..{fields['n']}, each with its etag, in order"
+    if problem is None:
+        try:
+            await asyncio.to_thread(storage.complete, key, fields["uid"], [(p["partNumber"], p["etag"]) for p in parts])
+        except PartsRejected as exc:
+            problem = f"object store refused the parts: {exc.code}"
+        except UploadGone:
+            raise HfError(404, "UploadNotFound", "this multipart upload was completed or aborted") from None
+    if problem is not None:
+        await asyncio.to_thread(storage.abort, key, fields["uid"])
+        raise HfError(400, "PartsMismatch", problem + "; the upload was aborted")
     client, bucket = store(app), app.state.settings.minio_bucket
-    key = lfs_key(fields["repo"], fields["oid"])
-    try:
-        await asyncio.to_thread(
-            client._complete_multipart_upload,
-            bucket,
-            key,
-            fields["uid"],
-            [Part(p["partNumber"], p["etag"].strip('"')) for p in parts],
-        )
-    except S3Error as exc:
-        raise HfError(400, "PartsMismatch", f"object store refused the parts: {exc.code}") from None
     size = await asyncio.to_thread(_stat_size, client, bucket, key)
     if size != fields["size"]:
         await asyncio.to_thread(client.remove_object, bucket, key)
