@@ -26,6 +26,8 @@ from registry_api.db.migrate import apply_migrations
 from registry_api.db.pool import make_pool
 from registry_api.dev.endpoints import router as dev_router
 from registry_api.errors import install_error_handlers
+from registry_api.hf.endpoints import HfResolve
+from registry_api.hf.endpoints import router as hf_router
 from registry_api.kit.db_monitor import DatabaseMonitor, DatabaseUnavailable
 from registry_api.kit.outbox import AccessBufferFull, AccessRecorder, OutboxRelay
 from registry_api.kit.presign import Presigner
@@ -63,6 +65,11 @@ TAGS = [
     {"name": "Platform", "description": "Bulk manifest of everything granted to a platform user."},
     {"name": "Usage & Analytics", "description": "Usage over a window, served by the analytics service."},
     {"name": "Webhooks", "description": "Signed webhooks (Standard Webhooks) for events you may see; delivery log."},
+    {
+        "name": "Hugging Face Hub",
+        "description": "The Hub's HTTP contract under /hf: HF_ENDPOINT=<api>/hf and the key as HF_TOKEN make "
+        "huggingface_hub, hf and transformers work (HF_HUB_DISABLE_XET=1 to upload).",
+    },
 ]
 
 
@@ -131,6 +138,7 @@ def create_app(settings: ApiSettings | None = None, fast_download: bool = True) 
     # the documented route in the catalog router describes it in OpenAPI. The request id wraps both.
     if fast_download:
         app.add_middleware(FastDownload)
+        app.add_middleware(HfResolve)
     app.add_middleware(RequestIdMiddleware)
 
     def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
@@ -213,6 +221,7 @@ def create_app(settings: ApiSettings | None = None, fast_download: bool = True) 
         admin_router,
         platform_router,
         webhooks_router,
+        hf_router,
     ):
         app.include_router(router)
     return app

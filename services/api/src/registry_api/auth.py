@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, Request
-from fastapi.security import APIKeyHeader
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from registry_api.catalog.cache import CATALOG_CHANNEL, download_cache
 from registry_api.errors import Forbidden, Unauthorized, Unavailable
@@ -40,6 +40,11 @@ Role = Literal["developer", "platform", "admin"]
 # AdminToken, and the catalog reads either (a list of alternatives).
 api_key_header = APIKeyHeader(
     name="x-api-key", scheme_name="ApiKey", auto_error=False, description="Your user API key (sk_live_...)."
+)
+bearer_header = HTTPBearer(
+    scheme_name="Bearer",
+    auto_error=False,
+    description="Your user API key as a bearer token (`Authorization: Bearer sk_live_...`).",
 )
 admin_token_header = APIKeyHeader(
     name="x-admin-token",
@@ -159,20 +164,41 @@ def check_admin_token(app: Any, token: str | None) -> Principal:
     return ADMIN_TOKEN_PRINCIPAL
 
 
-async def current_user(request: Request, x_api_key: Annotated[str | None, Depends(api_key_header)]) -> Principal:
-    """The user behind x-api-key (401 if missing, unknown or rotated)."""
-    if not x_api_key:
+def presented_key(x_api_key: str | None, authorization: str | None) -> str | None:
+    """The key a request presents: `x-api-key`, else the token of `Authorization: Bearer <key>`."""
+    if x_api_key:
+        return x_api_key
+    if authorization:
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    return None
+
+
+def _bearer_key(credentials: HTTPAuthorizationCredentials | None) -> str | None:
+    return credentials.credentials if credentials is not None else None
+
+
+async def current_user(
+    request: Request,
+    x_api_key: Annotated[str | None, Depends(api_key_header)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_header)],
+) -> Principal:
+    """The user behind x-api-key or a bearer token (401 if missing, unknown or rotated)."""
+    key = x_api_key or _bearer_key(bearer)
+    if not key:
         raise Unauthorized("missing x-api-key")
-    return await principal_for_key(request.app, x_api_key)
+    return await principal_for_key(request.app, key)
 
 
 async def catalog_reader(
     request: Request,
     x_api_key: Annotated[str | None, Depends(api_key_header)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_header)],
     x_admin_token: Annotated[str | None, Depends(admin_token_header)],
 ) -> Principal:
-    """A user by x-api-key, or (without one) the admin token holder, who sees the whole catalog."""
-    return await catalog_principal(request.app, x_api_key, x_admin_token)
+    """A user by x-api-key (or bearer token), or (without one) the admin token holder, who sees the whole catalog."""
+    return await catalog_principal(request.app, x_api_key or _bearer_key(bearer), x_admin_token)
 
 
 async def catalog_principal(app: Any, api_key: str | None, admin_token: str | None) -> Principal:

@@ -19,7 +19,7 @@ from psycopg_pool import PoolTimeout
 from pydantic import Field, TypeAdapter, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from registry_api.auth import catalog_principal
+from registry_api.auth import catalog_principal, presented_key
 from registry_api.catalog.service import download_answer
 from registry_api.errors import ApiError, Unprocessable, describe_error
 from registry_api.kit.db_monitor import DatabaseUnavailable
@@ -99,12 +99,14 @@ class FastDownload:
 
     async def _answer(self, scope: Scope, file_path: str) -> dict[str, object]:
         app = scope["app"]
-        api_key = admin_token = None
+        api_key = admin_token = authorization = None
         for name, value in scope["headers"]:
             if name == b"x-api-key":
                 api_key = value.decode("latin-1")
             elif name == b"x-admin-token":
                 admin_token = value.decode("latin-1")
-        principal = await catalog_principal(app, api_key, admin_token)
+            elif name == b"authorization":
+                authorization = value.decode("latin-1")
+        principal = await catalog_principal(app, presented_key(api_key, authorization), admin_token)
         expires, version = _query(scope)
         return await download_answer(app, principal, file_path, expires, version)

@@ -22,6 +22,15 @@ CURRENT_FILES = """
 """
 
 
+# When the caller's access to model `m` ends (the end of the grant that allows it; null: no end). With VISIBLE's
+# parameters; callers that cache an answer about `m` keep it no longer than this.
+ACCESS_UNTIL = """case when %(see_all)s or m.visibility = 'public' or m.owner_id = %(uid)s then null
+    else (select max(coalesce(g.permitted_until_ts, 4102444800)) from grants g
+        where g.model_id = m.id and g.platform_user_id = %(uid)s and g.revoked_ts is null
+          and g.permitted_from_ts <= %(now)s
+          and (g.permitted_until_ts is null or g.permitted_until_ts > %(now)s)) end"""
+
+
 async def list_models(
     conn: psycopg.AsyncConnection,
     vis: dict,
@@ -29,15 +38,19 @@ async def list_models(
     updated_since: int | None,
     limit: int,
     offset: int,
+    namespace: str | None = None,
 ) -> list[dict]:
-    """Visible models matching `q` (substring of repo_id, model_name or author), newest change first."""
-    params = {**vis, "q": None, "since": updated_since, "limit": limit, "offset": offset}
+    """Visible models matching `q` (substring of repo_id, model_name or author), newest change first;
+    only those of `namespace` (the part of repo_id before '/') if given."""
+    params = {**vis, "q": None, "since": updated_since, "limit": limit, "offset": offset, "ns": namespace}
     where = [VISIBLE]
     if q:
         params["q"] = "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         where.append("(m.repo_id ilike %(q)s or m.model_name ilike %(q)s or m.author ilike %(q)s)")
     if updated_since is not None:
         where.append("m.last_update_ts > %(since)s")
+    if namespace is not None:
+        where.append("split_part(m.repo_id, '/', 1) = %(ns)s")
     sql = (
         f"select {MODEL_COLUMNS} from models m where {' and '.join(where)}"
         " order by m.last_update_ts desc, m.id desc limit %(limit)s offset %(offset)s"
@@ -47,9 +60,11 @@ async def list_models(
 
 
 async def get_model(conn: psycopg.AsyncConnection, vis: dict, repo_id: str) -> dict | None:
-    """One visible model, or None. `repo_id` in any case (models_repo_id_lower); the row has its own spelling."""
+    """One visible model, or None; with `access_until` (see ACCESS_UNTIL). `repo_id` in any case
+    (models_repo_id_lower); the row has its own spelling."""
     cur = await conn.execute(
-        f"select {MODEL_COLUMNS} from models m where lower(m.repo_id) = lower(%(repo_id)s) and {VISIBLE}",
+        f"select {MODEL_COLUMNS}, {ACCESS_UNTIL} as access_until from models m"
+        f" where lower(m.repo_id) = lower(%(repo_id)s) and {VISIBLE}",
         {**vis, "repo_id": repo_id},
     )
     return await cur.fetchone()
@@ -69,11 +84,7 @@ async def find_download(
     `repo_id` in any case; the row has the model's own spelling."""
     cur = await conn.execute(
         "select m.repo_id, f.rfilename, f.size, f.sha256, f.object_key, v.version,"
-        " case when %(see_all)s or m.visibility = 'public' or m.owner_id = %(uid)s then null"
-        "  else (select max(coalesce(g.permitted_until_ts, 4102444800)) from grants g"
-        "        where g.model_id = m.id and g.platform_user_id = %(uid)s and g.revoked_ts is null"
-        "          and g.permitted_from_ts <= %(now)s"
-        "          and (g.permitted_until_ts is null or g.permitted_until_ts > %(now)s)) end as access_until"
+        f" {ACCESS_UNTIL} as access_until"
         " from models m join files f on f.model_id = m.id left join versions v on v.id = f.version_id"
         " where lower(m.repo_id) = lower(%(repo_id)s) and f.rfilename = %(rfilename)s"
         " and (%(version)s::text is null or v.version = %(version)s)"

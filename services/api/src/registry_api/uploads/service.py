@@ -23,9 +23,9 @@ from registry_api.auth import Principal
 from registry_api.dev import repository as dev_repository
 from registry_api.dev.service import own_model
 from registry_api.errors import Conflict, NotFound, Unprocessable
+from registry_api.kit.outbox import write_event
 from registry_api.kit.presign import Presigner
 from registry_api.kit.validate import check_rfilename, check_version
-from registry_api.outbox import write_event
 from registry_api.uploads import repository
 from registry_api.uploads.schemas import MIB, OBJECT_SIZE_MAX, PART_SIZE_MAX, PART_SIZE_MIN, PARTS_MAX
 from registry_api.uploads.storage import MultipartStorage, PartsRejected, UploadGone, multipart_etag, normalize_etag
