@@ -3,27 +3,28 @@
 Keys look like `sk_live_<12-char lookup prefix><32-char secret>`. Only a SHA-256 of the whole key is
 stored; the prefix finds the row and the hash is compared in constant time. Verified keys are cached
 for a few seconds in this process; rotating a key evicts it here at once and, through Postgres
-NOTIFY, in every other api process.
+NOTIFY, in every other api process (`invalidation_listener`). While that listener is down, cached keys
+are trusted for kit.cache.UNTRUSTED_S only; while Postgres is down, they go on being served (nothing can
+be rotated meanwhile): see kit.cache.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
 import secrets
-import time
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-import psycopg
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader
 
 from registry_api.catalog.cache import CATALOG_CHANNEL, download_cache
 from registry_api.errors import Forbidden, Unauthorized, Unavailable
+from registry_api.kit.cache import InvalidatedCache
+from registry_api.kit.db_monitor import DatabaseMonitor
+from registry_api.kit.listen import PgListener
 
 log = logging.getLogger(__name__)
 
@@ -85,62 +86,41 @@ def lookup_prefix(key: str) -> str | None:
     return key[len(KEY_PREFIX) : len(KEY_PREFIX) + _LOOKUP_LEN]
 
 
-class KeyCache:
-    """prefix → (hash, principal, expiry): saves a database round trip per request."""
-
-    def __init__(self) -> None:
-        self._items: dict[str, tuple[bytes, Principal, float]] = {}
-
-    def get(self, prefix: str) -> tuple[bytes, Principal] | None:
-        item = self._items.get(prefix)
-        if item is None:
-            return None
-        if item[2] < time.monotonic():
-            self._items.pop(prefix, None)
-            return None
-        return item[0], item[1]
-
-    def put(self, prefix: str, key_hash: bytes, principal: Principal) -> None:
-        if len(self._items) > 100_000:
-            self._items.clear()
-        self._items[prefix] = (key_hash, principal, time.monotonic() + _CACHE_TTL)
-
-    def evict(self, prefix: str) -> None:
-        self._items.pop(prefix, None)
-
-    def clear(self) -> None:
-        self._items.clear()
+#: prefix → (sha256 of the key, its user): saves a database round trip per request.
+key_cache: InvalidatedCache[tuple[bytes, Principal]] = InvalidatedCache(ttl=_CACHE_TTL, max_items=100_000)
 
 
-key_cache = KeyCache()
+def _catalog_changed(_: str) -> None:
+    download_cache.clear()
 
 
-async def listen_for_invalidations(database_url: str, stop: asyncio.Event) -> None:
-    """Drop cached keys and download lookups that any api process invalidated (Postgres LISTEN).
+def _listener_up() -> None:
+    key_cache.listener_up()
+    download_cache.listener_up()
 
-    Reconnects until `stop` is set; on every (re)connect both caches are cleared, since anything may
-    have changed while the listener was away.
-    """
-    while not stop.is_set():
-        try:
-            async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-                await conn.execute(f"listen {REVOKE_CHANNEL}")
-                await conn.execute(f"listen {CATALOG_CHANNEL}")
-                key_cache.clear()
-                download_cache.clear()
-                async for note in conn.notifies():
-                    if note.channel == REVOKE_CHANNEL:
-                        key_cache.evict(note.payload)
-                    else:
-                        download_cache.clear()
-                    if stop.is_set():
-                        break
-        except (psycopg.Error, OSError) as exc:
-            log.warning("invalidation listener reconnecting: %s", exc)
-            key_cache.clear()
-            download_cache.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=1.0)
+
+def _listener_down() -> None:
+    key_cache.listener_down()
+    download_cache.listener_down()
+
+
+def set_outage(down: bool) -> None:
+    """The database monitor says Postgres is away (True) or back (False): the caches serve stale entries
+    meanwhile (kit.cache)."""
+    key_cache.outage = down
+    download_cache.outage = down
+
+
+def invalidation_listener(database_url: str, monitor: DatabaseMonitor | None = None) -> PgListener:
+    """The LISTEN loop that keeps this process's caches true: a rotated key is evicted, a catalog change
+    clears the download lookups, and a (re)connection clears both."""
+    return PgListener(
+        database_url,
+        {REVOKE_CHANNEL: key_cache.evict, CATALOG_CHANNEL: _catalog_changed},
+        on_connect=_listener_up,
+        on_disconnect=_listener_down,
+        monitor=monitor,
+    )
 
 
 async def principal_for_key(app: Any, key: str) -> Principal:
@@ -154,6 +134,7 @@ async def principal_for_key(app: Any, key: str) -> Principal:
         if hmac.compare_digest(cached[0], presented):
             return cached[1]
         raise Unauthorized("invalid or revoked api key")
+    generation = key_cache.generation
     async with app.state.pool.connection() as conn:
         cur = await conn.execute(
             "select k.key_hash, u.id, u.role, u.email, u.name from api_keys k join users u on u.id = k.user_id"
@@ -164,7 +145,7 @@ async def principal_for_key(app: Any, key: str) -> Principal:
     if row is None or not hmac.compare_digest(bytes(row["key_hash"]), presented):
         raise Unauthorized("invalid or revoked api key")
     principal = Principal(user_id=row["id"], role=row["role"], email=row["email"], name=row["name"])
-    key_cache.put(prefix, bytes(row["key_hash"]), principal)
+    key_cache.put(prefix, (bytes(row["key_hash"]), principal), generation=generation)
     return principal
 
 

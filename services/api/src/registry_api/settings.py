@@ -28,6 +28,13 @@ class ApiSettings(PostgresSettings, KafkaSettings, MinioSettings, WebhookSecretS
     access_flush_ms: int = Field(
         20, ge=1, le=5000, description="How often buffered access events are written to the outbox."
     )
+    access_buffer_max: int = Field(
+        100_000,
+        ge=100,
+        le=10_000_000,
+        description="Access events held in memory while they cannot be written (Postgres away); when full, "
+        "counted reads answer 503 instead of going uncounted.",
+    )
 
     @field_validator("registry_admin_token", mode="before")
     @classmethod

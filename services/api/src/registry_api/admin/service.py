@@ -8,8 +8,8 @@ from registry_api.admin import repository
 from registry_api.admin.schemas import GrantIn, GrantUpdate
 from registry_api.catalog.cache import download_cache, notify_catalog_changed
 from registry_api.errors import Conflict, NotFound, Unprocessable
+from registry_api.kit.outbox import write_event
 from registry_api.kit.validate import check_repo_id
-from registry_api.outbox import write_event
 from registry_shared.events import GrantCreated, GrantRevoked, GrantUpdated
 
 

@@ -88,3 +88,33 @@ async def changes(conn: psycopg.AsyncConnection, vis: dict, since: int, limit: i
         {**vis, "since": since, "limit": limit},
     )
     return await cur.fetchall()
+
+
+# What is granted to a platform user and in force at `now`: one row per (model, version, file).
+GRANTED_FILES = """
+with granted as (
+    select g.model_id, min(g.permitted_from_ts) as permitted_from_ts,
+           case when bool_or(g.permitted_until_ts is null) then null else max(g.permitted_until_ts) end
+             as permitted_until_ts
+    from grants g
+    where g.platform_user_id = %(uid)s and g.revoked_ts is null and g.permitted_from_ts <= %(now)s
+      and (g.permitted_until_ts is null or g.permitted_until_ts > %(now)s)
+    group by g.model_id
+)
+select m.repo_id, m.model_name, m.author, m.pipeline_tag, m.license, m.last_update_ts,
+       gr.permitted_from_ts, gr.permitted_until_ts,
+       v.version, v.created_ts as version_created_ts,
+       f.rfilename, f.size, f.sha256, f.object_key
+from granted gr
+join models m on m.id = gr.model_id
+left join versions v on v.model_id = m.id
+left join files f on f.version_id = v.id
+order by m.repo_id, v.id, f.rfilename
+"""
+
+
+async def granted_files(conn: psycopg.AsyncConnection, platform_user_id: int, now: int) -> list[dict]:
+    """Every model granted to `platform_user_id` and in force at `now`, with its grant window, versions and
+    files: one row per file (version and file columns null for a model without them), by repo_id, version."""
+    cur = await conn.execute(GRANTED_FILES, {"uid": platform_user_id, "now": now})
+    return await cur.fetchall()

@@ -11,8 +11,8 @@ from registry_api.catalog.cache import download_cache, notify_catalog_changed
 from registry_api.dev import repository
 from registry_api.dev.schemas import CompleteIn, ModelIn, ModelUpdate
 from registry_api.errors import Conflict, Forbidden, NotFound
+from registry_api.kit.outbox import write_event
 from registry_api.kit.validate import check_object_key, check_repo_id, check_rfilename, check_version
-from registry_api.outbox import write_event
 from registry_shared.events import ModelCreated, UploadCompleted, UploadInitiated, VersionCreated
 from registry_shared.storage import upload_object_key
 

@@ -8,7 +8,7 @@ import psycopg
 
 from registry_api.auth import Principal, key_cache
 from registry_api.errors import Forbidden, Unauthorized
-from registry_api.outbox import write_event
+from registry_api.kit.outbox import write_event
 from registry_api.settings import ApiSettings
 from registry_api.users import repository
 from registry_shared.events import UserKeyRotated, UserRegistered
