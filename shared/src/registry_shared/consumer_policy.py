@@ -251,6 +251,9 @@ def decode_cloud_event(value: bytes | None) -> tuple[CloudEvent, EventData]:
 
 def _short(exc: BaseException) -> str:
     if isinstance(exc, ValidationError):
+        first = exc.errors(include_url=False)[0]
+        if first["type"] == "json_invalid":
+            return f"invalid JSON: {first['ctx'].get('error', first['msg']) if first.get('ctx') else first['msg']}"
         return "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in exc.errors(include_url=False)[:5]
         )

@@ -175,7 +175,11 @@ class UploadRejected(EventData):
         "object_missing",
         "bad_safetensors_header",
         "expired",
-    ]
+        "unverifiable",
+    ] = Field(
+        description="unverifiable: the object could not be read to be verified (e.g. a key the store cannot"
+        " hold), after a bounded number of attempts; `detail` says why."
+    )
     detail: str = ""
     quarantine_key: str | None = None
 

@@ -6,9 +6,7 @@ waits for Kafka's confirmation: a send returns only once all in-sync replicas ha
 
 from __future__ import annotations
 
-import time
-
-from faststream.kafka import ConsumerRecord, KafkaBroker
+from faststream.kafka import KafkaBroker
 
 #: Verdicts are CloudEvents in structured mode: the whole event, JSON, is the record's value.
 CLOUDEVENTS_JSON = "application/cloudevents+json"
@@ -34,15 +32,3 @@ class Publisher:
     async def send_event(self, topic: str, event: bytes, key: bytes, event_id: str) -> None:
         """Produce an encoded CloudEvent (the same bytes every time it is sent) and wait for the acknowledgement."""
         await self.send(topic, event, key, {"content-type": CLOUDEVENTS_JSON}, correlation_id=event_id)
-
-    async def dead_letter(self, topic: str, record: ConsumerRecord, error: str, group_id: str) -> None:
-        """Park an unprocessable record: its value and key unchanged, where it came from and why in headers."""
-        headers = {
-            "error": error[:4000],
-            "source_topic": record.topic,
-            "source_partition": str(record.partition),
-            "source_offset": str(record.offset),
-            "consumer_group": group_id,
-            "failed_at": str(int(time.time())),
-        }
-        await self.send(topic, record.value or b"", record.key, headers)
