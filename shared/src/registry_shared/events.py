@@ -114,7 +114,7 @@ class GrantRevoked(GrantChanged):
 
 # ---------------------------------------------------------------- uploads
 class UploadInitiated(EventData):
-    """A developer asked for a presigned PUT URL for a file of a version."""
+    """A developer asked for a presigned PUT URL for a file of a version, or started a multipart upload."""
 
     event_type: ClassVar[str] = "registry.upload.initiated.v1"
     topic: ClassVar[str] = Topics.UPLOADS
@@ -125,6 +125,9 @@ class UploadInitiated(EventData):
     object_key: str
     developer_id: int
     expires_ts: int
+    multipart_upload_id: str | None = Field(
+        None, description="The S3 multipart upload id when the file is uploaded in parts (absent for a single PUT)."
+    )
 
 
 class UploadCompleted(EventData):

@@ -32,6 +32,7 @@ from registry_api.kit.presign import Presigner
 from registry_api.kit.request_id import RequestIdMiddleware
 from registry_api.platform.endpoints import router as platform_router
 from registry_api.settings import ApiSettings, get_settings
+from registry_api.uploads.endpoints import router as uploads_router
 from registry_api.usage.endpoints import router as usage_router
 from registry_api.users.endpoints import router as users_router
 from registry_api.webhooks.endpoints import router as webhooks_router
@@ -193,6 +194,7 @@ def create_app(settings: ApiSettings | None = None, fast_download: bool = True) 
         usage_router,
         catalog_router,
         dev_router,
+        uploads_router,
         admin_router,
         platform_router,
         webhooks_router,

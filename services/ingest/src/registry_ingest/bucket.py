@@ -112,3 +112,11 @@ class Bucket:
         if current is None or (etag is not None and current[0] != etag):
             return
         self.client.remove_object(self.name, key)
+
+    def abort_multipart(self, key: str, s3_upload_id: str) -> None:
+        """Abort a multipart upload of `key`: its parts are deleted (nothing to do if it is gone already)."""
+        try:
+            self.client._abort_multipart_upload(self.name, key, s3_upload_id)
+        except S3Error as exc:
+            if exc.code != "NoSuchUpload":
+                raise

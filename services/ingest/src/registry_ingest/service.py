@@ -5,7 +5,7 @@ any process may then finish the work, under a lease, and the verdict is claimed 
 transition, so duplicates, redelivery, out-of-order arrival and two processes in one group can never
 produce two verdicts for one upload. A sweeper in every process picks up what is due: an object still
 missing after the grace period, an upload whose verifier died, a verdict claimed but not yet acknowledged,
-an expired upload, a stray object.
+an expired upload (a multipart one's S3 upload is aborted, which deletes its parts), a stray object.
 """
 
 from __future__ import annotations
@@ -433,7 +433,12 @@ class IngestService:
         log.info("stray object", extra=_fields(key=obj.object_key, etag=obj.etag, verdict_id=event_id))
         await self.finish_verdict(claimed)
 
-    async def _expire(self, row: UploadRow) -> None:
+    async def _expire(self, row: UploadRow, ttl: float) -> None:
+        if row.multipart_upload_id is not None:
+            # Its parts are no object: MinIO keeps them until the multipart upload is aborted. Aborting first
+            # also closes the door on a late complete (the api's S3 complete then fails: the upload is gone).
+            await asyncio.to_thread(self.bucket.abort_multipart, row.object_key, row.multipart_upload_id)
+            log.info("multipart upload aborted", extra=_fields(upload_id=row.upload_id, key=row.object_key))
         try:
             now = await asyncio.to_thread(self.bucket.stat, row.object_key)
         except Exception as exc:
@@ -442,7 +447,6 @@ class IngestService:
             now = None  # a name the store cannot hold: there is no object to remove
         if now is not None and await self.store.other_pending_upload(row.object_key, row.upload_id):
             now = None  # the object belongs to a newer upload of the same file: leave it to that one
-        ttl = self.settings.upload_ttl_seconds
         detail = f"not completed within {ttl:g} s of being initiated"
         verdict = Judgement(False, *file_format_of(row.rfilename), "expired", detail)
         if not await self._claim_and_finish(row, verdict, now[0] if now else None, expiry=True):
@@ -459,7 +463,9 @@ class IngestService:
             for row in await self.store.lease_due_uploads(prefix, self.owner, lease, room):
                 self._spawn(self._verify_leased(row), "verify", f"upload:{row.upload_id}")
         for row in await self.store.lease_expired_uploads(prefix, self.owner, lease, s.upload_ttl_seconds, 20):
-            self._spawn(self._expire(row), "expire", f"upload:{row.upload_id}")
+            self._spawn(self._expire(row, s.upload_ttl_seconds), "expire", f"upload:{row.upload_id}")
+        for row in await self.store.lease_expired_multipart(prefix, self.owner, lease, s.multipart_ttl_seconds, 20):
+            self._spawn(self._expire(row, s.multipart_ttl_seconds), "expire", f"upload:{row.upload_id}")
         for obj in await self.store.lease_stray_candidates(prefix, self.owner, lease, s.stray_grace_seconds, 20):
             self._spawn(self._judge_stray(obj), "stray", obj.object_key)
 

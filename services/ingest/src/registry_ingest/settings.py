@@ -47,6 +47,11 @@ class IngestSettings(BaseSettings):
     upload_ttl_seconds: float = Field(
         86400.0, description="Uploads initiated and not completed within this time are rejected as expired."
     )
+    multipart_ttl_seconds: float = Field(
+        86400.0,
+        description="Multipart uploads initiated and not completed within this time are aborted in object storage"
+        " (their parts deleted) and rejected as expired.",
+    )
     lease_seconds: float = Field(
         30.0, description="How long a worker owns a verification without renewing it; a dead worker's lease lapses."
     )

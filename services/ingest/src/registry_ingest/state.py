@@ -58,6 +58,7 @@ class UploadRow:
     failures: int
     last_error: str | None
     db_now: datetime
+    multipart_upload_id: str | None = None  # the S3 upload id of a multipart upload
 
 
 @dataclass
@@ -143,11 +144,13 @@ class IngestStore:
             await cur.execute(
                 """
                 INSERT INTO ingest.uploads (upload_id, object_key, repo_id, version, rfilename,
-                                            initiated_event_id, initiated_at)
-                VALUES (%(id)s, %(key)s, %(repo)s, %(version)s, %(file)s, %(event_id)s, now())
+                                            initiated_event_id, initiated_at, multipart_upload_id)
+                VALUES (%(id)s, %(key)s, %(repo)s, %(version)s, %(file)s, %(event_id)s, now(), %(multipart)s)
                 ON CONFLICT (upload_id) DO UPDATE
                    SET initiated_event_id = coalesce(ingest.uploads.initiated_event_id, excluded.initiated_event_id),
-                       initiated_at = coalesce(ingest.uploads.initiated_at, excluded.initiated_at)
+                       initiated_at = coalesce(ingest.uploads.initiated_at, excluded.initiated_at),
+                       multipart_upload_id = coalesce(ingest.uploads.multipart_upload_id,
+                                                      excluded.multipart_upload_id)
                 RETURNING *, now() AS db_now
                 """,
                 {
@@ -157,6 +160,7 @@ class IngestStore:
                     "version": p.version,
                     "file": p.rfilename,
                     "event_id": event_id,
+                    "multipart": p.multipart_upload_id,
                 },
             )
             row = await cur.fetchone()
@@ -289,10 +293,21 @@ class IngestStore:
             limit,
         )
 
+    async def lease_expired_multipart(
+        self, prefix: str, owner: str, lease: float, ttl: float, limit: int
+    ) -> list[UploadRow]:
+        """Multipart uploads initiated more than `ttl` seconds ago and never completed (their parts linger)."""
+        return await self._lease_uploads(
+            "completed_at IS NULL AND multipart_upload_id IS NOT NULL"
+            " AND initiated_at < now() - make_interval(secs => %(ttl)s)",
+            {"prefix": prefix, "owner": owner, "lease": lease, "ttl": ttl},
+            limit,
+        )
+
     async def _lease_uploads(self, condition: str, params: dict[str, object], limit: int) -> list[UploadRow]:
         async with self.pool.connection() as conn:
             cur = conn.cursor(row_factory=class_row(UploadRow))
-            # `condition` is one of the two literals of the callers above, never input.
+            # `condition` is one of the literals of the callers above, never input.
             sql = """
                 UPDATE ingest.uploads
                    SET lease_owner = %(owner)s, lease_until = now() + make_interval(secs => %(lease)s),

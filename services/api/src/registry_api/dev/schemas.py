@@ -88,7 +88,7 @@ class UploadOut(BaseModel):
     version: str
     rfilename: str
     object_key: str
-    status: Literal["initiated", "pending_verification", "available", "rejected", "expired"]
+    status: Literal["initiated", "pending_verification", "available", "rejected", "expired", "aborted"]
     size: int | None = None
     sha256: str | None = None
     reason: str | None = Field(None, description="Why it was rejected (size_mismatch, sha256_mismatch, ...).")

@@ -13,6 +13,7 @@ from registry_api.dev.schemas import CompleteIn, ModelIn, ModelUpdate
 from registry_api.errors import Conflict, Forbidden, NotFound
 from registry_api.kit.outbox import write_event
 from registry_api.kit.validate import check_object_key, check_repo_id, check_rfilename, check_version
+from registry_api.uploads import repository as uploads_repository
 from registry_shared.events import ModelCreated, UploadCompleted, UploadInitiated, VersionCreated
 from registry_shared.storage import upload_object_key
 
@@ -149,6 +150,8 @@ async def complete_upload(
             raise NotFound("no upload initiated for this file")
         if upload["status"] != "initiated":
             raise Conflict(f"upload is already {upload['status']}; initiate a new upload to try again")
+        if await uploads_repository.is_multipart(conn, upload["upload_id"]):
+            raise Conflict(f"upload {upload['upload_id']} is multipart: POST /v1/dev/uploads/{{upload_id}}/complete")
         now = int(time.time())
         repo_id = model["repo_id"]
         await repository.mark_completed(conn, upload["upload_id"], body.size, sha256, now)

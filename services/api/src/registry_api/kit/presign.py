@@ -2,7 +2,9 @@
 
 GET URLs are signed by a small AWS Signature V4 (query-string) signer that caches the day's signing
 key: it is the hot path of every download and costs a few microseconds instead of the SDK's ~70.
-The unit tests check it produces byte-identical URLs to the MinIO SDK. PUT URLs use the SDK.
+The unit tests check it produces byte-identical URLs to the MinIO SDK. The same signer signs the PUT of
+one part of a multipart upload (`part_url`: `partNumber` and `uploadId` in the signed query). Whole-object
+PUT URLs use the SDK.
 """
 
 from __future__ import annotations
@@ -71,7 +73,15 @@ class Presigner:
                 self._recent[(object_key, expires)] = url
         return url
 
-    def _sign(self, object_key: str, expires: int, now: datetime) -> str:
+    def part_url(
+        self, object_key: str, upload_id: str, part_number: int, expires: int, now: datetime | None = None
+    ) -> str:
+        """A presigned PUT of part `part_number` of the S3 multipart upload `upload_id`, valid `expires` seconds."""
+        now = now or datetime.fromtimestamp(int(time.time()), UTC)
+        extra = f"partNumber={part_number}&uploadId={quote(upload_id, safe='~')}"
+        return self._sign(object_key, expires, now, method="PUT", extra_query=extra)
+
+    def _sign(self, object_key: str, expires: int, now: datetime, method: str = "GET", extra_query: str = "") -> str:
         amz_date = now.strftime("%Y%m%dT%H%M%SZ")
         day = amz_date[:8]
         scope = f"{day}/{self._region}/s3/aws4_request"
@@ -81,15 +91,31 @@ class Presigner:
             f"&X-Amz-Credential={quote(self._access, safe='~')}%2F{day}%2F{self._region}%2Fs3%2Faws4_request"
             f"&X-Amz-Date={amz_date}&X-Amz-Expires={expires}&X-Amz-SignedHeaders=host"
         )
-        canonical = f"GET\n{path}\n{query}\nhost:{self._host}\n\nhost\nUNSIGNED-PAYLOAD"
+        # The canonical query is sorted by name, byte-wise: every X-Amz-* name sorts before the lower-case
+        # extra ones. The URL lists the extra ones first, as the SDK does.
+        canonical_query, url_query = query, query
+        if extra_query:
+            canonical_query, url_query = f"{query}&{extra_query}", f"{extra_query}&{query}"
+        canonical = f"{method}\n{path}\n{canonical_query}\nhost:{self._host}\n\nhost\nUNSIGNED-PAYLOAD"
         to_sign = f"AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
         signature = hmac.new(self._key_for(day), to_sign.encode(), hashlib.sha256).hexdigest()
-        return f"{self._scheme}://{self._host}{path}?{query}&X-Amz-Signature={signature}"
+        return f"{self._scheme}://{self._host}{path}?{url_query}&X-Amz-Signature={signature}"
 
     def sdk_get_url(self, object_key: str, expires: int, now: datetime) -> str:
         """The same URL from the MinIO SDK (the reference the fast signer is tested against)."""
         return self._client.presigned_get_object(
             self.bucket, object_key, expires=timedelta(seconds=expires), request_date=now
+        )
+
+    def sdk_part_url(self, object_key: str, upload_id: str, part_number: int, expires: int, now: datetime) -> str:
+        """The SDK's URL for the same part PUT (the reference `part_url` is tested against)."""
+        return self._client.get_presigned_url(
+            "PUT",
+            self.bucket,
+            object_key,
+            expires=timedelta(seconds=expires),
+            request_date=now,
+            extra_query_params={"partNumber": str(part_number), "uploadId": upload_id},
         )
 
     def put_url(self, object_key: str, expires: int) -> str:
