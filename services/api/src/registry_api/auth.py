@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import logging
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -35,6 +36,9 @@ REVOKE_CHANNEL = "registry_key_revoked"
 _CACHE_TTL = 30.0
 
 Role = Literal["developer", "platform", "admin"]
+KeyScope = Literal["full", "read-only"]
+#: Methods a read-only key may call; anything else changes state and answers 403.
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 # Two security schemes of their own names in OpenAPI: user operations declare ApiKey, admin operations
 # AdminToken, and the catalog reads either (a list of alternatives).
@@ -63,6 +67,9 @@ class Principal:
     email: str = ""
     name: str = ""
     via_admin_token: bool = False
+    key_scope: KeyScope = "full"
+    key_expires_ts: int | None = None
+    key_prefix: str = ""
 
     @property
     def sees_everything(self) -> bool:
@@ -136,21 +143,46 @@ async def principal_for_key(app: Any, key: str) -> Principal:
     presented = hash_key(key)
     cached = key_cache.get(prefix)
     if cached is not None:
-        if hmac.compare_digest(cached[0], presented):
-            return cached[1]
-        raise Unauthorized("invalid or revoked api key")
+        if not hmac.compare_digest(cached[0], presented):
+            raise Unauthorized("invalid or revoked api key")
+        return await _live(app, cached[1])
     generation = key_cache.generation
     async with app.state.pool.connection() as conn:
         cur = await conn.execute(
-            "select k.key_hash, u.id, u.role, u.email, u.name from api_keys k join users u on u.id = k.user_id"
-            " where k.prefix = %s and k.revoked_ts is null",
+            "select k.key_hash, k.scope, k.expires_ts, u.id, u.role, u.email, u.name"
+            " from api_keys k join users u on u.id = k.user_id where k.prefix = %s and k.revoked_ts is null",
             [prefix],
         )
         row = await cur.fetchone()
     if row is None or not hmac.compare_digest(bytes(row["key_hash"]), presented):
         raise Unauthorized("invalid or revoked api key")
-    principal = Principal(user_id=row["id"], role=row["role"], email=row["email"], name=row["name"])
+    principal = Principal(
+        user_id=row["id"],
+        role=row["role"],
+        email=row["email"],
+        name=row["name"],
+        key_scope=row["scope"],
+        key_expires_ts=row["expires_ts"],
+        key_prefix=prefix,
+    )
     key_cache.put(prefix, (bytes(row["key_hash"]), principal), generation=generation)
+    return await _live(app, principal)
+
+
+async def _live(app: Any, principal: Principal) -> Principal:
+    """A known key still inside its lifetime (401 `api key expired` after it), and within its rate limit."""
+    if principal.key_expires_ts is not None and time.time() >= principal.key_expires_ts:
+        raise Unauthorized("api key expired")
+    limiter = getattr(app.state, "rate_limiter", None)
+    if limiter is not None:
+        await limiter.check_principal(principal)
+    return principal
+
+
+def check_scope(principal: Principal, method: str) -> Principal:
+    """A read-only key may only read: any other method answers 403."""
+    if principal.key_scope == "read-only" and method not in READ_METHODS:
+        raise Forbidden("api key is read-only")
     return principal
 
 
@@ -188,7 +220,7 @@ async def current_user(
     key = x_api_key or _bearer_key(bearer)
     if not key:
         raise Unauthorized("missing x-api-key")
-    return await principal_for_key(request.app, key)
+    return check_scope(await principal_for_key(request.app, key), request.method)
 
 
 async def catalog_reader(
@@ -198,7 +230,9 @@ async def catalog_reader(
     x_admin_token: Annotated[str | None, Depends(admin_token_header)],
 ) -> Principal:
     """A user by x-api-key (or bearer token), or (without one) the admin token holder, who sees the whole catalog."""
-    return await catalog_principal(request.app, x_api_key or _bearer_key(bearer), x_admin_token)
+    return check_scope(
+        await catalog_principal(request.app, x_api_key or _bearer_key(bearer), x_admin_token), request.method
+    )
 
 
 async def catalog_principal(app: Any, api_key: str | None, admin_token: str | None) -> Principal:

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Request, status
 
 from registry_api.admin import repository, service
-from registry_api.admin.schemas import AdminUserIn, GrantIn, GrantList, GrantOut, GrantUpdate, UserList, UserOut
+from registry_api.admin.schemas import AdminUserIn, GrantIn, GrantList, GrantOut, GrantUpdate, KeyIn, UserList, UserOut
 from registry_api.auth import Admin
 from registry_api.kit.schemas import BIGINT_MAX, Offset, RowId, errors
 from registry_api.users import service as users_service
@@ -22,12 +22,29 @@ _ERR = errors(401, 404, 409, 422, 503)
     response_model=ApiKeyOut,
     status_code=status.HTTP_200_OK,
     summary="Create a user with a role",
-    description="Creates a developer, platform or admin user and returns its API key (shown once).",
+    description="Creates a developer, platform or admin user and returns its API key (shown once). The key may "
+    "carry an expiry (`key_expires_ts`) and a `read-only` scope (a platform that only downloads).",
     responses=_ERR,
 )
 async def create_user(body: AdminUserIn, request: Request, _: Admin) -> ApiKeyOut:
     async with request.app.state.pool.connection() as conn:
-        user_id, key = await users_service.create_user(conn, body.email, body.name, body.role)
+        user_id, key = await users_service.create_user(
+            conn, body.email, body.name, body.role, body.key_scope, body.key_expires_ts
+        )
+    return ApiKeyOut(user_id=user_id, api_key=key)
+
+
+@router.post(
+    "/users/{user_id}/keys",
+    response_model=ApiKeyOut,
+    summary="Issue a user a new key",
+    description="Replaces the user's keys with a new one (shown once), with the scope and expiry given: the "
+    "previous keys stop working at once. For a leaked key, or to give a key a lifetime or a read-only scope.",
+    responses=_ERR,
+)
+async def issue_key(user_id: RowId, body: KeyIn, request: Request, _: Admin) -> ApiKeyOut:
+    async with request.app.state.pool.connection() as conn:
+        key = await users_service.reissue_key(conn, user_id, body.key_scope, body.key_expires_ts)
     return ApiKeyOut(user_id=user_id, api_key=key)
 
 

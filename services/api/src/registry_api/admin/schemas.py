@@ -16,6 +16,29 @@ class AdminUserIn(RequestBody):
     email: Email = Field(examples=["plat@partner.com"])
     name: str = Field(min_length=1, max_length=200, examples=["Plat"])
     role: Literal["developer", "platform", "admin"] = Field(examples=["platform"])
+    key_scope: Literal["full", "read-only"] = Field(
+        "full", description="`read-only`: the key may only read (GET); anything else answers 403."
+    )
+    key_expires_ts: int | None = Field(
+        None,
+        ge=0,
+        le=EPOCH_MAX,
+        description="When the key stops working (epoch s, in the future); then it answers 401 `api key expired`.",
+    )
+
+
+class KeyIn(RequestBody):
+    """A new key for a user, replacing its current keys."""
+
+    key_scope: Literal["full", "read-only"] = Field(
+        "full", description="`read-only`: the key may only read (GET); anything else answers 403."
+    )
+    key_expires_ts: int | None = Field(
+        None,
+        ge=0,
+        le=EPOCH_MAX,
+        description="When the key stops working (epoch s, in the future); then it answers 401 `api key expired`.",
+    )
 
 
 class UserOut(BaseModel):

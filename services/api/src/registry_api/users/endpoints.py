@@ -32,8 +32,9 @@ async def register(body: RegisterIn, request: Request) -> ApiKeyOut:
     response_model=ApiKeyOut,
     summary="Rotate your API key",
     description="Issues a new key; the previous key is revoked immediately. Of several rotations sent at once "
-    "with one key, one succeeds and the others answer 401 (their key is already revoked): exactly one key works.",
-    responses=errors(401),
+    "with one key, one succeeds and the others answer 401 (their key is already revoked): exactly one key works. "
+    "The new key keeps the old one's expiry; a read-only key cannot rotate (403: an admin reissues it).",
+    responses=errors(401, 403),
 )
 async def rotate_key(principal: CurrentUser, request: Request) -> ApiKeyOut:
     presented = lookup_prefix(request.headers.get("x-api-key", "")) or ""
@@ -44,4 +45,11 @@ async def rotate_key(principal: CurrentUser, request: Request) -> ApiKeyOut:
 
 @router.get("/me", response_model=MeOut, summary="The current user", responses=errors(401))
 async def me(principal: CurrentUser) -> MeOut:
-    return MeOut(user_id=principal.user_id, email=principal.email, name=principal.name, role=principal.role)
+    return MeOut(
+        user_id=principal.user_id,
+        email=principal.email,
+        name=principal.name,
+        role=principal.role,
+        key_scope=principal.key_scope,
+        key_expires_ts=principal.key_expires_ts,
+    )
