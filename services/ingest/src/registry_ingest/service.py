@@ -490,6 +490,9 @@ class IngestService:
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+
+    def close(self) -> None:
+        """Once nothing verifies any more (the broker stopped): let the verification threads go."""
         self._streams.shutdown(wait=False, cancel_futures=True)
 
 

@@ -106,7 +106,9 @@ class IngestWorker:
                 log.exception("could not release leases; they lapse on their own")
 
     async def close(self) -> None:
-        """After the broker stopped: close the Postgres pool."""
+        """After the broker stopped: close the verification pool and the Postgres pool."""
+        if self.service is not None:
+            self.service.close()
         if self.pool is not None:
             await self.pool.close()
         log.info("ingest stopped", extra={"fields": {"owner": self.owner}})
