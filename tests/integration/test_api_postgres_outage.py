@@ -280,3 +280,17 @@ async def test_the_invalidation_listener_comes_back_after_its_connection_is_kill
             assert (await http.get("/v1/users/me", headers=new)).status_code == 200
     finally:
         stop_process(other)
+
+
+def test_openapi_documents_readiness_and_the_outage_answers(registry):
+    spec = registry.http.get("/openapi.json").json()
+    for path in ("/healthz", "/readyz"):
+        assert spec["paths"][path]["get"]["tags"] == ["Health"]
+    readyz = spec["paths"]["/readyz"]["get"]["responses"]
+    assert set(readyz) == {"200", "503"}
+    assert readyz["503"]["content"]["application/json"]["schema"]["$ref"].endswith("/Readiness")
+    download = spec["paths"]["/v1/files/{file_path}/download"]["get"]
+    assert "Retry-After" in download["responses"]["503"]["headers"]
+    assert "database unavailable" in download["responses"]["503"]["description"]
+    r = registry.http.get("/readyz")
+    assert r.status_code == 200 and r.json()["ready"] is True and r.json()["not_ready"] == {}, r.text
