@@ -299,7 +299,16 @@ def test_bytes_changed_after_hashing_are_rejected_with_the_reason(
     assert sha256_of(f) in line  # the declared sha256 in ingest's detail
 
 
-def test_download_interrupted_halfway_resumes(cli: Cli, registry: Registry, tmp_path: Path) -> None:
+def segments_done(part: Path) -> int:
+    """Bytes a segmented download recorded as written (its `<file>.part.json`), 0 if none yet."""
+    try:
+        return sum(done for _, _, done in json.loads(part.with_name(part.name + ".json").read_text())["segments"])
+    except (OSError, ValueError):
+        return 0
+
+
+@pytest.mark.parametrize("mode", ["one-stream", "segments"])
+def test_download_interrupted_halfway_resumes(cli: Cli, registry: Registry, tmp_path: Path, mode: str) -> None:
     dev = registry.register("Dev")
     repo_id = new_model(registry, dev)
     data = os.urandom(BIG)
@@ -308,22 +317,27 @@ def test_download_interrupted_halfway_resumes(cli: Cli, registry: Registry, tmp_
     registry.grant(plat, repo_id)
     target = tmp_path / "dl"
     part = target / "weights.bin.part"
-    proc = cli.start("download", repo_id, "--local-dir", str(target), "--limit-rate", "4M", key=plat.api_key)
+    # One stream into the .part (a Range from its size on resume), or 3 ranges at once (each resumed).
+    opts = {"REGISTRY_SEGMENT_THRESHOLD": "64M" if mode == "one-stream" else "4M"}
+    fetched = (lambda: part.stat().st_size if part.is_file() else 0) if mode == "one-stream" else (
+        lambda: segments_done(part))  # fmt: skip
+    proc = cli.start("download", repo_id, "--local-dir", str(target), "--limit-rate", "4M", "--segments", "3",
+                     key=plat.api_key, **opts)  # fmt: skip
     try:
-        wait_until(lambda: part.is_file() and part.stat().st_size >= 3 * MiB, 60, "half a download")
+        wait_until(lambda: fetched() >= 3 * MiB, 60, "half a download")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-    have = part.stat().st_size
+    have = fetched()
     assert 0 < have < BIG
     assert not (target / "weights.bin").exists()  # never renamed into place unverified
 
-    done = cli.json("download", repo_id, "--local-dir", str(target), key=plat.api_key)
+    done = cli.json("download", repo_id, "--local-dir", str(target), key=plat.api_key, **opts)
     (res,) = done["files"]
     assert res["resumed_from"] == have  # only the rest was asked for (Range)
     assert res["status"] == "downloaded"
     assert (target / "weights.bin").read_bytes() == data
-    assert not part.exists()
+    assert not part.exists() and not part.with_name(part.name + ".json").exists()
 
 
 def test_a_corrupt_partial_download_is_refused_and_removed(cli: Cli, registry: Registry, tmp_path: Path) -> None:

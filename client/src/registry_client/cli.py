@@ -401,6 +401,10 @@ def download(
         Path | None, typer.Option("--local-dir", help="Where the files go [default: <cache>/models/<repo>/<version>]")
     ] = None,
     parallel: Annotated[int, typer.Option(min=1, max=64, help="Files fetched at once")] = 4,
+    segments: Annotated[int, typer.Option(min=1, max=64, help="Ranges of one large file fetched at once")] = 4,
+    segment_threshold: Annotated[
+        str, typer.Option(help="Files from this size on are fetched in segments", envvar="REGISTRY_SEGMENT_THRESHOLD")
+    ] = "64M",
     limit_rate: Annotated[str | None, typer.Option(help="At most this many bytes/s, e.g. 10M")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars")] = False,
     json_out: JsonOpt = False,
@@ -409,7 +413,8 @@ def download(
     from registry_client.download import Downloader, DownloadOptions
 
     with _client() as client:
-        dl = Downloader(client, DownloadOptions(parallel=parallel))
+        threshold = _size(segment_threshold, "--segment-threshold")
+        dl = Downloader(client, DownloadOptions(parallel=parallel, segments=segments, segment_threshold=threshold))
         files = dl.files_of(repo_id, version)
         total = sum(int(f["size"]) for f in files)
         with _reporter(_show_progress(json_out, quiet), total, f"{len(files)} file(s)") as rep:

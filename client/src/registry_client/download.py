@@ -13,6 +13,7 @@ import json
 import os
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,8 @@ class DownloadOptions:
     parallel: int = 4
     limit_rate: int | None = None
     url_expires: int = 3600
+    segments: int = 4  # a large file is fetched as this many ranges at once
+    segment_threshold: int = 64 * 1024 * 1024  # from this size on
     reporter: Reporter = field(default_factory=NullReporter)
 
 
@@ -52,6 +55,11 @@ def _inside(base: Path, rfilename: str) -> Path:
     if base.resolve() not in target.parents:
         raise RegistryError(f"refusing a file name outside the download folder: {rfilename}", exit_code=ExitCode.VERIFY)
     return target
+
+
+def _segments_path(part: Path) -> Path:
+    """The progress of a file fetched in segments, next to its `.part`."""
+    return part.with_name(part.name + ".json")
 
 
 def hash_file(path: Path) -> str:
@@ -175,23 +183,31 @@ class Downloader:
                 return {**result, "status": "verified"}
         target.parent.mkdir(parents=True, exist_ok=True)
         part = target.with_name(target.name + ".part")
-        offset = part.stat().st_size if part.is_file() else 0
-        if offset > size:
-            part.unlink()
-            offset = 0
-        result["resumed_from"] = offset
-        sha = hashlib.sha256()
-        if offset:
-            with part.open("rb") as fh:  # what is already here counts in the sha256 (read locally, not sent)
-                left = offset
-                while left and (chunk := fh.read(min(READ_CHUNK, left))):
-                    sha.update(chunk)
-                    left -= len(chunk)
-            self.reporter.advance(task, offset)
-        offset, sha = self._fetch(repo_id, version or f.get("version"), f["rfilename"], part, offset, size, sha, task)
+        file_version = version or f.get("version")
+        if size >= self.opts.segment_threshold and self.opts.segments > 1:
+            offset, sha, result["resumed_from"] = self._fetch_segments(
+                repo_id, file_version, f["rfilename"], part, size, sha256, task
+            )
+        else:
+            offset = part.stat().st_size if part.is_file() else 0
+            if offset > size or _segments_path(part).exists():  # too long, or a segmented one: start over
+                part.unlink(missing_ok=True)
+                _segments_path(part).unlink(missing_ok=True)
+                offset = 0
+            result["resumed_from"] = offset
+            sha = hashlib.sha256()
+            if offset:
+                with part.open("rb") as fh:  # what is already here counts in the sha256 (read locally, not sent)
+                    left = offset
+                    while left and (chunk := fh.read(min(READ_CHUNK, left))):
+                        sha.update(chunk)
+                        left -= len(chunk)
+                self.reporter.advance(task, offset)
+            offset, sha = self._fetch(repo_id, file_version, f["rfilename"], part, offset, size, sha, task)
         digest = sha.hexdigest()
         if offset != size or digest != sha256:
             part.unlink(missing_ok=True)
+            _segments_path(part).unlink(missing_ok=True)
             self.reporter.finish_file(task, "[red]corrupt")
             raise RegistryError(
                 f"{f['rfilename']}: downloaded bytes do not match the registry's "
@@ -199,6 +215,7 @@ class Downloader:
                 exit_code=ExitCode.VERIFY,
             )
         os.replace(part, target)
+        _segments_path(part).unlink(missing_ok=True)
         self._write_meta(meta_path, target, sha256, size)
         self.reporter.finish_file(task, "resumed, verified" if result["resumed_from"] else "verified")
         return {**result, "status": "downloaded"}
@@ -255,6 +272,131 @@ class Downloader:
         if offset < size:
             raise RegistryError(f"{rfilename}: download failed at {offset}/{size} bytes: {last}; run again to resume")
         return offset, sha
+
+    def _fetch_segments(
+        self, repo_id: str, version: str | None, rfilename: str, part: Path, size: int, sha256: str, task: int
+    ) -> tuple[int, Any, int]:
+        """A large file as `segments` ranges fetched at once, each written in place into `part`; their progress
+        is kept in `<part>.json` so a new run resumes each one. The sha256 follows the written bytes in order
+        (read back from the page cache) in a thread of its own. Returns (bytes, sha, bytes there before)."""
+        state_path = _segments_path(part)
+        segs: list[list[int]] | None = None  # [start, end, done]
+        try:
+            state = json.loads(state_path.read_text())
+            if state["size"] == size and state["sha256"] == sha256 and part.stat().st_size == size:
+                segs = state["segments"]
+        except (OSError, ValueError, KeyError):
+            segs = None
+        if segs is None:
+            n = self.opts.segments
+            bounds = [size * i // n for i in range(n + 1)]
+            segs = [[bounds[i], bounds[i + 1], 0] for i in range(n)]
+        before = sum(done for _, _, done in segs)
+        self.reporter.advance(task, before)
+        fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
+        cv = threading.Condition()
+        failed: list[BaseException] = []
+        url: list[str] = []
+        sha = hashlib.sha256()
+
+        save_lock = threading.Lock()
+        saved = [time.monotonic()]
+
+        def save(every: float = 0.0) -> None:
+            """Record the segments' progress (at most every `every` seconds): a killed run resumes from it."""
+            if every and time.monotonic() - saved[0] < every:
+                return
+            with save_lock:
+                saved[0] = time.monotonic()
+                with cv:
+                    data = json.dumps({"size": size, "sha256": sha256, "segments": segs})
+                tmp = state_path.with_name(state_path.name + ".tmp")
+                tmp.write_text(data)
+                os.replace(tmp, state_path)
+
+        def get_url(fresh: bool) -> str:
+            with cv:
+                if fresh or not url:
+                    answer = self.client.download_url(
+                        repo_id, rfilename, version=version, expires=self.opts.url_expires
+                    )
+                    url[:] = [answer["url"]]
+                return url[0]
+
+        def fetch(seg: list[int]) -> None:
+            last = ""
+            for attempt in range(RETRIES):
+                if seg[0] + seg[2] >= seg[1]:
+                    return
+                headers = {"range": f"bytes={seg[0] + seg[2]}-{seg[1] - 1}"}
+                try:
+                    with self.client.transfer.stream("GET", get_url(attempt > 0), headers=headers) as response:
+                        if response.status_code != 206:
+                            response.read()
+                            last = f"storage answered {response.status_code}"
+                            if response.status_code in (403, 500, 502, 503, 504):
+                                continue
+                            break
+                        pending = 0
+                        for chunk in response.iter_raw():
+                            if self.stop.is_set() or failed:
+                                raise KeyboardInterrupt
+                            os.pwrite(fd, chunk, seg[0] + seg[2] + pending)
+                            pending += len(chunk)
+                            if pending >= CHUNK:
+                                with cv:
+                                    seg[2] += pending
+                                    cv.notify_all()
+                                save(every=0.5)
+                                self.limiter.consume(pending)
+                                self.reporter.advance(task, pending)
+                                pending = 0
+                        with cv:
+                            seg[2] += pending
+                            cv.notify_all()
+                        self.reporter.advance(task, pending)
+                except httpx.HTTPError as exc:
+                    last = str(exc) or type(exc).__name__
+                    continue
+            if seg[0] + seg[2] < seg[1]:
+                raise RegistryError(f"{rfilename}: download failed: {last}; run again to resume")
+
+        def hash_in_order() -> None:
+            hashed = 0
+            for seg in segs:
+                while hashed < seg[1]:
+                    with cv:
+                        while seg[0] + seg[2] <= hashed and not failed:
+                            cv.wait(0.5)
+                        if failed:
+                            return
+                        upto = seg[0] + seg[2]
+                    while hashed < upto:
+                        data = os.pread(fd, min(READ_CHUNK, upto - hashed), hashed)
+                        sha.update(data)
+                        hashed += len(data)
+
+        try:
+            if os.fstat(fd).st_size != size:
+                os.ftruncate(fd, size)
+            save()
+            hasher = threading.Thread(target=hash_in_order, daemon=True)
+            hasher.start()
+            with ThreadPoolExecutor(len(segs), thread_name_prefix="segment") as pool:
+                futures = [pool.submit(fetch, seg) for seg in segs]
+                try:
+                    for fut in futures:
+                        fut.result()
+                except BaseException as exc:
+                    with cv:
+                        failed.append(exc)
+                        cv.notify_all()
+                    raise
+            hasher.join()
+        finally:
+            save()
+            os.close(fd)
+        return sum(done for _, _, done in segs), sha, before
 
     def _write_meta(self, meta_path: Path, target: Path, sha256: str, size: int) -> None:
         meta_path.parent.mkdir(parents=True, exist_ok=True)
