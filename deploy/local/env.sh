@@ -41,6 +41,16 @@ fi
 # Development only, as in .env.example: the key webhook signing secrets are sealed with.
 : "${WEBHOOK_SECRET_KEY:=Jm7kc3VgRIN1LRkidzDsPTYhhrKrNb/SoNYPUugovqQ=}"
 
+# Rate limits stay on locally, but high: the test suite registers thousands of users from one IP and the
+# download benchmark drives one key hard (tests/integration/test_security_rate_limits.py starts its own
+# api processes with low limits).
+: "${RATE_LIMIT_DEVELOPER_PER_MINUTE:=1000000}"
+: "${RATE_LIMIT_PLATFORM_PER_MINUTE:=10000000}"
+: "${RATE_LIMIT_ADMIN_PER_MINUTE:=1000000}"
+: "${RATE_LIMIT_REGISTER_PER_MINUTE:=1000000}"
+export RATE_LIMIT_DEVELOPER_PER_MINUTE RATE_LIMIT_PLATFORM_PER_MINUTE RATE_LIMIT_ADMIN_PER_MINUTE
+export RATE_LIMIT_REGISTER_PER_MINUTE
+
 export ROOT_DIR LOCAL_DIR REGISTRY_CACHE_DIR
 export PG_PORT PG_USER PG_PASSWORD PG_DATABASE KAFKA_VERSION KAFKA_PORT KAFKA_CONTROLLER_PORT
 export MINIO_VERSION MINIO_PORT MINIO_CONSOLE_PORT MINIO_ROOT_USER MINIO_ROOT_PASSWORD MINIO_BUCKET

@@ -194,7 +194,7 @@ def test_openapi_security_schemes_and_path_patterns(registry):
     assert schemes["AdminToken"] == {**schemes["AdminToken"], "type": "apiKey", "in": "header", "name": "x-admin-token"}
     catalog = {"/v1/models", "/v1/models/{repo_id}", "/v1/models/{repo_id}/files", "/v1/manifest/{repo_id}"}
     catalog |= {"/v1/changes", "/v1/files/{file_path}/download"}
-    public = {"/healthz", "/v1/users/register"}
+    public = {"/healthz", "/readyz", "/v1/users/register"}
     for path, ops in spec["paths"].items():
         for method, op in ops.items():
             security = op.get("security")

@@ -31,6 +31,7 @@ from registry_api.hf.endpoints import router as hf_router
 from registry_api.kit.db_monitor import DatabaseMonitor, DatabaseUnavailable
 from registry_api.kit.outbox import AccessBufferFull, AccessRecorder, OutboxRelay
 from registry_api.kit.presign import Presigner
+from registry_api.kit.ratelimit import Limit, RateLimiter, document_429
 from registry_api.kit.request_id import RequestIdMiddleware
 from registry_api.platform.endpoints import router as platform_router
 from registry_api.settings import ApiSettings, get_settings
@@ -96,6 +97,7 @@ def create_app(settings: ApiSettings | None = None, fast_download: bool = True) 
         app.state.db_monitor = monitor
         app.state.pool = pool
         app.state.presigner = Presigner(settings)
+        app.state.rate_limiter = rate_limiter(settings, pool)
         app.state.secret_box = settings.secret_box()
         if app.state.secret_box is not None:
             await seal_clear_secrets(pool, app.state.secret_box)
@@ -224,7 +226,26 @@ def create_app(settings: ApiSettings | None = None, fast_download: bool = True) 
         hf_router,
     ):
         app.include_router(router)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_429(FastAPI.openapi(app))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def rate_limiter(settings: ApiSettings, pool: Any) -> RateLimiter | None:
+    """The process's rate limiter (None when RATE_LIMITS_ENABLED is false)."""
+    if not settings.rate_limits_enabled:
+        return None
+    roles = {
+        "developer": Limit(settings.rate_limit_developer_per_minute),
+        "platform": Limit(settings.rate_limit_platform_per_minute),
+        "admin": Limit(settings.rate_limit_admin_per_minute),
+    }
+    return RateLimiter(pool, roles, Limit(settings.rate_limit_register_per_minute), settings.rate_limit_lease_max)
 
 
 class Readiness(BaseModel):

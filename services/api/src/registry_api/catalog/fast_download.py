@@ -76,9 +76,12 @@ class FastDownload:
             body = await self._answer(scope, path[len(_PREFIX) : -len(_SUFFIX)])
         except ApiError as exc:
             status, body = exc.status_code, {"detail": exc.detail}
-            retry_after = getattr(exc, "retry_after", None)  # the access-event buffer is full
-            if retry_after is not None:
-                headers = [*headers, (b"retry-after", str(retry_after).encode())]
+            if exc.headers:  # a rate limit (Retry-After, RateLimit-*)
+                headers = [*headers, *((k.lower().encode(), v.encode()) for k, v in exc.headers.items())]
+            else:
+                retry_after = getattr(exc, "retry_after", None)  # the access-event buffer is full
+                if retry_after is not None:
+                    headers = [*headers, (b"retry-after", str(retry_after).encode())]
         except DatabaseUnavailable as exc:
             status, body = 503, {"detail": "database unavailable"}
             headers = [*headers, (b"retry-after", str(exc.retry_after).encode())]

@@ -17,10 +17,13 @@ router = APIRouter(prefix="/v1/users", tags=["Users"])
     response_model=ApiKeyOut,
     summary="Register and get an API key",
     description="Creates a developer account and returns its API key (shown once). No auth. "
-    "Governed by REGISTRATION_POLICY: open, an e-mail domain allowlist, or closed.",
+    "Governed by REGISTRATION_POLICY: open, an e-mail domain allowlist, or closed. Rate limited per client IP "
+    "(RATE_LIMIT_REGISTER_PER_MINUTE).",
     responses=errors(403, 409, 422),
 )
 async def register(body: RegisterIn, request: Request) -> ApiKeyOut:
+    if request.app.state.rate_limiter is not None:
+        await request.app.state.rate_limiter.check_register(request.client.host if request.client else "")
     service.check_registration_allowed(request.app.state.settings, body.email)
     async with request.app.state.pool.connection() as conn:
         user_id, key = await service.create_user(conn, body.email, body.name, "developer")
