@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from importlib import resources
+from importlib.resources.abc import Traversable
 
 from registry_api.settings import get_settings
 from registry_shared import migrations
@@ -18,10 +19,18 @@ TABLE = "schema_migrations"
 _LOCK_ID = 0x6D6F64656C  # "model"
 
 
+def _folder() -> Traversable:
+    return resources.files("registry_api.db") / "migrations"
+
+
+def migration_files() -> list[tuple[str, str]]:
+    """(name, sql) of every api migration, in order."""
+    return migrations.migration_files(_folder())
+
+
 def apply_migrations(database_url: str) -> list[str]:
     """Apply the api's pending migrations; returns the names applied."""
-    folder = resources.files("registry_api.db") / "migrations"
-    return migrations.apply_migrations(database_url, folder, table=TABLE, lock_id=_LOCK_ID)
+    return migrations.apply_migrations(database_url, _folder(), table=TABLE, lock_id=_LOCK_ID)
 
 
 def main() -> None:
