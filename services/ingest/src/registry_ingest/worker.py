@@ -77,6 +77,8 @@ class IngestWorker:
         if not await self.consumer.wait_assigned(_SETTLE_SECONDS):
             log.warning("no partitions of some topic yet; starting anyway", extra={"fields": self.status()})
         self.ready = True
+        for policy in self.consumer.policies.values():
+            policy.health.ok()  # consuming: "starting" until now
         log.info(
             "ingest started",
             extra={
