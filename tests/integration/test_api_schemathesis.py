@@ -6,16 +6,22 @@ Bounded and repeatable: a fixed number of examples per operation, derandomized (
 run), no shrinking. Each operation is called with the callers its security allows: admin operations
 with the admin token, user operations as a developer and as a platform user, catalog reads by all three.
 `rotate-key` gets a fresh user for every call (it revokes the key it is called with).
+
+Then a stateful run: schemathesis chains operations through the links it infers from the document (list
+grants → get, change, revoke one; list models → their versions and uploads; ...), with the same checks.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import uuid
 
+import httpx
 import hypothesis
 import pytest
 import schemathesis
-from conftest import Account, Registry
+from conftest import ADMIN_TOKEN, Account, Registry
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error, response_schema_conformance, status_code_conformance
 
@@ -96,3 +102,40 @@ def test_api_contract(case, callers, registry):
     else:
         headers = _caller_of(case, callers)
     case.call_and_validate(headers=headers, checks=CHECKS)
+
+
+# ---------------------------------------------------------------- stateful: chains of operations
+
+
+@functools.cache
+def _workflow_callers() -> dict[str, dict[str, str]]:
+    email = f"fuzz-flow-{uuid.uuid4().hex[:12]}@example.com"
+    r = httpx.post(f"{API_BASE_URL}/v1/users/register", json={"email": email, "name": "FuzzFlow"}, timeout=30)
+    assert r.status_code == 200, r.text
+    return {"developer": {"x-api-key": r.json()["api_key"]}, "admin": {"x-admin-token": ADMIN_TOKEN}}
+
+
+class Workflow(schema.exclude(path="/v1/users/rotate-key").as_state_machine()):
+    """Each step as a developer (user and catalog operations) or with the admin token (admin operations)."""
+
+    def get_call_kwargs(self, case) -> dict:
+        schemes = {name for requirement in case.operation.definition.raw.get("security", []) for name in requirement}
+        callers = _workflow_callers()
+        if "ApiKey" in schemes:
+            return {"headers": callers["developer"]}
+        if "AdminToken" in schemes:
+            return {"headers": callers["admin"]}
+        return {}
+
+    def validate_response(self, response, case, additional_checks=None, **kwargs) -> None:
+        case.validate_response(response, checks=CHECKS, transport_kwargs=kwargs)
+
+
+TestWorkflow = Workflow.TestCase
+TestWorkflow.settings = hypothesis.settings(
+    max_examples=15,
+    stateful_step_count=6,
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=list(hypothesis.HealthCheck),
+)
