@@ -24,6 +24,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.utils import _detect_agent
 
 
 def _localhost_works(port: int) -> bool:
@@ -54,9 +55,11 @@ def endpoint(request: pytest.FixtureRequest, endpoints: dict[str, str]) -> str:
 
 
 @pytest.fixture(autouse=True)
-def _no_xet(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The registry stores files through Git LFS: the client is told not to use Xet (README)."""
+def _no_xet(monkeypatch: pytest.MonkeyPatch, api_base_url: str) -> None:
+    """The registry stores files through Git LFS: the client is told not to use Xet (README). Its agent
+    registry (fetched from huggingface.co on first use) is set empty: nothing leaves loopback."""
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(_detect_agent, "_registry", _detect_agent._EMPTY_REGISTRY)
 
 
 def _sha(data: bytes) -> str:

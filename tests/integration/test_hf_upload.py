@@ -16,6 +16,7 @@ import pytest
 from conftest import Account, Registry
 from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+from huggingface_hub.utils import _detect_agent
 
 MIB = 1024 * 1024
 
@@ -26,8 +27,10 @@ def base(api_base_url: str) -> str:
 
 
 @pytest.fixture(autouse=True)
-def _no_xet(monkeypatch: pytest.MonkeyPatch) -> None:
+def _no_xet(monkeypatch: pytest.MonkeyPatch, base: str) -> None:
+    """No Xet (README); the client's agent registry is set empty, so nothing leaves loopback."""
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(_detect_agent, "_registry", _detect_agent._EMPTY_REGISTRY)
 
 
 def _safetensors(n: int) -> bytes:

@@ -261,15 +261,17 @@ def model_json(model: dict, rev: Revision | None, files: list[dict] | None, blob
     return doc
 
 
-async def resolve_file(app: Any, principal: Principal, repo_id: str, revision: str, path: str) -> dict:
-    """The verified file a resolve names: {repo_id, rfilename, version, size, sha256, object_key, commit}.
+async def resolve_file(app: Any, principal: Principal, raw_tail: str) -> dict:
+    """The verified file a resolve names (`raw_tail`: `{namespace}/{name}/resolve/{revision}/{path}` as sent):
+    {repo_id, rfilename, version, size, sha256, object_key, commit}.
 
     Answers are cached like the native download's (catalog.cache: cleared on every catalog change, kept no
-    longer than the grant that allows them)."""
-    cache_key = (principal.user_id, principal.role, "hf", repo_id, revision, path)
+    longer than the grant that allows them); the path is parsed and checked only on a miss."""
+    cache_key = (principal.user_id, principal.role, "hf", raw_tail)
     row = download_cache.get(cache_key)
     if row is not None:
         return row
+    repo_id, revision, path = parse_resolve_path(raw_tail)
     generation = download_cache.generation
     async with app.state.pool.connection() as conn:
         model = await model_for(conn, principal, repo_id)
@@ -285,6 +287,14 @@ async def resolve_file(app: Any, principal: Principal, repo_id: str, revision: s
         "sha256": f["sha256"],
         "object_key": f["object_key"],
         "commit": rev.sha,
+        "etag": f'"{f["sha256"]}"'.encode(),
+        "fixed_headers": [
+            (b"x-repo-commit", rev.sha.encode()),
+            (b"x-linked-etag", f'"{f["sha256"]}"'.encode()),
+            (b"x-linked-size", str(f["size"]).encode()),
+            (b"etag", f'"{f["sha256"]}"'.encode()),
+            (b"accept-ranges", b"bytes"),
+        ],
     }
     download_cache.put(cache_key, row, model["access_until"], generation)
     return row
@@ -719,8 +729,14 @@ async def _await_verdicts(app: Any, upload_ids: list[int], wait_s: float) -> Non
         await asyncio.sleep(0.1)
 
 
-def host_of(url: str) -> str:
-    return (urlsplit(url).hostname or "").lower()
+def store_host(app: Any) -> str:
+    """The host name in presigned URLs (MINIO_PUBLIC_ENDPOINT, else MINIO_ENDPOINT), lower case."""
+    host = getattr(app.state, "hf_store_host", None)
+    if host is None:
+        settings = app.state.settings
+        endpoint = settings.minio_public_endpoint or settings.minio_endpoint
+        host = app.state.hf_store_host = (urlsplit(f"//{endpoint}").hostname or "").lower()
+    return host
 
 
 __all__ = ["Conflict", "HfError", "HfSettings", "Revision"]
