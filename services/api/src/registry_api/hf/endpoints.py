@@ -284,6 +284,8 @@ async def tree(
     revision, under = _revision_and_path(rest)
     async with request.app.state.pool.connection() as conn:
         model = await service.model_for(conn, principal, repo_id)
+        if revision == "main" and not under and await service.main_revision(conn, model["id"]) is None:
+            return Response(b"[]", media_type="application/json")  # an empty repository
         rev = await service.resolve_revision(conn, model, revision)
         files = await repository.revision_files(conn, model["id"], rev.version_id)
     entries = service.tree_entries(files, rev.sha, under, recursive)

@@ -18,6 +18,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -47,6 +48,8 @@ from registry_api.uploads.service import plan_parts
 from registry_api.uploads.storage import MultipartStorage, PartsRejected, UploadGone
 from registry_shared.events import UploadCompleted, UploadInitiated
 from registry_shared.storage import minio_client, upload_object_key
+
+log = logging.getLogger(__name__)
 
 #: Where LFS objects wait, outside ingest's upload prefix, until a commit names them.
 LFS_PREFIX = "hf-lfs/"
@@ -681,7 +684,10 @@ async def commit(app: Any, principal: Principal, repo_id: str, revision: str, bo
         download_cache.clear()
     await _store_objects(app, repo_id, uploads)
     sha = commit_sha(model["id"], ver["id"])
-    await _await_verdicts(app, [u[0] for u in uploads], settings.commit_wait_seconds)
+    try:
+        await _await_verdicts(app, [u[0] for u in uploads], settings.commit_wait_seconds)
+    finally:
+        await _drop_staged(app, repo_id, uploads)
     return {
         "success": True,
         "commitOid": sha,
@@ -706,6 +712,28 @@ async def _store_objects(app: Any, repo_id: str, uploads: list[tuple[int, _Chang
                 client.put_object(bucket, key, io.BytesIO(ch.data or b""), len(ch.data or b""))
 
     await asyncio.to_thread(work)
+
+
+async def _drop_staged(app: Any, repo_id: str, uploads: list[tuple[int, _Change, str]]) -> None:
+    """Delete the staged LFS objects whose copy has been judged: a verified one is now a blob of the model
+    (the next batch for it answers "already there"), a refused one must be uploaded again anyway. Objects
+    still waiting for a verdict are kept."""
+    staged = {u[0]: u[1].sha256 for u in uploads if u[1].kind == "staged"}
+    if not staged:
+        return
+    async with app.state.pool.connection() as conn:
+        rows = await repository.upload_statuses(conn, list(staged))
+    keys = [lfs_key(repo_id, staged[r["id"]]) for r in rows if r["status"] in ("available", "rejected", "expired")]
+    client, bucket = store(app), app.state.settings.minio_bucket
+
+    def work() -> None:
+        for key in keys:
+            client.remove_object(bucket, key)
+
+    try:
+        await asyncio.to_thread(work)
+    except S3Error as exc:  # a leftover staged object costs space only, never correctness
+        log.warning("staged LFS objects not deleted: %s", exc)
 
 
 async def _await_verdicts(app: Any, upload_ids: list[int], wait_s: float) -> None:
