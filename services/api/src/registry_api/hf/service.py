@@ -711,7 +711,14 @@ async def _store_objects(app: Any, repo_id: str, uploads: list[tuple[int, _Chang
             else:
                 client.put_object(bucket, key, io.BytesIO(ch.data or b""), len(ch.data or b""))
 
-    await asyncio.to_thread(work)
+    try:
+        await asyncio.to_thread(work)
+    except S3Error as exc:
+        # The version exists but its uploads never get their object: ingest expires them and the version
+        # never becomes main. The client may retry the whole commit.
+        raise HfError(
+            409, "LfsObjectNotFound", f"an LFS object of the commit vanished before it was stored ({exc.code}); retry"
+        ) from None
 
 
 async def _drop_staged(app: Any, repo_id: str, uploads: list[tuple[int, _Change, str]]) -> None:
