@@ -238,6 +238,36 @@ def test_tree_pagination_link_is_absolute(
     assert sorted(seen) == sorted([*files, "weights", "weights/deep"])
 
 
+def test_list_models_pagination(registry: Registry, endpoints: dict[str, str]) -> None:
+    dev = registry.register("Lister")
+    ns = f"ns{os.urandom(5).hex()}"
+    repos = set()
+    for i in range(5):
+        r = registry.http.post(
+            "/v1/dev/models",
+            headers=dev.headers,
+            json={"repo_id": f"{ns}/m{i}", "model_name": f"M{i}", "visibility": "private"},
+        )
+        assert r.status_code == 201, r.text
+        repos.add(f"{ns}/m{i}")
+    base = endpoints["same_host"]
+    url, seen, pages = f"{base}/api/models?author={ns}&limit=2", [], 0
+    while url:
+        r = httpx.get(url, headers={"authorization": f"Bearer {dev.api_key}"})
+        assert r.status_code == 200, r.text
+        assert len(r.json()) <= 2
+        seen += [m["id"] for m in r.json()]
+        pages += 1
+        url = r.links.get("next", {}).get("url")
+        assert url is None or url.startswith(f"{base}/api/models?")
+    assert pages == 3 and sorted(seen) == sorted(repos)
+    api = HfApi(endpoint=base, token=dev.api_key)
+    assert {m.id for m in api.list_models(author=ns)} == repos
+    assert len(list(api.list_models(author=ns, limit=3))) == 3
+    # another developer's private models are not listed
+    assert list(HfApi(endpoint=base, token=registry.register("Nosy").api_key).list_models(author=ns)) == []
+
+
 def _hf_env(token: str, endpoint: str, home: Path) -> dict[str, str]:
     return {
         **os.environ,
