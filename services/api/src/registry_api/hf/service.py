@@ -270,7 +270,7 @@ async def resolve_file(app: Any, principal: Principal, raw_tail: str) -> dict:
 
     Answers are cached like the native download's (catalog.cache: cleared on every catalog change, kept no
     longer than the grant that allows them); the path is parsed and checked only on a miss."""
-    cache_key = (principal.user_id, principal.role, "hf", raw_tail)
+    cache_key = (principal.user_id, principal.role, "hf", raw_tail, None)  # 5 items: never a /v1 download's key
     row = download_cache.get(cache_key)
     if row is not None:
         return row
