@@ -440,3 +440,58 @@ def test_resolves_are_counted_as_downloads(registry: Registry, endpoints: dict[s
 
 def _downloads(usage: dict) -> int:
     return usage["totals"]["downloads"]
+
+
+async def test_resolve_fast_path_and_documented_route_answer_alike(
+    published: tuple[Account, str, dict[str, bytes]], registry: Registry
+) -> None:
+    """HfResolve (plain ASGI ahead of routing) answers as the documented route does, case by case."""
+    from registry_api.app import create_app
+    from registry_api.settings import ApiSettings
+
+    dev, repo_id, _ = published
+    stranger = registry.create_user("platform")
+    bearer = {"authorization": f"Bearer {dev.api_key}"}
+    base = f"/hf/{repo_id}/resolve"
+    cases = [
+        ("HEAD", f"{base}/main/config.json", bearer),
+        ("GET", f"{base}/main/config.json", bearer),
+        ("HEAD", f"{base}/main/config.json", {**bearer, "host": "127.0.0.1:8081"}),  # the store's host name
+        ("GET", f"{base}/v1/weights/deep/part-2.bin", dev.headers),
+        ("HEAD", f"{base}/refs%2Fheads%2Fmain/README.md", bearer),
+        ("HEAD", f"{base}/v9/config.json", bearer),
+        ("HEAD", f"{base}/main/absent.json", bearer),
+        ("HEAD", f"{base}/main/weights%2Fpart-1.bin", bearer),
+        ("HEAD", f"{base}/main/weights/%2E%2E/config.json", bearer),
+        ("HEAD", f"{base}/main/config.json", {}),
+        ("HEAD", f"{base}/main/config.json", {"authorization": "Bearer sk_live_nope"}),
+        ("HEAD", f"{base}/main/config.json", {"authorization": f"Bearer {stranger.api_key}"}),
+        ("HEAD", "/hf/nobody/nothing/resolve/main/config.json", bearer),
+    ]
+
+    def comparable(r: httpx.Response) -> tuple:
+        headers = {k: v for k, v in r.headers.items() if k not in ("date", "x-request-id", "location")}
+        location = r.headers.get("location")
+        return r.status_code, headers, r.content, location.split("?")[0] if location else None
+
+    settings = ApiSettings(outbox_relay=False, api_consume_events=False, api_run_migrations=False)
+    fast, routed = create_app(settings), create_app(settings, fast_download=False)
+    async with fast.router.lifespan_context(fast), routed.router.lifespan_context(routed):
+        async with (
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=fast), base_url="http://api") as a,
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=routed), base_url="http://api") as b,
+        ):
+            seen = set()
+            for method, path, headers in cases:
+                ra, rb = await a.request(method, path, headers=headers), await b.request(method, path, headers=headers)
+                assert comparable(ra) == comparable(rb), (method, path)
+                seen.add((ra.status_code, ra.headers.get("x-error-code")))
+    assert seen == {
+        (200, None),
+        (302, None),
+        (404, "RevisionNotFound"),
+        (404, "EntryNotFound"),
+        (400, "InvalidPath"),
+        (401, "Unauthorized"),
+        (404, "RepoNotFound"),
+    }, seen
