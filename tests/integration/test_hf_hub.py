@@ -393,8 +393,18 @@ def test_authorization_matrix(registry: Registry, endpoints: dict[str, str], tmp
         fetch(later)
 
     granted = registry.create_user("platform")
-    registry.grant(granted, repo_id)
+    grant = registry.grant(granted, repo_id)
     assert Path(fetch(granted)).read_bytes() == b"{}"
+
+    # a revoked grant ends access at once (the cached resolve is dropped with it)
+    revoked = registry.create_user("platform")
+    g = registry.grant(revoked, repo_id)
+    url = f"{base}/{repo_id}/resolve/main/config.json"
+    assert httpx.head(url, headers={"authorization": f"Bearer {revoked.api_key}"}).status_code == 200
+    assert registry.http.delete(f"/v1/admin/grants/{g['grant_id']}", headers=registry.admin).status_code == 200
+    r = httpx.head(url, headers={"authorization": f"Bearer {revoked.api_key}"})
+    assert (r.status_code, r.headers["x-error-code"]) == (404, "RepoNotFound")
+    assert grant["grant_id"] != g["grant_id"]
 
     # a rotated (revoked) key stops working at once
     r = registry.http.post("/v1/users/rotate-key", headers=granted.headers)

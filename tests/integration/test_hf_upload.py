@@ -179,8 +179,11 @@ def _lfs_put(base: str, acc: Account, repo_id: str, oid: str, size: int, data: b
     assert httpx.put(href, content=data).status_code == 200
 
 
-def _commit(base: str, acc: Account, repo_id: str, lines: list[dict], **kw: object) -> httpx.Response:
-    body = b"".join(json.dumps(x).encode() + b"\n" for x in [{"key": "header", "value": {"summary": "t"}}, *lines])
+def _commit(
+    base: str, acc: Account, repo_id: str, lines: list[dict], header: dict | None = None, **kw: object
+) -> httpx.Response:
+    head = {"key": "header", "value": header or {"summary": "t"}}
+    body = b"".join(json.dumps(x).encode() + b"\n" for x in [head, *lines])
     return httpx.post(
         f"{base}/api/models/{repo_id}/commit/main",
         headers={**_bearer(acc), "content-type": "application/x-ndjson"},
@@ -243,6 +246,11 @@ def test_commit_bad_input(registry: Registry, base: str) -> None:
         base, dev, repo_id, [{"key": "file", "value": {"path": "big.txt", "content": big, "encoding": "base64"}}]
     )
     assert r.status_code == 413 and r.headers["x-error-code"] == "PayloadTooLarge"
+    add = [{"key": "file", "value": {"path": "y.txt", "content": "eA==", "encoding": "base64"}}]
+    r = _commit(base, dev, repo_id, add, header={"summary": "t", "parentCommit": "0" * 40})
+    assert r.status_code == 412 and r.headers["x-error-code"] == "ParentCommitMismatch"
+    r = _commit(base, dev, repo_id, [])  # changes nothing
+    assert r.status_code == 400 and r.headers["x-error-code"] == "BadRequest"
     r = httpx.post(f"{base}/api/models/{repo_id}/commit/v1", headers=_bearer(dev), content=b"")
     assert r.status_code == 404 and r.headers["x-error-code"] == "RevisionNotFound"
     # nothing was written: no new version

@@ -577,6 +577,8 @@ def parse_commit(body: bytes) -> tuple[dict, list[_Change | tuple[str, str]]]:
             raise HfError(400, "BadRequest", f"line {n}: unknown key {key!r}")
     if header is None:
         raise HfError(400, "BadRequest", "the commit has no header line")
+    if not ops:
+        raise HfError(400, "BadRequest", "the commit changes nothing")
     return header, ops
 
 
