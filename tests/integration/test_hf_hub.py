@@ -24,6 +24,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.utils import _detect_agent
 
 
 def _localhost_works(port: int) -> bool:
@@ -54,9 +55,11 @@ def endpoint(request: pytest.FixtureRequest, endpoints: dict[str, str]) -> str:
 
 
 @pytest.fixture(autouse=True)
-def _no_xet(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The registry stores files through Git LFS: the client is told not to use Xet (README)."""
+def _no_xet(monkeypatch: pytest.MonkeyPatch, api_base_url: str) -> None:
+    """The registry stores files through Git LFS: the client is told not to use Xet (README). Its agent
+    registry (fetched from huggingface.co on first use) is set empty: nothing leaves loopback."""
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(_detect_agent, "_registry", _detect_agent._EMPTY_REGISTRY)
 
 
 def _sha(data: bytes) -> str:
@@ -235,6 +238,36 @@ def test_tree_pagination_link_is_absolute(
     assert sorted(seen) == sorted([*files, "weights", "weights/deep"])
 
 
+def test_list_models_pagination(registry: Registry, endpoints: dict[str, str]) -> None:
+    dev = registry.register("Lister")
+    ns = f"ns{os.urandom(5).hex()}"
+    repos = set()
+    for i in range(5):
+        r = registry.http.post(
+            "/v1/dev/models",
+            headers=dev.headers,
+            json={"repo_id": f"{ns}/m{i}", "model_name": f"M{i}", "visibility": "private"},
+        )
+        assert r.status_code == 201, r.text
+        repos.add(f"{ns}/m{i}")
+    base = endpoints["same_host"]
+    url, seen, pages = f"{base}/api/models?author={ns}&limit=2", [], 0
+    while url:
+        r = httpx.get(url, headers={"authorization": f"Bearer {dev.api_key}"})
+        assert r.status_code == 200, r.text
+        assert len(r.json()) <= 2
+        seen += [m["id"] for m in r.json()]
+        pages += 1
+        url = r.links.get("next", {}).get("url")
+        assert url is None or url.startswith(f"{base}/api/models?")
+    assert pages == 3 and sorted(seen) == sorted(repos)
+    api = HfApi(endpoint=base, token=dev.api_key)
+    assert {m.id for m in api.list_models(author=ns)} == repos
+    assert len(list(api.list_models(author=ns, limit=3))) == 3
+    # another developer's private models are not listed
+    assert list(HfApi(endpoint=base, token=registry.register("Nosy").api_key).list_models(author=ns)) == []
+
+
 def _hf_env(token: str, endpoint: str, home: Path) -> dict[str, str]:
     return {
         **os.environ,
@@ -360,8 +393,18 @@ def test_authorization_matrix(registry: Registry, endpoints: dict[str, str], tmp
         fetch(later)
 
     granted = registry.create_user("platform")
-    registry.grant(granted, repo_id)
+    grant = registry.grant(granted, repo_id)
     assert Path(fetch(granted)).read_bytes() == b"{}"
+
+    # a revoked grant ends access at once (the cached resolve is dropped with it)
+    revoked = registry.create_user("platform")
+    g = registry.grant(revoked, repo_id)
+    url = f"{base}/{repo_id}/resolve/main/config.json"
+    assert httpx.head(url, headers={"authorization": f"Bearer {revoked.api_key}"}).status_code == 200
+    assert registry.http.delete(f"/v1/admin/grants/{g['grant_id']}", headers=registry.admin).status_code == 200
+    r = httpx.head(url, headers={"authorization": f"Bearer {revoked.api_key}"})
+    assert (r.status_code, r.headers["x-error-code"]) == (404, "RepoNotFound")
+    assert grant["grant_id"] != g["grant_id"]
 
     # a rotated (revoked) key stops working at once
     r = registry.http.post("/v1/users/rotate-key", headers=granted.headers)
@@ -407,3 +450,58 @@ def test_resolves_are_counted_as_downloads(registry: Registry, endpoints: dict[s
 
 def _downloads(usage: dict) -> int:
     return usage["totals"]["downloads"]
+
+
+async def test_resolve_fast_path_and_documented_route_answer_alike(
+    published: tuple[Account, str, dict[str, bytes]], registry: Registry
+) -> None:
+    """HfResolve (plain ASGI ahead of routing) answers as the documented route does, case by case."""
+    from registry_api.app import create_app
+    from registry_api.settings import ApiSettings
+
+    dev, repo_id, _ = published
+    stranger = registry.create_user("platform")
+    bearer = {"authorization": f"Bearer {dev.api_key}"}
+    base = f"/hf/{repo_id}/resolve"
+    cases = [
+        ("HEAD", f"{base}/main/config.json", bearer),
+        ("GET", f"{base}/main/config.json", bearer),
+        ("HEAD", f"{base}/main/config.json", {**bearer, "host": "127.0.0.1:8081"}),  # the store's host name
+        ("GET", f"{base}/v1/weights/deep/part-2.bin", dev.headers),
+        ("HEAD", f"{base}/refs%2Fheads%2Fmain/README.md", bearer),
+        ("HEAD", f"{base}/v9/config.json", bearer),
+        ("HEAD", f"{base}/main/absent.json", bearer),
+        ("HEAD", f"{base}/main/weights%2Fpart-1.bin", bearer),
+        ("HEAD", f"{base}/main/weights/%2E%2E/config.json", bearer),
+        ("HEAD", f"{base}/main/config.json", {}),
+        ("HEAD", f"{base}/main/config.json", {"authorization": "Bearer sk_live_nope"}),
+        ("HEAD", f"{base}/main/config.json", {"authorization": f"Bearer {stranger.api_key}"}),
+        ("HEAD", "/hf/nobody/nothing/resolve/main/config.json", bearer),
+    ]
+
+    def comparable(r: httpx.Response) -> tuple:
+        headers = {k: v for k, v in r.headers.items() if k not in ("date", "x-request-id", "location")}
+        location = r.headers.get("location")
+        return r.status_code, headers, r.content, location.split("?")[0] if location else None
+
+    settings = ApiSettings(outbox_relay=False, api_consume_events=False, api_run_migrations=False)
+    fast, routed = create_app(settings), create_app(settings, fast_download=False)
+    async with fast.router.lifespan_context(fast), routed.router.lifespan_context(routed):
+        async with (
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=fast), base_url="http://api") as a,
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=routed), base_url="http://api") as b,
+        ):
+            seen = set()
+            for method, path, headers in cases:
+                ra, rb = await a.request(method, path, headers=headers), await b.request(method, path, headers=headers)
+                assert comparable(ra) == comparable(rb), (method, path)
+                seen.add((ra.status_code, ra.headers.get("x-error-code")))
+    assert seen == {
+        (200, None),
+        (302, None),
+        (404, "RevisionNotFound"),
+        (404, "EntryNotFound"),
+        (400, "InvalidPath"),
+        (401, "Unauthorized"),
+        (404, "RepoNotFound"),
+    }, seen

@@ -8,6 +8,8 @@ import base64
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -16,6 +18,10 @@ import pytest
 from conftest import Account, Registry
 from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+from huggingface_hub.utils import _detect_agent
+from minio.error import S3Error
+
+from registry_shared.storage import minio_client
 
 MIB = 1024 * 1024
 
@@ -26,8 +32,10 @@ def base(api_base_url: str) -> str:
 
 
 @pytest.fixture(autouse=True)
-def _no_xet(monkeypatch: pytest.MonkeyPatch) -> None:
+def _no_xet(monkeypatch: pytest.MonkeyPatch, base: str) -> None:
+    """No Xet (README); the client's agent registry is set empty, so nothing leaves loopback."""
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(_detect_agent, "_registry", _detect_agent._EMPTY_REGISTRY)
 
 
 def _safetensors(n: int) -> bytes:
@@ -51,7 +59,7 @@ def _new_repo(registry: Registry, base: str) -> tuple[Account, HfApi, str]:
     return dev, api, repo_id
 
 
-def test_upload_file_then_download(registry: Registry, base: str, tmp_path: Path) -> None:
+def test_upload_file_then_download(registry: Registry, base: str, tmp_path: Path, minio_settings) -> None:
     dev, api, repo_id = _new_repo(registry, base)
     data = os.urandom(5000)
     info = api.upload_file(path_or_fileobj=data, path_in_repo="weights/model.bin", repo_id=repo_id)
@@ -59,6 +67,16 @@ def test_upload_file_then_download(registry: Registry, base: str, tmp_path: Path
     assert api.model_info(repo_id).sha == info.oid
     p = hf_hub_download(repo_id, "weights/model.bin", endpoint=base, token=dev.api_key, cache_dir=tmp_path)
     assert Path(p).read_bytes() == data
+    # the staged LFS object is gone once verified; the same content again needs no upload
+    r = httpx.post(
+        f"{base}/{repo_id}.git/info/lfs/objects/batch",
+        headers=_bearer(dev),
+        json={"operation": "upload", "objects": [{"oid": hashlib.sha256(data).hexdigest(), "size": len(data)}]},
+    )
+    assert r.status_code == 200 and "actions" not in r.json()["objects"][0], r.text
+    staged = f"hf-lfs/{repo_id}/{hashlib.sha256(data).hexdigest()}"
+    with pytest.raises(S3Error):
+        minio_client(minio_settings).stat_object(minio_settings.minio_bucket, staged)
     # a second commit keeps the first one's files and adds its own: a new version, a new main
     info2 = api.upload_file(path_or_fileobj=b"{}", path_in_repo="config.json", repo_id=repo_id)
     assert info2.oid != info.oid
@@ -101,9 +119,6 @@ def test_upload_folder_with_multipart_then_snapshot(registry: Registry, base: st
 
 
 def test_hf_upload_cli(registry: Registry, base: str, tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     dev = registry.register("Cli")
     repo_id = f"ns{os.urandom(5).hex()}/cli-{os.urandom(3).hex()}"
     (tmp_path / "m").mkdir()
@@ -164,8 +179,11 @@ def _lfs_put(base: str, acc: Account, repo_id: str, oid: str, size: int, data: b
     assert httpx.put(href, content=data).status_code == 200
 
 
-def _commit(base: str, acc: Account, repo_id: str, lines: list[dict], **kw: object) -> httpx.Response:
-    body = b"".join(json.dumps(x).encode() + b"\n" for x in [{"key": "header", "value": {"summary": "t"}}, *lines])
+def _commit(
+    base: str, acc: Account, repo_id: str, lines: list[dict], header: dict | None = None, **kw: object
+) -> httpx.Response:
+    head = {"key": "header", "value": header or {"summary": "t"}}
+    body = b"".join(json.dumps(x).encode() + b"\n" for x in [head, *lines])
     return httpx.post(
         f"{base}/api/models/{repo_id}/commit/main",
         headers={**_bearer(acc), "content-type": "application/x-ndjson"},
@@ -228,6 +246,11 @@ def test_commit_bad_input(registry: Registry, base: str) -> None:
         base, dev, repo_id, [{"key": "file", "value": {"path": "big.txt", "content": big, "encoding": "base64"}}]
     )
     assert r.status_code == 413 and r.headers["x-error-code"] == "PayloadTooLarge"
+    add = [{"key": "file", "value": {"path": "y.txt", "content": "eA==", "encoding": "base64"}}]
+    r = _commit(base, dev, repo_id, add, header={"summary": "t", "parentCommit": "0" * 40})
+    assert r.status_code == 412 and r.headers["x-error-code"] == "ParentCommitMismatch"
+    r = _commit(base, dev, repo_id, [])  # changes nothing
+    assert r.status_code == 400 and r.headers["x-error-code"] == "BadRequest"
     r = httpx.post(f"{base}/api/models/{repo_id}/commit/v1", headers=_bearer(dev), content=b"")
     assert r.status_code == 404 and r.headers["x-error-code"] == "RevisionNotFound"
     # nothing was written: no new version
@@ -271,11 +294,19 @@ def test_multipart_part_list_must_match(registry: Registry, base: str) -> None:
     assert r.status_code == 403
 
 
-def test_xet_is_refused_with_a_clear_message(registry: Registry, base: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    dev, _api, repo_id = _new_repo(registry, base)
+def test_xet_is_refused_with_a_clear_message(registry: Registry, base: str, tmp_path: Path) -> None:
+    dev, api, repo_id = _new_repo(registry, base)
     r = httpx.get(f"{base}/api/models/{repo_id}/xet-write-token/main", headers=_bearer(dev))
     assert r.status_code == 501 and r.headers["x-error-code"] == "XetNotSupported"
     assert "HF_HUB_DISABLE_XET=1" in r.headers["x-error-message"]
+    # the client itself (hf_xet installed, Xet not disabled) stops at that answer and names it
+    code = f"from huggingface_hub import HfApi; HfApi().upload_file(path_or_fileobj=b'x', path_in_repo='a', repo_id={repo_id!r})"
+    env = {**os.environ, "HF_ENDPOINT": base, "HF_TOKEN": dev.api_key, "HF_HOME": str(tmp_path / "home")}
+    env.pop("HF_HUB_DISABLE_XET", None)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode != 0
+    assert "501" in r.stderr and "xet-write-token" in r.stderr, r.stderr[-2000:]
+    assert api.list_repo_files(repo_id) == []
 
 
 def test_validate_yaml_and_readme(registry: Registry, base: str) -> None:

@@ -114,27 +114,20 @@ def _revision_and_path(rest: list[str]) -> tuple[str, str]:
 # ---------------------------------------------------------------- resolve (documented; HfResolve answers it)
 
 
-async def resolve_answer(app: Any, principal: Principal, raw_tail: str, head: bool, host: str) -> Response:
-    """The resolve rule: the verified file → a redirect to its presigned GET, and a counted download."""
-    repo_id, revision, path = service.parse_resolve_path(raw_tail)
-    row = await service.resolve_file(app, principal, repo_id, revision, path)
-    settings = service._hf_settings(app)
-    url = app.state.presigner.get_url(row["object_key"], settings.url_expires)
+async def resolve_answer(
+    app: Any, principal: Principal, raw_tail: str, head: bool, host: str
+) -> tuple[int, list[tuple[bytes, bytes]]]:
+    """The resolve rule: the verified file → a redirect to its presigned GET, and a counted download.
+    Returns (status, headers)."""
+    row = await service.resolve_file(app, principal, raw_tail)
+    url = app.state.presigner.get_url(row["object_key"], service._hf_settings(app).url_expires)
     app.state.access.record_download(principal.user_id, row["repo_id"], row["version"], row["rfilename"], row["size"])
-    etag = f'"{row["sha256"]}"'
-    headers = {
-        "X-Repo-Commit": row["commit"],
-        "X-Linked-Etag": etag,
-        "X-Linked-Size": str(row["size"]),
-        "ETag": etag,
-        "Location": url,
-        "Accept-Ranges": "bytes",
-    }
-    if head and service.host_of(url) == host:
+    headers = [*row["fixed_headers"], (b"location", url.encode())]
+    if head and host == service.store_host(app):
         # The object store shares the api's host name: a client that follows same-host redirects itself
         # would land on the store and lose these headers, so the metadata is answered here, not redirected.
-        return Response(status_code=200, headers={**headers, "Content-Length": str(row["size"])})
-    return Response(status_code=302, headers=headers)
+        return 200, [*headers, (b"content-length", str(row["size"]).encode())]
+    return 302, [*headers, (b"content-length", b"0")]
 
 
 _RESOLVE_PATH = "/{namespace}/{name}/resolve/{revision}/{path:path}"
@@ -151,10 +144,13 @@ _RESOLVE_DOC = dict(
 async def resolve(
     namespace: str, name: str, revision: str, path: str, request: Request, principal: CatalogReader
 ) -> Response:
-    raw = request.scope.get("raw_path", b"").decode("latin-1")[len(PREFIX) + 1 :]
-    return await resolve_answer(
+    raw = request.scope.get("raw_path", b"").decode("latin-1").split("?", 1)[0][len(PREFIX) + 1 :]
+    status, headers = await resolve_answer(
         request.app, principal, raw, request.method == "HEAD", _host(request.headers.get("host"))
     )
+    response = Response(status_code=status)
+    response.raw_headers = headers
+    return response
 
 
 def _host(value: str | None) -> str:
@@ -183,14 +179,17 @@ class HfResolve:
             await self.app(scope, receive, send)
             return
         try:
-            response = await self._answer(scope, tail)
+            status, headers = await self._answer(scope, tail)
         except ApiError as exc:
-            response = _error_response(exc)
+            await _error_response(exc)(scope, receive, send)
+            return
         except (psycopg.OperationalError, PoolTimeout):
-            response = _error_response(HfError(503, "Unavailable", "database unavailable"))
-        await response(scope, receive, send)
+            await _error_response(HfError(503, "Unavailable", "database unavailable"))(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
 
-    async def _answer(self, scope: Scope, tail: str) -> Response:
+    async def _answer(self, scope: Scope, tail: str) -> tuple[int, list[tuple[bytes, bytes]]]:
         api_key = admin_token = authorization = host = None
         for name, value in scope["headers"]:
             if name == b"x-api-key":
@@ -285,6 +284,8 @@ async def tree(
     revision, under = _revision_and_path(rest)
     async with request.app.state.pool.connection() as conn:
         model = await service.model_for(conn, principal, repo_id)
+        if revision == "main" and not under and await service.main_revision(conn, model["id"]) is None:
+            return Response(b"[]", media_type="application/json")  # an empty repository
         rev = await service.resolve_revision(conn, model, revision)
         files = await repository.revision_files(conn, model["id"], rev.version_id)
     entries = service.tree_entries(files, rev.sha, under, recursive)

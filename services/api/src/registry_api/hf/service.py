@@ -18,6 +18,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -47,6 +48,8 @@ from registry_api.uploads.service import plan_parts
 from registry_api.uploads.storage import MultipartStorage, PartsRejected, UploadGone
 from registry_shared.events import UploadCompleted, UploadInitiated
 from registry_shared.storage import minio_client, upload_object_key
+
+log = logging.getLogger(__name__)
 
 #: Where LFS objects wait, outside ingest's upload prefix, until a commit names them.
 LFS_PREFIX = "hf-lfs/"
@@ -261,15 +264,17 @@ def model_json(model: dict, rev: Revision | None, files: list[dict] | None, blob
     return doc
 
 
-async def resolve_file(app: Any, principal: Principal, repo_id: str, revision: str, path: str) -> dict:
-    """The verified file a resolve names: {repo_id, rfilename, version, size, sha256, object_key, commit}.
+async def resolve_file(app: Any, principal: Principal, raw_tail: str) -> dict:
+    """The verified file a resolve names (`raw_tail`: `{namespace}/{name}/resolve/{revision}/{path}` as sent):
+    {repo_id, rfilename, version, size, sha256, object_key, commit}.
 
     Answers are cached like the native download's (catalog.cache: cleared on every catalog change, kept no
-    longer than the grant that allows them)."""
-    cache_key = (principal.user_id, principal.role, "hf", repo_id, revision, path)
+    longer than the grant that allows them); the path is parsed and checked only on a miss."""
+    cache_key = (principal.user_id, principal.role, "hf", raw_tail, None)  # 5 items: never a /v1 download's key
     row = download_cache.get(cache_key)
     if row is not None:
         return row
+    repo_id, revision, path = parse_resolve_path(raw_tail)
     generation = download_cache.generation
     async with app.state.pool.connection() as conn:
         model = await model_for(conn, principal, repo_id)
@@ -285,6 +290,14 @@ async def resolve_file(app: Any, principal: Principal, repo_id: str, revision: s
         "sha256": f["sha256"],
         "object_key": f["object_key"],
         "commit": rev.sha,
+        "etag": f'"{f["sha256"]}"'.encode(),
+        "fixed_headers": [
+            (b"x-repo-commit", rev.sha.encode()),
+            (b"x-linked-etag", f'"{f["sha256"]}"'.encode()),
+            (b"x-linked-size", str(f["size"]).encode()),
+            (b"etag", f'"{f["sha256"]}"'.encode()),
+            (b"accept-ranges", b"bytes"),
+        ],
     }
     download_cache.put(cache_key, row, model["access_until"], generation)
     return row
@@ -564,6 +577,8 @@ def parse_commit(body: bytes) -> tuple[dict, list[_Change | tuple[str, str]]]:
             raise HfError(400, "BadRequest", f"line {n}: unknown key {key!r}")
     if header is None:
         raise HfError(400, "BadRequest", "the commit has no header line")
+    if not ops:
+        raise HfError(400, "BadRequest", "the commit changes nothing")
     return header, ops
 
 
@@ -671,7 +686,10 @@ async def commit(app: Any, principal: Principal, repo_id: str, revision: str, bo
         download_cache.clear()
     await _store_objects(app, repo_id, uploads)
     sha = commit_sha(model["id"], ver["id"])
-    await _await_verdicts(app, [u[0] for u in uploads], settings.commit_wait_seconds)
+    try:
+        await _await_verdicts(app, [u[0] for u in uploads], settings.commit_wait_seconds)
+    finally:
+        await _drop_staged(app, repo_id, uploads)
     return {
         "success": True,
         "commitOid": sha,
@@ -695,7 +713,36 @@ async def _store_objects(app: Any, repo_id: str, uploads: list[tuple[int, _Chang
             else:
                 client.put_object(bucket, key, io.BytesIO(ch.data or b""), len(ch.data or b""))
 
-    await asyncio.to_thread(work)
+    try:
+        await asyncio.to_thread(work)
+    except S3Error as exc:
+        # The version exists but its uploads never get their object: ingest expires them and the version
+        # never becomes main. The client may retry the whole commit.
+        raise HfError(
+            409, "LfsObjectNotFound", f"an LFS object of the commit vanished before it was stored ({exc.code}); retry"
+        ) from None
+
+
+async def _drop_staged(app: Any, repo_id: str, uploads: list[tuple[int, _Change, str]]) -> None:
+    """Delete the staged LFS objects whose copy has been judged: a verified one is now a blob of the model
+    (the next batch for it answers "already there"), a refused one must be uploaded again anyway. Objects
+    still waiting for a verdict are kept."""
+    staged = {u[0]: u[1].sha256 for u in uploads if u[1].kind == "staged"}
+    if not staged:
+        return
+    async with app.state.pool.connection() as conn:
+        rows = await repository.upload_statuses(conn, list(staged))
+    keys = [lfs_key(repo_id, staged[r["id"]]) for r in rows if r["status"] in ("available", "rejected", "expired")]
+    client, bucket = store(app), app.state.settings.minio_bucket
+
+    def work() -> None:
+        for key in keys:
+            client.remove_object(bucket, key)
+
+    try:
+        await asyncio.to_thread(work)
+    except S3Error as exc:  # a leftover staged object costs space only, never correctness
+        log.warning("staged LFS objects not deleted: %s", exc)
 
 
 async def _await_verdicts(app: Any, upload_ids: list[int], wait_s: float) -> None:
@@ -719,8 +766,14 @@ async def _await_verdicts(app: Any, upload_ids: list[int], wait_s: float) -> Non
         await asyncio.sleep(0.1)
 
 
-def host_of(url: str) -> str:
-    return (urlsplit(url).hostname or "").lower()
+def store_host(app: Any) -> str:
+    """The host name in presigned URLs (MINIO_PUBLIC_ENDPOINT, else MINIO_ENDPOINT), lower case."""
+    host = getattr(app.state, "hf_store_host", None)
+    if host is None:
+        settings = app.state.settings
+        endpoint = settings.minio_public_endpoint or settings.minio_endpoint
+        host = app.state.hf_store_host = (urlsplit(f"//{endpoint}").hostname or "").lower()
+    return host
 
 
 __all__ = ["Conflict", "HfError", "HfSettings", "Revision"]
