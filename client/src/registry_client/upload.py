@@ -118,13 +118,24 @@ class Uploader:
         existing: dict[str, dict] = {}
         for up in self.client.list_uploads(repo_id, version)["items"]:  # oldest first: the newest one wins
             existing[up["rfilename"]] = up
-        results: list[dict] = []
-        try:
-            for lf in files:
-                results.append(self._one(repo_id, version, lf, existing.get(lf.rfilename)))
-        except KeyboardInterrupt:
-            self.stop.set()
-            raise
+        # Small files (one PUT each) go `parallel` at a time; a large one at a time, its parts in parallel.
+        small = [lf for lf in files if lf.size < self.opts.multipart_threshold]
+        large = [lf for lf in files if lf.size >= self.opts.multipart_threshold]
+        by_name: dict[str, dict] = {}
+        with ThreadPoolExecutor(max(1, self.opts.parallel), thread_name_prefix="file") as pool:
+            futures = [pool.submit(self._one, repo_id, version, lf, existing.get(lf.rfilename)) for lf in small]
+            try:
+                for lf in large:
+                    by_name[lf.rfilename] = self._one(repo_id, version, lf, existing.get(lf.rfilename))
+                for fut in futures:
+                    res = fut.result()
+                    by_name[res["rfilename"]] = res
+            except BaseException:
+                self.stop.set()
+                for fut in futures:
+                    fut.cancel()
+                raise
+        results = [by_name[lf.rfilename] for lf in files]
         if self.opts.wait:
             for res in results:
                 if res["status"] == "pending_verification":
