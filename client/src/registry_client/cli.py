@@ -573,7 +573,7 @@ def main() -> None:
     except typer.Abort:
         _fail("interrupted", ExitCode.INTERRUPTED)
     except RegistryError as exc:
-        _fail(exc.detail, exc.exit_code)
+        _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted: run the same command again to resume", ExitCode.INTERRUPTED)
     except OSError as exc:
