@@ -380,6 +380,8 @@ def upload(
             try:
                 results = Uploader(client, UploadOptions(**options, reporter=rep)).upload(repo_id, version, paths)
             except RegistryError as exc:
+                if exc.status == 404 and exc.detail.startswith("version not found") and not create_version:
+                    exc.detail += f"; create it with `registry versions create {repo_id} {version}` or --create-version"
                 if json_out and hasattr(exc, "results"):
                     _print_json({"repo_id": repo_id, "version": version, "files": exc.results})  # type: ignore[attr-defined]
                 raise
@@ -571,7 +573,7 @@ def main() -> None:
     except typer.Abort:
         _fail("interrupted", ExitCode.INTERRUPTED)
     except RegistryError as exc:
-        _fail(exc.detail, exc.exit_code)
+        _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted: run the same command again to resume", ExitCode.INTERRUPTED)
     except OSError as exc:

@@ -28,7 +28,7 @@ def _path(value: str) -> str:
 
 
 def error_detail(response: httpx.Response) -> str:
-    """One line saying what went wrong, from the API's `{"detail": ...}` when there is one."""
+    """What went wrong, on one line: the API's `{"detail": ...}` when there is one."""
     try:
         body = response.json()
     except ValueError:
@@ -46,7 +46,7 @@ def error_detail(response: httpx.Response) -> str:
     if not detail:
         text = response.text.strip().splitlines()
         detail = text[0][:200] if text else response.reason_phrase
-    return f"{detail} (HTTP {response.status_code})"
+    return str(detail)
 
 
 class RegistryClient:

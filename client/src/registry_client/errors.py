@@ -46,4 +46,4 @@ class RegistryError(Exception):
         self.exit_code = exit_code if exit_code is not None else exit_code_for_status(status)
 
     def __str__(self) -> str:
-        return self.detail
+        return f"{self.detail} (HTTP {self.status})" if self.status else self.detail

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import queue
 import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -118,13 +119,24 @@ class Uploader:
         existing: dict[str, dict] = {}
         for up in self.client.list_uploads(repo_id, version)["items"]:  # oldest first: the newest one wins
             existing[up["rfilename"]] = up
-        results: list[dict] = []
-        try:
-            for lf in files:
-                results.append(self._one(repo_id, version, lf, existing.get(lf.rfilename)))
-        except KeyboardInterrupt:
-            self.stop.set()
-            raise
+        # Small files (one PUT each) go `parallel` at a time; a large one at a time, its parts in parallel.
+        small = [lf for lf in files if lf.size < self.opts.multipart_threshold]
+        large = [lf for lf in files if lf.size >= self.opts.multipart_threshold]
+        by_name: dict[str, dict] = {}
+        with ThreadPoolExecutor(max(1, self.opts.parallel), thread_name_prefix="file") as pool:
+            futures = [pool.submit(self._one, repo_id, version, lf, existing.get(lf.rfilename)) for lf in small]
+            try:
+                for lf in large:
+                    by_name[lf.rfilename] = self._one(repo_id, version, lf, existing.get(lf.rfilename))
+                for fut in futures:
+                    res = fut.result()
+                    by_name[res["rfilename"]] = res
+            except BaseException:
+                self.stop.set()
+                for fut in futures:
+                    fut.cancel()
+                raise
+        results = [by_name[lf.rfilename] for lf in files]
         if self.opts.wait:
             for res in results:
                 if res["status"] == "pending_verification":
@@ -289,30 +301,32 @@ class Uploader:
         etags: dict[int, str] = {}
         sha = hashlib.sha256()
         parallel = max(1, self.opts.parallel)
-        slots = threading.Semaphore(parallel + 1)  # buffers in memory: the ones being sent and one read ahead
+        # Part buffers, reused: the ones being sent and one read ahead (no new allocation per part).
+        free: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(min(parallel + 1, count)):
+            free.put(bytearray(part_size))
         futures: list[Future] = []
-        with ThreadPoolExecutor(parallel, thread_name_prefix="part") as pool, lf.path.open("rb") as f:
+        with ThreadPoolExecutor(parallel, thread_name_prefix="part") as pool, lf.path.open("rb", buffering=0) as f:
             try:
                 for number in range(1, count + 1):
-                    slots.acquire()
+                    buf = free.get()
                     for p in futures:  # fail fast: a part that failed for good stops the reading
                         if p.done() and p.exception() is not None:
                             raise p.exception()  # type: ignore[misc]
-                    buf = f.read(part_size)
-                    sha.update(buf)
+                    view = _read_part(f, buf, min(part_size, lf.size - (number - 1) * part_size))
+                    sha.update(view)
                     if number == 1 and self.corrupt == lf.rfilename:
-                        buf = bytes([buf[0] ^ 0xFF]) + buf[1:]
+                        view[0] ^= 0xFF
                     have = stored.get(number)
-                    if have is not None and have.get("size", len(buf)) == len(buf) and _etag_matches(have["etag"], buf):
+                    if have is not None and have.get("size") == len(view) and _etag_matches(have["etag"], view):
                         etags[number] = have["etag"]
                         result["parts_reused"] += 1
-                        self.reporter.advance(task, len(buf))
-                        slots.release()
+                        self.reporter.advance(task, len(view))
+                        free.put(buf)
                         continue
-                    fut = pool.submit(self._send_part, urls, number, buf, task)
-                    fut.add_done_callback(lambda _f: slots.release())
+                    fut = pool.submit(self._send_part, urls, number, view, task)
+                    fut.add_done_callback(lambda _f, b=buf: free.put(b))
                     futures.append(fut)
-                    del buf
                 for p in futures:
                     number, etag = p.result()
                     etags[number] = etag
@@ -330,7 +344,7 @@ class Uploader:
         state_path.unlink(missing_ok=True)
         return {**result, **_verdict_fields(done_up), "sha256": digest}
 
-    def _send_part(self, urls: _PartUrls, number: int, buf: bytes, task: int) -> tuple[int, str]:
+    def _send_part(self, urls: _PartUrls, number: int, buf: memoryview, task: int) -> tuple[int, str]:
         last: str = ""
         for attempt in range(RETRIES):
             if self.stop.is_set():
@@ -354,8 +368,7 @@ class Uploader:
                 break  # 403: expired or bad signature, 5xx: busy — sign again and retry; anything else is final
         raise RegistryError(f"part {number} failed: {last}")
 
-    def _buffer_chunks(self, buf: bytes, task: int, sent: list[int]) -> Iterator[memoryview]:
-        view = memoryview(buf)
+    def _buffer_chunks(self, view: memoryview, task: int, sent: list[int]) -> Iterator[memoryview]:
         for start in range(0, len(view), CHUNK):
             if self.stop.is_set():
                 raise _Cancelled
@@ -387,7 +400,19 @@ class _PartUrls:
             return self._urls[number]
 
 
-def _etag_matches(etag: str, buf: bytes) -> bool:
+def _read_part(f: Any, buf: bytearray, length: int) -> memoryview:
+    """Exactly `length` bytes of the file into `buf` (a file that shrank meanwhile is an error)."""
+    view = memoryview(buf)[:length]
+    got = 0
+    while got < length:
+        n = f.readinto(view[got:])
+        if not n:
+            raise RegistryError(f"{f.name}: the file shrank while it was being uploaded", exit_code=ExitCode.ERROR)
+        got += n
+    return view
+
+
+def _etag_matches(etag: str, buf: memoryview) -> bool:
     """A stored part's ETag against the local bytes: S3 part ETags are the part's MD5 (if not, trust it)."""
     plain = etag.strip('"').lower()
     if len(plain) != 32 or any(c not in "0123456789abcdef" for c in plain):
