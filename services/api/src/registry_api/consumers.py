@@ -23,6 +23,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from psycopg_pool import AsyncConnectionPool
 from pydantic import ValidationError
 
+from registry_api.audit import service as audit
 from registry_api.catalog.cache import CATALOG_CHANNEL
 from registry_api.catalog.repository import CURRENT_FILES
 from registry_shared.background import BackgroundTask
@@ -116,10 +117,15 @@ async def apply_verdict(pool: AsyncConnectionPool, event: CloudEvent) -> None:
     async with pool.connection() as conn, conn.transaction():
         if not await _first_time(conn, event):
             return
+        applied = False
         if isinstance(payload, UploadVerified):
-            await apply_verified(conn, payload)
+            applied = await apply_verified(conn, payload)
         elif isinstance(payload, UploadRejected):
-            await apply_rejected(conn, payload)
+            applied = await apply_rejected(conn, payload)
+        if applied:
+            await audit.record(
+                conn, "upload.verdict", "upload", payload.upload_id, repo_id=payload.repo_id, after=payload.model_dump()
+            )
 
 
 class VerdictConsumer(BackgroundTask):
