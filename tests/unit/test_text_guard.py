@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import pytest
 
-from registry_api.kit.text import INVALID_JSON, NUL_MESSAGE, body_problem, is_json, nul_at, query_problem
+from registry_api.kit.text import (
+    INVALID_JSON,
+    NUL_MESSAGE,
+    SURROGATE_MESSAGE,
+    body_problem,
+    is_json,
+    query_problem,
+    unstorable_at,
+)
 
 
-def test_nul_is_found_at_any_depth_in_values_and_keys():
-    assert nul_at({"a": [1, {"b": "x\x00"}]}) == "a.1.b"
-    assert nul_at({"a\x00": 1}) == "a\x00"
-    assert nul_at(["ok", "n\x00"]) == "1"
-    assert nul_at("\x00") == "body"
-    assert nul_at({"a": ["fine", 1, None, True, {"b": "é\\u0000"}]}) is None  # an escaped backslash is no NUL
+def test_unstorable_text_is_found_at_any_depth_in_values_and_keys():
+    assert unstorable_at({"a": [1, {"b": "x\x00"}]}) == ("a.1.b", NUL_MESSAGE)
+    assert unstorable_at({"a\x00": 1}) == ("a\x00", NUL_MESSAGE)
+    assert unstorable_at(["ok", "n\x00"]) == ("1", NUL_MESSAGE)
+    assert unstorable_at("\x00") == ("body", NUL_MESSAGE)
+    assert unstorable_at({"a": "\ud800"}) == ("a", SURROGATE_MESSAGE)
+    assert unstorable_at({"a": ["fine", 1, None, True, {"b": "é\\u0000 😀"}]}) is None  # an escaped backslash
 
 
 @pytest.mark.parametrize(
@@ -20,6 +29,9 @@ def test_nul_is_found_at_any_depth_in_values_and_keys():
     [
         (b'{"name": "a\\u0000b"}', f"name: {NUL_MESSAGE}"),
         (b'{"a\\u0000": 1}', f"a?: {NUL_MESSAGE}"),
+        (b'{"name": "x\\ud800"}', f"name: {SURROGATE_MESSAGE}"),
+        (b'{"\\udfff": 1}', f"?: {SURROGATE_MESSAGE}"),
+        (b'{"name": "\\ud83d\\ude00"}', None),  # a surrogate pair is one character
         (b'{"name": "\xff"}', INVALID_JSON),
         ('{"a": 1}'.encode("utf-16"), INVALID_JSON),
         (b"\xef\xbb\xbf{}", INVALID_JSON),

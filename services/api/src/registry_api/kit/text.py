@@ -4,7 +4,9 @@ Postgres text cannot hold NUL (U+0000), and a JSON body must be UTF-8 (RFC 8259)
 the rule to every request before routing, in one place, whatever the endpoint or the field:
 
 - a NUL in the path, in a query parameter (name or value) or in any string of a JSON body (value or
-  key, at any depth) answers 422 `<where>: text must not contain NUL (\\u0000) characters`;
+  key, at any depth) answers 422 `<where>: text must not contain NUL (\\u0000) characters`; a lone
+  surrogate escape (`"\\ud800"`, which has no UTF-8) answers 422 `<where>: text must not contain unpaired
+  surrogates`;
 - a JSON body (`application/json` or `application/*+json`) that is not UTF-8, or that no parser can
   read, answers 422 `invalid JSON body`, exactly as a syntax error does.
 
@@ -16,34 +18,53 @@ fast path (catalog.fast_download) is answered before this guard: its path and pa
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 NUL_MESSAGE = "text must not contain NUL (\\u0000) characters"
+SURROGATE_MESSAGE = "text must not contain unpaired surrogates (\\ud800-\\udfff)"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 INVALID_JSON = "invalid JSON body"
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
-def nul_at(value: Any, where: str = "") -> str | None:
-    """Where the first NUL is in `value` (a decoded JSON value, a str), as `a.b.0`; None if there is none."""
+def _unstorable(text: str) -> str | None:
+    """Why Postgres could not store `text` (a NUL, or an unpaired surrogate that has no UTF-8), else None."""
+    if "\x00" in text:
+        return NUL_MESSAGE
+    if _SURROGATE.search(text):
+        return SURROGATE_MESSAGE
+    return None
+
+
+def unstorable_at(value: Any, where: str = "") -> tuple[str, str] | None:
+    """(where, why) of the first text in `value` (a decoded JSON value) Postgres could not store, as
+    `a.b.0`; None if every string and key is fine."""
     if isinstance(value, str):
-        return (where or "body") if "\x00" in value else None
+        why = _unstorable(value)
+        return None if why is None else (where or "body", why)
     if isinstance(value, dict):
         for key, item in value.items():
             here = f"{where}.{key}" if where else str(key)
-            if "\x00" in key:
-                return here
-            found = nul_at(item, here)
+            why = _unstorable(key)
+            if why is not None:
+                return here, why
+            found = unstorable_at(item, here)
             if found is not None:
                 return found
     elif isinstance(value, list):
         for i, item in enumerate(value):
-            found = nul_at(item, f"{where}.{i}" if where else str(i))
+            found = unstorable_at(item, f"{where}.{i}" if where else str(i))
             if found is not None:
                 return found
     return None
+
+
+def _printable(where: str) -> str:
+    return _SURROGATE.sub("?", where.replace("\x00", "?"))
 
 
 def query_problem(query_string: bytes) -> str | None:
@@ -52,18 +73,18 @@ def query_problem(query_string: bytes) -> str | None:
         return None
     for name, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
         if "\x00" in name or "\x00" in value:
-            return f"{name.replace(chr(0), '?')}: {NUL_MESSAGE}"
+            return f"{_printable(name)}: {NUL_MESSAGE}"
     return None
 
 
 def body_problem(body: bytes) -> str | None:
-    """The 422 detail for a JSON body that is not UTF-8 JSON or holds a NUL, else None."""
+    """The 422 detail for a JSON body that is not UTF-8 JSON or holds text Postgres cannot store, else None."""
     try:
         value = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         return INVALID_JSON
-    where = nul_at(value)
-    return None if where is None else f"{where.replace(chr(0), '?')}: {NUL_MESSAGE}"
+    found = unstorable_at(value)
+    return None if found is None else f"{_printable(found[0])}: {found[1]}"
 
 
 def is_json(content_type: str) -> bool:
