@@ -243,3 +243,54 @@ async def test_a_full_access_buffer_refuses_downloads_instead_of_losing_their_ev
     finally:
         stop_process(proc)
     assert len(events) == cap + 2 and all(n == 1 for n in events.values()), (len(events), cap + 2)
+
+
+async def test_the_invalidation_listener_comes_back_after_its_connection_is_killed(registry, api_base_url, pg_settings):
+    """The LISTEN loop is supervised: its backend terminated, it reconnects (seen on /readyz), and a key rotated
+    through another api process stops working here at once (its NOTIFY is heard)."""
+    dev = registry.register("ListenerKill")
+    other, other_base = spawn_api()
+    try:
+        async with httpx.AsyncClient(base_url=api_base_url, timeout=30) as http:
+            before = (await wait_ready(http, within=30))["components"]["invalidation-listener"]
+            assert before["ok"] is True and before["connections"] >= 1
+            assert (await http.get("/v1/users/me", headers=dev.headers)).status_code == 200  # key cached here
+            with psycopg.connect(pg_settings.database_url, autocommit=True) as conn:
+                killed = conn.execute(
+                    "select count(*) filter (where pg_terminate_backend(pid)) from pg_stat_activity"
+                    " where query like 'listen %'"
+                ).fetchone()[0]
+            assert killed >= 1
+            deadline = time.monotonic() + 20
+            while True:
+                listener = (await http.get("/readyz")).json()["components"]["invalidation-listener"]
+                if listener["ok"] and listener["connections"] > before["connections"]:
+                    break
+                assert time.monotonic() < deadline, f"the listener did not come back: {listener}"
+                await asyncio.sleep(0.1)
+            assert (await http.get("/v1/users/me", headers=dev.headers)).status_code == 200
+            async with httpx.AsyncClient(base_url=other_base, timeout=30) as b:
+                rotated = await b.post("/v1/users/rotate-key", headers=dev.headers)
+            assert rotated.status_code == 200, rotated.text
+            deadline = time.monotonic() + 5
+            while (r := await http.get("/v1/users/me", headers=dev.headers)).status_code != 401:
+                assert time.monotonic() < deadline, f"a rotated key still works here: {r.status_code}"
+                await asyncio.sleep(0.1)
+            new = {"x-api-key": rotated.json()["api_key"]}
+            assert (await http.get("/v1/users/me", headers=new)).status_code == 200
+    finally:
+        stop_process(other)
+
+
+def test_openapi_documents_readiness_and_the_outage_answers(registry):
+    spec = registry.http.get("/openapi.json").json()
+    for path in ("/healthz", "/readyz"):
+        assert spec["paths"][path]["get"]["tags"] == ["Health"]
+    readyz = spec["paths"]["/readyz"]["get"]["responses"]
+    assert set(readyz) == {"200", "503"}
+    assert readyz["503"]["content"]["application/json"]["schema"]["$ref"].endswith("/Readiness")
+    download = spec["paths"]["/v1/files/{file_path}/download"]["get"]
+    assert "Retry-After" in download["responses"]["503"]["headers"]
+    assert "database unavailable" in download["responses"]["503"]["description"]
+    r = registry.http.get("/readyz")
+    assert r.status_code == 200 and r.json()["ready"] is True and r.json()["not_ready"] == {}, r.text

@@ -131,7 +131,12 @@ class DatabaseMonitor:
 
     async def _probe(self) -> None:
         async with asyncio.timeout(self._probe_timeout):
-            conn = await psycopg.AsyncConnection.connect(self._url, autocommit=True, connect_timeout=2)
+            try:
+                conn = await psycopg.AsyncConnection.connect(self._url, autocommit=True, connect_timeout=2)
+            except psycopg.OperationalError as exc:
+                if _server_full(exc):  # it answered: up, only busy (the pool's connections still work)
+                    return
+                raise
             try:
                 await conn.execute("select 1")
             finally:
@@ -173,6 +178,12 @@ class DatabaseMonitor:
         log.warning("database reachable again after %.1f s", time.time() - self.since)
         self.down, self.reason, self.since = False, None, time.time()
         _run_all(self._on_up)
+
+
+def _server_full(exc: psycopg.OperationalError) -> bool:
+    """Postgres refused a new connection because all its slots are taken (SQLSTATE 53300)."""
+    text = str(exc)
+    return getattr(exc, "sqlstate", None) == "53300" or "too many clients" in text or "slots are reserved" in text
 
 
 def _run_all(callbacks: list[Callable[[], None]]) -> None:

@@ -44,6 +44,7 @@ class PgListener(BackgroundTask):
         self._on_disconnect = on_disconnect
         self._monitor = monitor
         self.connected = False
+        self.connections = 0
         self.reason: str | None = "not connected yet"
         self.since = time.time()
 
@@ -82,6 +83,7 @@ class PgListener(BackgroundTask):
                 await conn.execute(f"listen {channel}")
             self._on_connect()
             self.connected, self.reason, self.since = True, None, time.time()
+            self.connections += 1
             if self.health is not None:
                 self.health.ok()
             async for note in conn.notifies():
@@ -107,4 +109,5 @@ class PgListener(BackgroundTask):
             "status": "listening" if self.connected else "reconnecting",
             "reason": self.reason,
             "since": int(self.since),
+            "connections": self.connections,
         }

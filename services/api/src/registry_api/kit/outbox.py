@@ -48,6 +48,8 @@ _POLL_S = 0.1
 FLUSH_CHUNK = 10_000
 #: How long a stop keeps trying to write what is buffered.
 STOP_GRACE_S = 5.0
+#: The relay is reported not ready when Kafka has not acknowledged a batch for this long.
+STALLED_S = 5.0
 #: What `Retry-After` says when the access-event buffer is full.
 FULL_RETRY_AFTER_S = 2
 
@@ -248,6 +250,7 @@ class OutboxRelay(BackgroundTask):
         self._partitioner = DefaultPartitioner()
         self._placement: dict[tuple[str, str | None], tuple[str, int]] = {}  # (topic, key) → partition
         self._published_ids: list[int] = []  # acknowledged by Kafka, not yet deleted from the outbox
+        self._waiting_since: float | None = None  # a batch sent, Kafka's acknowledgement awaited since
         self.published = 0
 
     async def _publish_pending(self, conn: psycopg.AsyncConnection, producer: AIOKafkaProducer) -> int:
@@ -262,11 +265,28 @@ class OutboxRelay(BackgroundTask):
         for i in range(0, len(rows), 250):  # give requests a turn between chunks
             futures += await self._send(producer, rows[i : i + 250])
             await asyncio.sleep(0)
-        await asyncio.gather(*futures)
+        self._waiting_since = time.monotonic()
+        try:
+            await asyncio.gather(*futures)
+        finally:
+            self._waiting_since = None
         self._published_ids = [r[0] for r in rows]
         await self._forget_published(conn)
         self.published += len(rows)
         return len(rows)
+
+    def as_dict(self) -> dict[str, object]:
+        """The relay as /readyz shows it: not ok while Kafka has not acknowledged a batch for STALLED_S (the
+        producer keeps retrying it: nothing is lost, but nothing new reaches Kafka either)."""
+        waiting = self._waiting_since
+        if waiting is not None and (stalled := time.monotonic() - waiting) >= STALLED_S:
+            return {
+                "ok": False,
+                "status": "stalled",
+                "reason": f"Kafka has not acknowledged a batch for {stalled:.0f} s",
+                "published": self.published,
+            }
+        return {"published": self.published}
 
     async def _forget_published(self, conn: psycopg.AsyncConnection) -> None:
         """Delete the rows Kafka has acknowledged. Kept in memory until the delete succeeds: when Postgres
