@@ -3,13 +3,18 @@ failures, and the api's existing records (the stack's database was migrated befo
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
 
 from registry_api.db.migrate import apply_migrations as apply_api_migrations
+from registry_notifier.app import migrate as notifier_migrate
 from registry_shared.migrations import MigrationChanged, MigrationError, apply_migrations, checksum
 from registry_shared.settings import PostgresSettings
 
@@ -117,3 +122,36 @@ def test_the_api_database_keeps_its_records(pg_settings: PostgresSettings) -> No
     names = [r[0] for r in rows]
     assert names[:3] == ["0001_catalog.sql", "0002_webhooks.sql", "0003_outbox_delete_on_publish.sql"]
     assert all(r[1] is not None for r in rows)
+
+
+@pytest.fixture
+def fresh_database(pg_settings: PostgresSettings, unique: str) -> Iterator[str]:
+    """The URL of a new, empty database on the stack's server, dropped afterwards."""
+    name = f"fresh_{unique}"
+    with psycopg.connect(pg_settings.database_url, autocommit=True) as conn:
+        conn.execute(f"create database {name}")
+    parts = urlsplit(pg_settings.database_url)
+    yield urlunsplit(parts._replace(path=f"/{name}"))
+    with psycopg.connect(pg_settings.database_url, autocommit=True) as conn:
+        conn.execute(f"drop database if exists {name} with (force)")
+
+
+async def test_every_service_migrates_a_fresh_database_whatever_the_start_order(fresh_database: str) -> None:
+    """The notifier starting first waits for the api's `webhooks` table, then records its own history; ingest
+    keeps to its schema. Run again, nothing is applied."""
+    waiting = asyncio.create_task(notifier_migrate(fresh_database))
+    await asyncio.sleep(1.5)
+    assert not waiting.done()  # no webhooks table yet: it waits (and would retry for as long as it takes)
+    api_applied = await asyncio.to_thread(apply_api_migrations, fresh_database)
+    assert api_applied[:3] == ["0001_catalog.sql", "0002_webhooks.sql", "0003_outbox_delete_on_publish.sql"]
+    assert await asyncio.wait_for(waiting, 30) == ["0001_notifier_tables.sql"]
+    ingest_folder = resources.files("registry_ingest") / "migrations"
+    ingest_applied = await asyncio.to_thread(
+        apply_migrations, fresh_database, ingest_folder, table="schema_migrations", schema="ingest"
+    )
+    assert ingest_applied == ["0001_ingest_state.sql", "0002_verification_failures.sql"]
+    with psycopg.connect(fresh_database) as conn:
+        tables = {r[0] for r in conn.execute("select table_name from information_schema.tables")}
+    assert {"webhooks", "webhook_deliveries", "webhook_attempts", "notifier_emails", "uploads"} <= tables
+    assert await notifier_migrate(fresh_database) == []
+    assert await asyncio.to_thread(apply_api_migrations, fresh_database) == []

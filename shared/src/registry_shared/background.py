@@ -56,6 +56,17 @@ class BackgroundTask:
         self.health.ok()
         self._task = asyncio.create_task(self._supervise(), name=self.name)
 
+    def report_ok(self) -> None:
+        """For `run()`: a round of work succeeded (clears a `retrying` state)."""
+        if self.health is not None:
+            self.health.ok()
+
+    def report_retrying(self, exc: BaseException) -> None:
+        """For `run()`: a round of work failed and will be tried again (a transient failure, handled by the
+        loop itself: not a death)."""
+        if self.health is not None:
+            self.health.retrying(describe(exc))
+
     @property
     def running(self) -> bool:
         """Started and not stopped."""

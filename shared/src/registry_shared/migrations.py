@@ -28,7 +28,7 @@ from psycopg import sql
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^\d{4}_[A-Za-z0-9_]+\.sql$")
+_NAME = re.compile(r"^\d{4}_[\w.-]+\.sql$")
 
 
 class MigrationError(Exception):

@@ -490,6 +490,9 @@ class IngestService:
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+
+    def close(self) -> None:
+        """Once nothing verifies any more (the broker stopped): let the verification threads go."""
         self._streams.shutdown(wait=False, cancel_futures=True)
 
 
@@ -504,12 +507,11 @@ class Sweeper(BackgroundTask):
 
     async def run(self) -> None:
         interval = self.service.settings.sweep_interval_seconds
-        assert self.health is not None
         while True:
             try:
                 await self.service.sweep_once()
-                self.health.ok()
+                self.report_ok()
             except Exception as exc:
-                self.health.retrying(describe(exc))
+                self.report_retrying(exc)
                 log.warning("sweep failed: %s", describe(exc), exc_info=CLASSIFIER(exc) == "unexpected")
             await asyncio.sleep(interval)

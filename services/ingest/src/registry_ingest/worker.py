@@ -77,6 +77,8 @@ class IngestWorker:
         if not await self.consumer.wait_assigned(_SETTLE_SECONDS):
             log.warning("no partitions of some topic yet; starting anyway", extra={"fields": self.status()})
         self.ready = True
+        for policy in self.consumer.policies.values():
+            policy.health.ok()  # consuming: "starting" until now
         log.info(
             "ingest started",
             extra={
@@ -106,7 +108,9 @@ class IngestWorker:
                 log.exception("could not release leases; they lapse on their own")
 
     async def close(self) -> None:
-        """After the broker stopped: close the Postgres pool."""
+        """After the broker stopped: close the verification pool and the Postgres pool."""
+        if self.service is not None:
+            self.service.close()
         if self.pool is not None:
             await self.pool.close()
         log.info("ingest stopped", extra={"fields": {"owner": self.owner}})

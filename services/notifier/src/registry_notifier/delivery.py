@@ -28,6 +28,7 @@ from standardwebhooks import Webhook
 
 from registry_notifier import repository
 from registry_notifier.settings import NotifierSettings
+from registry_shared.background import BackgroundTask
 from registry_shared.logging import correlation_id
 from registry_shared.secretbox import SecretKeyError, is_sealed
 from registry_shared.webhooks import TargetGuard, TargetRefused
@@ -67,8 +68,10 @@ def sign(secret: str, message_id: str, timestamp: datetime, payload: str) -> str
     return Webhook(secret).sign(message_id, timestamp, payload)
 
 
-class DeliveryWorker:
-    """Delivers due webhooks with bounded concurrency."""
+class DeliveryWorker(BackgroundTask):
+    """Delivers due webhooks with bounded concurrency (supervised: restarted if its loop dies)."""
+
+    name = "notifier-delivery"
 
     def __init__(
         self,
@@ -92,7 +95,6 @@ class DeliveryWorker:
         self._tasks: set[asyncio.Task[None]] = set()
         #: Deliveries claimed by this process and not recorded yet (handed back on a graceful stop).
         self._claimed: set[int] = set()
-        self._task: asyncio.Task[None] | None = None
         self.wakeup = asyncio.Event()
         self.sent = 0
         self.failed_attempts = 0
@@ -264,7 +266,9 @@ class DeliveryWorker:
                         rows = await repository.claim_heads(
                             conn, s.notifier_deployment, free, s.notifier_lease_s, s.notifier_adopt_after_s
                         )
-                except Exception as exc:
+                    self.report_ok()
+                except Exception as exc:  # the database away: looked for again at the next poll
+                    self.report_retrying(exc)
                     log.warning("cannot claim deliveries: %s", exc)
                 for row in rows:
                     task = asyncio.create_task(self._pipeline([row]))
@@ -283,16 +287,9 @@ class DeliveryWorker:
         if full:  # a slot is free again: look for more at once (otherwise new work wakes us up)
             self.wakeup.set()
 
-    def start(self) -> None:
-        """Run in the background."""
-        self._task = asyncio.create_task(self.run(), name="delivery-worker")
-
     async def stop(self) -> None:
         """Stop claiming, let in-flight attempts finish briefly, hand back what was claimed but not sent."""
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await super().stop()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)
             for t in self._tasks:

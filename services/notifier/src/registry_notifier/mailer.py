@@ -11,19 +11,21 @@ from psycopg_pool import AsyncConnectionPool
 from registry_notifier import mail, repository
 from registry_notifier.delivery import retry_delay
 from registry_notifier.settings import NotifierSettings
+from registry_shared.background import BackgroundTask
 
 log = logging.getLogger(__name__)
 _BATCH = 20
 
 
-class MailWorker:
-    """Sends queued e-mails over SMTP (one thread per message), durable and retried."""
+class MailWorker(BackgroundTask):
+    """Sends queued e-mails over SMTP (one thread per message), durable and retried (supervised)."""
+
+    name = "notifier-mail"
 
     def __init__(self, pool: AsyncConnectionPool, settings: NotifierSettings) -> None:
         self._pool = pool
         self._s = settings
         self._mailer = mail.SmtpMailer(settings)
-        self._task: asyncio.Task[None] | None = None
         self.wakeup = asyncio.Event()
         self.sent = 0
 
@@ -71,20 +73,11 @@ class MailWorker:
             try:
                 await self.queue_disabled_notices()
                 claimed = await self.send_due()
-            except Exception as exc:
+                self.report_ok()
+            except Exception as exc:  # the database away: tried again at the next poll
+                self.report_retrying(exc)
                 log.warning("mail worker paused: %s", exc)
             if claimed == _BATCH:
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wakeup.wait(), timeout=max(self._s.notifier_poll_interval_s, 1.0))
-
-    def start(self) -> None:
-        """Run in the background."""
-        self._task = asyncio.create_task(self.run(), name="mail-worker")
-
-    async def stop(self) -> None:
-        """Stop (claimed but unsent e-mails return to the queue when their lease ends)."""
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
