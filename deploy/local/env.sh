@@ -51,6 +51,14 @@ fi
 export RATE_LIMIT_DEVELOPER_PER_MINUTE RATE_LIMIT_PLATFORM_PER_MINUTE RATE_LIMIT_ADMIN_PER_MINUTE
 export RATE_LIMIT_REGISTER_PER_MINUTE
 
+# Each service's own MinIO user, created by `registry-devstack setup-minio` with a policy limited to what the
+# service does (development values). Presigned URLs are signed with the api's.
+: "${API_MINIO_ACCESS_KEY:=registry-api}"
+: "${API_MINIO_SECRET_KEY:=registry-api-secret}"
+: "${INGEST_MINIO_ACCESS_KEY:=registry-ingest}"
+: "${INGEST_MINIO_SECRET_KEY:=registry-ingest-secret}"
+export API_MINIO_ACCESS_KEY API_MINIO_SECRET_KEY INGEST_MINIO_ACCESS_KEY INGEST_MINIO_SECRET_KEY
+
 export ROOT_DIR LOCAL_DIR REGISTRY_CACHE_DIR
 export PG_PORT PG_USER PG_PASSWORD PG_DATABASE KAFKA_VERSION KAFKA_PORT KAFKA_CONTROLLER_PORT
 export MINIO_VERSION MINIO_PORT MINIO_CONSOLE_PORT MINIO_ROOT_USER MINIO_ROOT_PASSWORD MINIO_BUCKET

@@ -25,6 +25,8 @@ class Topics:
     VERDICTS = "registry.verdicts.v1"
     ACCESS = "registry.access.v1"
     DEAD_LETTER = "registry.dead-letter.v1"
+    #: The audit log, for SIEMs (every state-changing action; see the api's audit/).
+    AUDIT = "registry.audit.v1"
     #: MinIO's own bucket notifications (not CloudEvents; MinIO's S3 event records).
     MINIO_EVENTS = "minio.bucket-events"
 
@@ -216,6 +218,26 @@ class FileAccessed(EventData):
     ts: float = Field(description="When the access happened (epoch seconds, fractional).")
 
 
+# ---------------------------------------------------------------- audit
+class AuditRecorded(EventData):
+    """A state-changing action was written to the audit log (same transaction as the change)."""
+
+    event_type: ClassVar[str] = "registry.audit.recorded.v1"
+    topic: ClassVar[str] = Topics.AUDIT
+    audit_id: int
+    ts: float = Field(description="When (epoch seconds, fractional).")
+    actor_kind: Literal["user", "admin-token", "anonymous", "system"]
+    actor_user_id: int | None = None
+    action: str = Field(description="e.g. grant.create, model.update, upload.verdict")
+    target_type: str
+    target_id: str | None = None
+    repo_id: str | None = None
+    before: dict[str, Any] | None = None
+    after: dict[str, Any] | None = None
+    request_id: str | None = None
+    client_ip: str | None = None
+
+
 EVENT_TYPES: dict[str, type[EventData]] = {
     cls.event_type: cls
     for cls in (
@@ -232,6 +254,7 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         UploadRejected,
         ObjectQuarantined,
         FileAccessed,
+        AuditRecorded,
     )
 }
 

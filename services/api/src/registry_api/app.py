@@ -19,6 +19,8 @@ from starlette.responses import JSONResponse
 
 from registry_api import auth
 from registry_api.admin.endpoints import router as admin_router
+from registry_api.audit.endpoints import router as audit_router
+from registry_api.audit.service import AuditContext
 from registry_api.catalog.endpoints import router as catalog_router
 from registry_api.catalog.fast_download import FastDownload
 from registry_api.consumers import DownloadCounter, VerdictConsumer
@@ -141,6 +143,7 @@ def create_app(settings: ApiSettings | None = None, fast_download: bool = True) 
     if fast_download:
         app.add_middleware(FastDownload)
         app.add_middleware(HfResolve)
+    app.add_middleware(AuditContext)  # the client IP of audit rows
     app.add_middleware(RequestIdMiddleware)
 
     def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
@@ -221,6 +224,7 @@ def create_app(settings: ApiSettings | None = None, fast_download: bool = True) 
         dev_router,
         uploads_router,
         admin_router,
+        audit_router,
         platform_router,
         webhooks_router,
         hf_router,

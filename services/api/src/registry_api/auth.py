@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from registry_api.audit.service import set_actor
 from registry_api.catalog.cache import CATALOG_CHANNEL, download_cache
 from registry_api.errors import Forbidden, Unauthorized, Unavailable
 from registry_api.kit.cache import InvalidatedCache
@@ -173,6 +174,7 @@ async def _live(app: Any, principal: Principal) -> Principal:
     """A known key still inside its lifetime (401 `api key expired` after it), and within its rate limit."""
     if principal.key_expires_ts is not None and time.time() >= principal.key_expires_ts:
         raise Unauthorized("api key expired")
+    set_actor(principal)
     limiter = getattr(app.state, "rate_limiter", None)
     if limiter is not None:
         await limiter.check_principal(principal)
@@ -193,6 +195,7 @@ def check_admin_token(app: Any, token: str | None) -> Principal:
         raise Unavailable("admin token not configured")
     if token is None or not hmac.compare_digest(token.encode(), configured.get_secret_value().encode()):
         raise Unauthorized("invalid admin token")
+    set_actor(ADMIN_TOKEN_PRINCIPAL)
     return ADMIN_TOKEN_PRINCIPAL
 
 

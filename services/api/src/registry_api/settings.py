@@ -70,5 +70,5 @@ class ApiSettings(PostgresSettings, KafkaSettings, MinioSettings, WebhookSecretS
 
 @lru_cache
 def get_settings() -> ApiSettings:
-    """The process-wide settings."""
-    return ApiSettings()
+    """The process-wide settings (MinIO with the api's own user: API_MINIO_ACCESS_KEY / API_MINIO_SECRET_KEY)."""
+    return ApiSettings().for_service("api")

@@ -52,7 +52,7 @@ class IngestWorker:
     async def start(self) -> None:
         """Before the broker starts: connect Postgres (migrating the schema) and MinIO."""
         s = self.settings
-        minio = MinioSettings()
+        minio = MinioSettings().for_service("ingest")  # INGEST_MINIO_ACCESS_KEY / INGEST_MINIO_SECRET_KEY
         database_url = PostgresSettings().database_url
         self.pool = AsyncConnectionPool(database_url, min_size=1, max_size=s.db_pool_max, open=False, name="ingest")
         await self.pool.open(wait=True, timeout=30)

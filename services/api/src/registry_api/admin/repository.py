@@ -66,6 +66,16 @@ async def upsert_grant(
     return (await cur.fetchone())["id"], "unchanged"
 
 
+async def active_grant(conn: psycopg.AsyncConnection, user_id: int, model: int) -> dict | None:
+    """The unrevoked grant of (user, model), if any (the audit log's `before`)."""
+    cur = await conn.execute(
+        f"select {GRANT_COLUMNS} from grants g join models m on m.id = g.model_id"
+        " where g.platform_user_id = %(uid)s and g.model_id = %(model)s and g.revoked_ts is null",
+        {"uid": user_id, "model": model, "now": int(time.time())},
+    )
+    return await cur.fetchone()
+
+
 async def get_grant(conn: psycopg.AsyncConnection, grant_id: int, for_update: bool = False) -> dict | None:
     lock = " for update of g" if for_update else ""
     cur = await conn.execute(

@@ -17,6 +17,7 @@ from typing import Any, get_args
 import orjson
 import psycopg
 
+from registry_api.audit import service as audit
 from registry_api.auth import Principal
 from registry_api.catalog import repository
 from registry_api.catalog.cache import CATALOG_CHANNEL, download_cache
@@ -103,8 +104,14 @@ async def apply_verdict(conn: psycopg.AsyncConnection, event: CloudEvent, payloa
     if not await repository.first_time(conn, uuid.UUID(event.id)):
         return False
     if isinstance(payload, UploadVerified):
-        return await apply_verified(conn, payload)
-    return await apply_rejected(conn, payload)
+        applied = await apply_verified(conn, payload)
+    else:
+        applied = await apply_rejected(conn, payload)
+    if applied:
+        await audit.record(
+            conn, "upload.verdict", "upload", payload.upload_id, repo_id=payload.repo_id, after=payload.model_dump()
+        )
+    return applied
 
 
 ACCESS_TYPE = FileAccessed.event_type

@@ -6,6 +6,7 @@ import time
 
 import psycopg
 
+from registry_api.audit import service as audit
 from registry_api.auth import Principal
 from registry_api.catalog.cache import download_cache, notify_catalog_changed
 from registry_api.dev import repository
@@ -38,6 +39,7 @@ async def create_model(conn: psycopg.AsyncConnection, principal: Principal, body
         await write_event(
             conn, ModelCreated(repo_id=body.repo_id, owner_id=principal.user_id, visibility=body.visibility)
         )
+        await audit.record(conn, "model.create", "model", row["repo_id"], repo_id=row["repo_id"], after=row)
     return row
 
 
@@ -64,6 +66,9 @@ async def update_model(conn: psycopg.AsyncConnection, principal: Principal, repo
             return model
         row = await repository.update_model(conn, model["id"], fields)
         await notify_catalog_changed(conn, model["repo_id"])
+        await audit.record(
+            conn, "model.update", "model", model["repo_id"], repo_id=model["repo_id"], before=model, after=row
+        )
     download_cache.clear()
     return row
 
@@ -80,6 +85,7 @@ async def create_version(conn: psycopg.AsyncConnection, principal: Principal, re
         await write_event(
             conn, VersionCreated(repo_id=model["repo_id"], version=version, owner_id=model["owner_id"] or 0)
         )
+        await audit.record(conn, "version.create", "version", f"{model['repo_id']}@{version}", repo_id=model["repo_id"])
     return {"repo_id": model["repo_id"], "version": row["version"], "created_ts": row["created_ts"]}
 
 
@@ -167,6 +173,16 @@ async def complete_upload(
                 size=body.size,
                 sha256=sha256,
             ),
+        )
+        after = {"status": "pending_verification", "rfilename": body.rfilename, "size": body.size, "sha256": sha256}
+        await audit.record(
+            conn,
+            "upload.complete",
+            "upload",
+            upload["upload_id"],
+            repo_id=repo_id,
+            before={"status": upload["status"]},
+            after=after,
         )
     return {**upload, "status": "pending_verification", "size": body.size, "sha256": sha256, "completed_ts": now}
 

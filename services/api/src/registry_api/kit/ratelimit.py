@@ -14,6 +14,9 @@ bucket, so N processes together never exceed `capacity + refill × time`; near t
 one token, so the budget is not stranded in one process's lease. A refused bucket is remembered locally
 until its Retry-After, so a client hammering past its limit does not reach Postgres either.
 
+While Postgres is away the limiter fails open (nothing to share a budget through; the api then serves only
+what its caches hold, kit.db_monitor).
+
 The admin token is exempt (one operator secret, needed most during an incident); admin-role users have
 a limit of their own.
 """
@@ -26,7 +29,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from psycopg_pool import AsyncConnectionPool
+import psycopg
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from registry_api.errors import ApiError
 
@@ -142,7 +146,12 @@ class RateLimiter:
             if local.tokens > 0:  # another request of this process leased meanwhile
                 local.tokens -= 1
                 return
-            tokens, granted = await self._lease(bucket, limit)
+            try:
+                tokens, granted = await self._lease(bucket, limit)
+            except (psycopg.OperationalError, PoolTimeout):
+                # Postgres away: no shared budget to draw from. Fail open, so what the api serves from
+                # its caches meanwhile (downloads, kit.db_monitor) is not refused by the limiter.
+                return
             if granted < 1:
                 retry_after = max(1, math.ceil((1.0 - tokens) / limit.rate))
                 local.blocked_until = time.monotonic() + retry_after

@@ -19,6 +19,7 @@ import time
 
 import psycopg
 
+from registry_api.audit import service as audit
 from registry_api.auth import Principal
 from registry_api.dev import repository as dev_repository
 from registry_api.dev.service import own_model
@@ -299,6 +300,16 @@ async def complete_multipart(
                 size=size,
                 sha256=sha256,
             ),
+        )
+        after = {"status": "pending_verification", "rfilename": row["rfilename"], "size": size, "sha256": sha256}
+        await audit.record(
+            conn,
+            "upload.complete",
+            "upload",
+            upload_id,
+            repo_id=row["repo_id"],
+            before={"status": row["status"]},
+            after=after,
         )
     return describe({**row, "status": "pending_verification"})
 

@@ -6,6 +6,7 @@ import time
 
 import psycopg
 
+from registry_api.audit import service as audit
 from registry_api.auth import Principal, key_cache
 from registry_api.errors import Forbidden, NotFound, Unauthorized, Unprocessable
 from registry_api.kit.outbox import write_event
@@ -44,6 +45,9 @@ async def create_user(
         user_id = await repository.insert_user(conn, email, name, role)
         key, _ = await repository.issue_key(conn, user_id, key_scope, key_expires_ts)
         await write_event(conn, UserRegistered(user_id=user_id, email=email, name=name, role=role))
+        action = "user.create" if audit.is_admin_token_call() else "user.register"
+        after = {"email": email, "name": name, "role": role, "key_scope": key_scope, "key_expires_ts": key_expires_ts}
+        await audit.record(conn, action, "user", user_id, after=after)
     return user_id, key
 
 
@@ -67,6 +71,14 @@ async def rotate_key(conn: psycopg.AsyncConnection, principal: Principal, presen
                 user_id=principal.user_id, email=principal.email, key_prefix=prefix, rotated_ts=int(time.time())
             ),
         )
+        await audit.record(
+            conn,
+            "user.rotate_key",
+            "user",
+            principal.user_id,
+            before={"key_prefixes": revoked},
+            after={"key_prefix": prefix},
+        )
     for p in revoked:
         key_cache.evict(p)
     return key
@@ -86,6 +98,8 @@ async def reissue_key(conn: psycopg.AsyncConnection, user_id: int, key_scope: st
         await write_event(
             conn, UserKeyRotated(user_id=user_id, email=email, key_prefix=prefix, rotated_ts=int(time.time()))
         )
+        after = {"key_prefix": prefix, "key_scope": key_scope, "key_expires_ts": key_expires_ts}
+        await audit.record(conn, "user.reissue_key", "user", user_id, before={"key_prefixes": revoked}, after=after)
     for p in revoked:
         key_cache.evict(p)
     return key

@@ -7,6 +7,7 @@ import secrets
 
 import psycopg
 
+from registry_api.audit import service as audit
 from registry_api.auth import Principal
 from registry_api.catalog.visibility import visibility_params
 from registry_api.errors import Conflict, NotFound, Unavailable, Unprocessable
@@ -62,6 +63,7 @@ async def create_webhook(
             box.seal(secret),
             body.enabled,
         )
+        await audit.record(conn, "webhook.create", "webhook", row["id"], repo_id=repo_id, after=row)
     return {**row, "secret": secret}
 
 
@@ -86,17 +88,24 @@ async def update_webhook(
     if "url" in changes:
         await check_url(changes["url"])
     async with conn.transaction():
-        if await repository.get_webhook(conn, principal.user_id, webhook_id, for_update=True) is None:
+        before = await repository.get_webhook(conn, principal.user_id, webhook_id, for_update=True)
+        if before is None:
             raise NotFound("webhook not found")
         if "repo_id" in changes:
             changes["repo_id"] = await _canonical_repo_id(conn, principal, changes["repo_id"])
-        return await repository.update_webhook(conn, webhook_id, changes)
+        row = await repository.update_webhook(conn, webhook_id, changes)
+        await audit.record(
+            conn, "webhook.update", "webhook", webhook_id, repo_id=row["repo_id"], before=before, after=row
+        )
+        return row
 
 
 async def delete_webhook(conn: psycopg.AsyncConnection, principal: Principal, webhook_id: int) -> None:
     """Delete the caller's subscription and its delivery log."""
-    if not await repository.delete_webhook(conn, principal.user_id, webhook_id):
-        raise NotFound("webhook not found")
+    async with conn.transaction():
+        if not await repository.delete_webhook(conn, principal.user_id, webhook_id):
+            raise NotFound("webhook not found")
+        await audit.record(conn, "webhook.delete", "webhook", webhook_id)
 
 
 async def list_deliveries(
