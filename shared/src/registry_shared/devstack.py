@@ -19,7 +19,7 @@ from minio.notificationconfig import NotificationConfig, QueueConfig
 
 from registry_shared.events import Topics
 from registry_shared.settings import KafkaSettings, MinioSettings
-from registry_shared.storage import LEGACY_PREFIX, QUARANTINE_PREFIX, UPLOAD_PREFIX, minio_client
+from registry_shared.storage import HF_STAGING_PREFIX, LEGACY_PREFIX, QUARANTINE_PREFIX, UPLOAD_PREFIX, minio_client
 
 #: Topics the services use, created up front with enough partitions for two consumers.
 TOPIC_PARTITIONS = {
@@ -55,7 +55,8 @@ async def wait_kafka(settings: KafkaSettings | None = None) -> None:
 def service_policies(bucket: str) -> dict[str, dict]:
     """The IAM policy of each service's MinIO user: only the bucket, only what the service does.
 
-    - api: signs GET URLs of served objects (uploads/, hf/), PUT and multipart URLs of uploads, and drives
+    - api: signs GET URLs of served objects (uploads/, hf/), PUT and multipart URLs of uploads and of the
+      Hugging Face LFS staging area (hf-lfs/, which it also reads and clears), and drives
       multipart uploads (create, list parts, complete, abort); HEAD of its own uploads. Nothing in
       quarantine/, no other bucket, no admin API.
     - ingest: reads any object of the bucket, copies rejected and stray objects into quarantine/ (its only
@@ -73,7 +74,13 @@ def service_policies(bucket: str) -> dict[str, dict]:
                 {
                     "Effect": "Allow",
                     "Action": ["s3:PutObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"],
-                    "Resource": [f"{b}/{UPLOAD_PREFIX}*"],
+                    "Resource": [f"{b}/{UPLOAD_PREFIX}*", f"{b}/{HF_STAGING_PREFIX}*"],
+                },
+                {
+                    # the Hugging Face LFS staging area: the api checks, copies and then removes staged objects
+                    "Effect": "Allow",
+                    "Action": ["s3:GetObject", "s3:DeleteObject"],
+                    "Resource": [f"{b}/{HF_STAGING_PREFIX}*"],
                 },
                 {
                     "Effect": "Allow",
