@@ -19,7 +19,7 @@ from minio.notificationconfig import NotificationConfig, QueueConfig
 
 from registry_shared.events import Topics
 from registry_shared.settings import KafkaSettings, MinioSettings
-from registry_shared.storage import HF_STAGING_PREFIX, LEGACY_PREFIX, QUARANTINE_PREFIX, UPLOAD_PREFIX, minio_client
+from registry_shared.storage import HF_STAGING_PREFIX, QUARANTINE_PREFIX, UPLOAD_PREFIX, minio_client
 
 #: Topics the services use, created up front with enough partitions for two consumers.
 TOPIC_PARTITIONS = {
@@ -55,7 +55,8 @@ async def wait_kafka(settings: KafkaSettings | None = None) -> None:
 def service_policies(bucket: str) -> dict[str, dict]:
     """The IAM policy of each service's MinIO user: only the bucket, only what the service does.
 
-    - api: signs GET URLs of served objects (uploads/, hf/), PUT and multipart URLs of uploads and of the
+    - api: signs GET URLs of served objects (any key of the bucket but quarantine/: uploads/, hf/ and the keys an
+      imported catalog names), PUT and multipart URLs of uploads and of the
       Hugging Face LFS staging area (hf-lfs/, which it also reads and clears), and drives
       multipart uploads (create, list parts, complete, abort); HEAD of its own uploads. Nothing in
       quarantine/, no other bucket, no admin API.
@@ -64,13 +65,15 @@ def service_policies(bucket: str) -> dict[str, dict]:
       quarantine/ (an explicit Deny).
     """
     b = f"arn:aws:s3:::{bucket}"
-    served = [f"{b}/{UPLOAD_PREFIX}*", f"{b}/{LEGACY_PREFIX}*"]
     version = "2012-10-17"
     return {
         "api": {
             "Version": version,
             "Statement": [
-                {"Effect": "Allow", "Action": ["s3:GetObject"], "Resource": served},
+                # Served objects: uploads/, hf/ and whatever key an imported catalog names (the operator's
+                # mirror paths), so any object of the bucket but quarantine/.
+                {"Effect": "Allow", "Action": ["s3:GetObject"], "Resource": [f"{b}/*"]},
+                {"Effect": "Deny", "Action": ["s3:GetObject"], "Resource": [f"{b}/{QUARANTINE_PREFIX}*"]},
                 {
                     "Effect": "Allow",
                     "Action": ["s3:PutObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"],
