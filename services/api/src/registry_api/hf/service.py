@@ -47,12 +47,12 @@ from registry_api.kit.validate import check_repo_id, check_rfilename
 from registry_api.uploads.service import plan_parts
 from registry_api.uploads.storage import MultipartStorage, PartsRejected, UploadGone
 from registry_shared.events import UploadCompleted, UploadInitiated
-from registry_shared.storage import minio_client, upload_object_key
+from registry_shared.storage import HF_LFS_PREFIX, minio_client, upload_object_key
 
 log = logging.getLogger(__name__)
 
 #: Where LFS objects wait, outside ingest's upload prefix, until a commit names them.
-LFS_PREFIX = "hf-lfs/"
+LFS_PREFIX = HF_LFS_PREFIX
 _SHA256_LEN = 64
 _HEX = frozenset("0123456789abcdef")
 
