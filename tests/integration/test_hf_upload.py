@@ -388,3 +388,46 @@ def test_upload_under_another_case_of_the_repo_id(registry: Registry, base: str,
     path = hf_hub_download(repo_id, "r.safetensors", endpoint=base, token=dev.api_key, cache_dir=tmp_path)
     assert Path(path).read_bytes() == more
     assert sorted(api.list_repo_files(repo_id)) == ["r.safetensors", "w.safetensors"]
+
+
+def test_hf_bodies_follow_the_text_rule(registry: Registry, base: str) -> None:
+    """The api's rule for text (kit.text) holds for /hf bodies too, also those read by hand: a body that is
+    not UTF-8 JSON answers 422 `invalid JSON body`, text holding NUL answers 422; nothing is written."""
+    dev, api, repo_id = _new_repo(registry, base)
+    api.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=repo_id)
+    before = registry.http.get(f"/v1/dev/models/{repo_id}/versions", headers=dev.headers).json()["items"]
+    commit_url = f"{base}/api/models/{repo_id}/commit/main"
+    ndjson = {**_bearer(dev), "content-type": "application/x-ndjson"}
+    head = json.dumps({"key": "header", "value": {"summary": "t"}}).encode()
+    add = json.dumps({"key": "file", "value": {"path": "y.txt", "content": "eQ==", "encoding": "base64"}}).encode()
+    r = httpx.post(commit_url, headers=ndjson, content=head + b"\n" + add[:-2] + b'\xff"}')
+    assert (r.status_code, r.json()["detail"]) == (422, "invalid JSON body: line 2"), r.text
+    r = httpx.post(commit_url, headers=ndjson, content=b"{not json\n" + add)
+    assert (r.status_code, r.json()["detail"]) == (422, "invalid JSON body: line 1"), r.text
+    nul = json.dumps({"key": "header", "value": {"summary": "a\u0000b"}}).encode()
+    r = httpx.post(commit_url, headers=ndjson, content=nul + b"\n" + add)
+    assert r.status_code == 422 and r.json()["detail"].startswith("line 1: value.summary: text must not contain NUL")
+    assert r.headers["x-error-code"] == "BadRequest"
+    # LFS bodies are read by hand, whatever their content type
+    for url in (f"{base}/{repo_id}.git/info/lfs/objects/batch", f"{base}/api/lfs/complete/x.y"):
+        for content, ctype in ((b"\xff{}", "application/vnd.git-lfs+json"), (b"{oops", "text/plain"), (b"", None)):
+            headers = {**_bearer(dev), **({"content-type": ctype} if ctype else {})}
+            r = httpx.post(url, headers=headers, content=content)
+            assert (r.status_code, r.json()["detail"]) == (422, "invalid JSON body"), (url, content, r.text)
+    # paths-info takes form fields: NUL in one answers 422
+    r = httpx.post(f"{base}/api/models/{repo_id}/paths-info/main", headers=_bearer(dev), data={"paths": ["a\x00b"]})
+    assert r.status_code == 422 and "NUL" in r.json()["detail"], r.text
+    after = registry.http.get(f"/v1/dev/models/{repo_id}/versions", headers=dev.headers).json()["items"]
+    assert after == before
+
+
+def test_validate_yaml_refuses_unconstructible_scalars(registry: Registry, base: str) -> None:
+    """A scalar its YAML tag cannot build (an impossible date, `!!int x`) or nesting too deep for the parser
+    is bad input: 400 InvalidYaml with the message the client shows, never a 5xx."""
+    dev = registry.register("Yaml")
+    for header in ("a: 2020-13-45", "a: !!int x", "a: !!float x", "[" * 5000):
+        r = httpx.post(
+            f"{base}/api/validate-yaml", headers=_bearer(dev), json={"content": f"---\n{header}\n---\n# card\n"}
+        )
+        assert (r.status_code, r.headers.get("x-error-code")) == (400, "InvalidYaml"), (header[:20], r.text)
+        assert r.json()["errors"][0]["message"].startswith("invalid YAML"), r.text

@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlencode
 
 import orjson
 import psycopg
-from fastapi import APIRouter, Depends, Form, Query, Request, Response
+from fastapi import APIRouter, Depends, Form, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from psycopg_pool import PoolTimeout
@@ -312,7 +312,9 @@ async def model_info(
     summary="Model info at a revision",
     responses=hub_errors(401, 404, 422),
 )
-async def model_info_revision(request: Request, principal: CatalogReader, blobs: bool = False) -> Response:
+async def model_info_revision(
+    namespace: str, name: str, revision: str, request: Request, principal: CatalogReader, blobs: bool = False
+) -> Response:
     repo_id, rest = _repo_and_rest(request, "/api/models/", "revision")
     doc = await _info(request, principal, repo_id, "/".join(rest), blobs)
     return Response(orjson.dumps(doc), media_type="application/json")
@@ -324,6 +326,9 @@ async def model_info_revision(request: Request, principal: CatalogReader, blobs:
     responses=hub_errors(400, 401, 404, 422),
 )
 async def tree(
+    namespace: str,
+    name: str,
+    rest: Annotated[str, Path(description="`{revision}` or `{revision}/{path}`.")],
     request: Request,
     principal: CatalogReader,
     recursive: bool = False,
@@ -367,6 +372,9 @@ PathsReader = Annotated[Principal, Depends(_paths_reader)]
     responses=hub_errors(400, 401, 404, 422),
 )
 async def paths_info(
+    namespace: str,
+    name: str,
+    revision: str,
     request: Request,
     principal: PathsReader,
     paths: Annotated[list[str], Form(max_length=1000)],
@@ -455,7 +463,9 @@ async def create_repo(body: RepoCreateIn, request: Request, principal: Writer) -
     summary="Upload modes",
     responses=hub_errors(400, 401, 403, 404, 422),
 )
-async def preupload(namespace: str, name: str, body: PreuploadIn, request: Request, principal: Writer) -> PreuploadOut:
+async def preupload(
+    namespace: str, name: str, revision: str, body: PreuploadIn, request: Request, principal: Writer
+) -> PreuploadOut:
     repo_id = f"{namespace}/{name}"
     async with request.app.state.pool.connection() as conn:
         model = await service.owned_model(conn, principal, repo_id)
@@ -529,7 +539,7 @@ async def lfs_complete(token: str, request: Request) -> Response:
         }
     },
 )
-async def commit(request: Request, principal: Writer) -> Response:
+async def commit(namespace: str, name: str, revision: str, request: Request, principal: Writer) -> Response:
     repo_id, rest = _repo_and_rest(request, "/api/models/", "commit")
     limit = service._hf_settings(request.app).commit_max_bytes
     declared = request.headers.get("content-length")
