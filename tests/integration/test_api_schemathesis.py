@@ -47,6 +47,10 @@ def _schema():
     return schema
 
 
+# The Hub's ndjson commit (/hf/api/models/.../commit/...) is documented as a string body of this media type:
+# sent as its UTF-8 text, as for text/plain.
+schemathesis.serializer.alias("application/x-ndjson", "text/plain")
+
 schema = _schema()
 
 

@@ -139,6 +139,28 @@ def test_resolve_headers(published: tuple[Account, str, dict[str, bytes]], endpo
     ).status_code in (200, 302)
 
 
+def test_repo_id_is_case_insensitive(
+    published: tuple[Account, str, dict[str, bytes]], endpoints: dict[str, str], tmp_path: Path
+) -> None:
+    """Repo ids are case-insensitive (issue 11): /hf finds the model whatever the case it is named in, and
+    answers with the model's own spelling."""
+    dev, repo_id, files = published
+    other = repo_id.upper()
+    assert other != repo_id
+    base = endpoints["same_host"]
+    r = httpx.get(f"{base}/{other}/resolve/main/config.json", headers={"authorization": f"Bearer {dev.api_key}"})
+    assert r.status_code == 302, r.text
+    assert r.headers["x-linked-etag"] == f'"{_sha(files["config.json"])}"'
+    path = hf_hub_download(other, "config.json", endpoint=base, token=dev.api_key, cache_dir=tmp_path)
+    assert Path(path).read_bytes() == files["config.json"]
+    api = HfApi(endpoint=base, token=dev.api_key)
+    info = api.model_info(other)
+    assert info.id == repo_id and info.author == repo_id.split("/")[0]
+    assert sorted(s.rfilename for s in info.siblings or []) == sorted(files)
+    assert api.model_info(other, revision="v1").id == repo_id
+    assert sorted(api.list_repo_files(other)) == sorted(files)
+
+
 def test_revisions(published: tuple[Account, str, dict[str, bytes]], endpoints: dict[str, str], tmp_path: Path) -> None:
     dev, repo_id, files = published
     api = HfApi(endpoint=endpoints["same_host"], token=dev.api_key)

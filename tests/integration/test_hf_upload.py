@@ -297,7 +297,7 @@ def test_multipart_part_list_must_match(registry: Registry, base: str) -> None:
 def test_xet_is_refused_with_a_clear_message(registry: Registry, base: str, tmp_path: Path) -> None:
     dev, api, repo_id = _new_repo(registry, base)
     r = httpx.get(f"{base}/api/models/{repo_id}/xet-write-token/main", headers=_bearer(dev))
-    assert r.status_code == 501 and r.headers["x-error-code"] == "XetNotSupported"
+    assert r.status_code == 400 and r.headers["x-error-code"] == "XetNotSupported"
     assert "HF_HUB_DISABLE_XET=1" in r.headers["x-error-message"]
     # the client itself (hf_xet installed, Xet not disabled) stops at that answer and names it
     code = f"from huggingface_hub import HfApi; HfApi().upload_file(path_or_fileobj=b'x', path_in_repo='a', repo_id={repo_id!r})"
@@ -305,7 +305,7 @@ def test_xet_is_refused_with_a_clear_message(registry: Registry, base: str, tmp_
     env.pop("HF_HUB_DISABLE_XET", None)
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode != 0
-    assert "501" in r.stderr and "xet-write-token" in r.stderr, r.stderr[-2000:]
+    assert "400" in r.stderr and "xet-write-token" in r.stderr, r.stderr[-2000:]
     assert api.list_repo_files(repo_id) == []
 
 
@@ -315,3 +315,119 @@ def test_validate_yaml_and_readme(registry: Registry, base: str) -> None:
     with pytest.raises(ValueError, match="invalid YAML"):
         api.upload_file(path_or_fileobj=b"---\nlicense: [mit\n---\n# card\n", path_in_repo="README.md", repo_id=repo_id)
     assert api.list_repo_files(repo_id) == ["README.md"]
+
+
+def test_read_only_key_cannot_write(registry: Registry, base: str) -> None:
+    """A read-only key (issue 15) reads through /hf but gets 403 on every state-changing call."""
+    dev, api, repo_id = _new_repo(registry, base)
+    api.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=repo_id)
+    r = registry.http.patch(f"/v1/dev/models/{repo_id}", headers=dev.headers, json={"visibility": "public"})
+    assert r.status_code == 200, r.text
+    email = f"ro-{os.urandom(6).hex()}@partner.example"
+    body = {"email": email, "name": "ReadOnly", "role": "developer", "key_scope": "read-only"}
+    r = registry.http.post("/v1/admin/users", headers=registry.admin, json=body)
+    assert r.status_code == 200, r.text
+    ro = Account(r.json()["user_id"], r.json()["api_key"], email, "developer")
+    own = f"ro{os.urandom(5).hex()}/m"
+    oid = hashlib.sha256(b"y").hexdigest()
+    line = {"key": "file", "value": {"path": "y.txt", "content": "eQ==", "encoding": "base64"}}
+    commit = b"\n".join(json.dumps(x).encode() for x in ({"key": "header", "value": {"summary": "s"}}, line))
+    calls = [
+        ("/api/repos/create", {"json": {"name": own.split("/")[1], "organization": own.split("/")[0]}}),
+        (f"/api/models/{repo_id}/preupload/main", {"json": {"files": [{"path": "y.txt", "size": 1}]}}),
+        (
+            f"/{repo_id}.git/info/lfs/objects/batch",
+            {"json": {"operation": "upload", "transfers": ["basic"], "objects": [{"oid": oid, "size": 1}]}},
+        ),
+        (
+            f"/api/models/{repo_id}/commit/main",
+            {"content": commit, "headers": {"content-type": "application/x-ndjson"}},
+        ),
+    ]
+    for path, kwargs in calls:
+        headers = {**_bearer(ro), **kwargs.pop("headers", {})}
+        r = httpx.post(f"{base}{path}", headers=headers, **kwargs)
+        assert (r.status_code, r.headers.get("x-error-code")) == (403, "Forbidden"), (path, r.text)
+        assert r.json()["detail"] == "api key is read-only"
+    ro_api = HfApi(endpoint=base, token=ro.api_key)
+    with pytest.raises(HfHubHTTPError) as err:
+        ro_api.create_repo(own)
+    assert err.value.response.status_code == 403
+    # nothing was written; reads still work with the read-only key (paths-info is a read sent as POST)
+    assert registry.http.get(f"/v1/models/{own}", headers=registry.admin).status_code == 404
+    assert api.list_repo_files(repo_id) == ["x.txt"]
+    r = httpx.post(f"{base}/api/models/{repo_id}/paths-info/main", headers=_bearer(ro), data={"paths": ["x.txt"]})
+    assert r.status_code == 200 and [e["path"] for e in r.json()] == ["x.txt"], r.text
+    assert [f.rfilename for f in ro_api.model_info(repo_id).siblings or []] == ["x.txt"]
+    r = httpx.post(f"{base}/api/validate-yaml", headers=_bearer(ro), json={"content": "---\na: 1\n---\n"})
+    assert r.status_code == 200, r.text
+
+
+def test_upload_under_another_case_of_the_repo_id(registry: Registry, base: str, tmp_path: Path) -> None:
+    """Repo ids are case-insensitive (issue 11): an upload naming the repository in another case lands in
+    the model (its objects, commit URL and events under the model's own spelling)."""
+    dev, api, repo_id = _new_repo(registry, base)
+    other = repo_id.upper()
+    data = _safetensors(2000)
+    info = api.upload_file(path_or_fileobj=data, path_in_repo="w.safetensors", repo_id=other)
+    assert f"/{repo_id}/commit/" in info.commit_url, info.commit_url
+    # the LFS object staged under one spelling is found by a commit naming another
+    more = _safetensors(1500)
+    oid = hashlib.sha256(more).hexdigest()
+    r = httpx.post(
+        f"{base}/{repo_id.lower()}.git/info/lfs/objects/batch",
+        headers=_bearer(dev),
+        json={"operation": "upload", "transfers": ["basic"], "objects": [{"oid": oid, "size": len(more)}]},
+    )
+    assert r.status_code == 200, r.text
+    put = r.json()["objects"][0]["actions"]["upload"]
+    assert httpx.put(put["href"], content=more, headers=put.get("header") or {}).status_code == 200
+    lines = [{"key": "lfsFile", "value": {"path": "r.safetensors", "algo": "sha256", "oid": oid, "size": len(more)}}]
+    r = _commit(base, dev, other, lines)
+    assert r.status_code == 200, r.text
+    path = hf_hub_download(repo_id, "r.safetensors", endpoint=base, token=dev.api_key, cache_dir=tmp_path)
+    assert Path(path).read_bytes() == more
+    assert sorted(api.list_repo_files(repo_id)) == ["r.safetensors", "w.safetensors"]
+
+
+def test_hf_bodies_follow_the_text_rule(registry: Registry, base: str) -> None:
+    """The api's rule for text (kit.text) holds for /hf bodies too, also those read by hand: a body that is
+    not UTF-8 JSON answers 422 `invalid JSON body`, text holding NUL answers 422; nothing is written."""
+    dev, api, repo_id = _new_repo(registry, base)
+    api.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=repo_id)
+    before = registry.http.get(f"/v1/dev/models/{repo_id}/versions", headers=dev.headers).json()["items"]
+    commit_url = f"{base}/api/models/{repo_id}/commit/main"
+    ndjson = {**_bearer(dev), "content-type": "application/x-ndjson"}
+    head = json.dumps({"key": "header", "value": {"summary": "t"}}).encode()
+    add = json.dumps({"key": "file", "value": {"path": "y.txt", "content": "eQ==", "encoding": "base64"}}).encode()
+    r = httpx.post(commit_url, headers=ndjson, content=head + b"\n" + add[:-2] + b'\xff"}')
+    assert (r.status_code, r.json()["detail"]) == (422, "invalid JSON body: line 2"), r.text
+    r = httpx.post(commit_url, headers=ndjson, content=b"{not json\n" + add)
+    assert (r.status_code, r.json()["detail"]) == (422, "invalid JSON body: line 1"), r.text
+    nul = json.dumps({"key": "header", "value": {"summary": "a\u0000b"}}).encode()
+    r = httpx.post(commit_url, headers=ndjson, content=nul + b"\n" + add)
+    assert r.status_code == 422 and r.json()["detail"].startswith("line 1: value.summary: text must not contain NUL")
+    assert r.headers["x-error-code"] == "BadRequest"
+    # LFS bodies are read by hand, whatever their content type
+    for url in (f"{base}/{repo_id}.git/info/lfs/objects/batch", f"{base}/api/lfs/complete/x.y"):
+        for content, ctype in ((b"\xff{}", "application/vnd.git-lfs+json"), (b"{oops", "text/plain"), (b"", None)):
+            headers = {**_bearer(dev), **({"content-type": ctype} if ctype else {})}
+            r = httpx.post(url, headers=headers, content=content)
+            assert (r.status_code, r.json()["detail"]) == (422, "invalid JSON body"), (url, content, r.text)
+    # paths-info takes form fields: NUL in one answers 422
+    r = httpx.post(f"{base}/api/models/{repo_id}/paths-info/main", headers=_bearer(dev), data={"paths": ["a\x00b"]})
+    assert r.status_code == 422 and "NUL" in r.json()["detail"], r.text
+    after = registry.http.get(f"/v1/dev/models/{repo_id}/versions", headers=dev.headers).json()["items"]
+    assert after == before
+
+
+def test_validate_yaml_refuses_unconstructible_scalars(registry: Registry, base: str) -> None:
+    """A scalar its YAML tag cannot build (an impossible date, `!!int x`) or nesting too deep for the parser
+    is bad input: 400 InvalidYaml with the message the client shows, never a 5xx."""
+    dev = registry.register("Yaml")
+    for header in ("a: 2020-13-45", "a: !!int x", "a: !!float x", "[" * 5000):
+        r = httpx.post(
+            f"{base}/api/validate-yaml", headers=_bearer(dev), json={"content": f"---\n{header}\n---\n# card\n"}
+        )
+        assert (r.status_code, r.headers.get("x-error-code")) == (400, "InvalidYaml"), (header[:20], r.text)
+        assert r.json()["errors"][0]["message"].startswith("invalid YAML"), r.text

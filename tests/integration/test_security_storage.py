@@ -77,6 +77,12 @@ def test_api_credentials_cannot_leave_their_bucket(api_settings: MinioSettings, 
     own = f"uploads/t{uuid.uuid4().hex[:8]}/m/v1/w.bin"
     api.put_object(bucket, own, io.BytesIO(b"ok"), 2)
     assert api.get_object(bucket, own).read() == b"ok"
+    _denied(lambda: api.remove_object(bucket, own))
+    # the /hf upload stages LFS objects under hf-lfs/: put, stat, copy from, and remove them
+    staged = f"hf-lfs/t{uuid.uuid4().hex[:8]}/m/{uuid.uuid4().hex}"
+    api.put_object(bucket, staged, io.BytesIO(b"lfs"), 3)
+    assert api.stat_object(bucket, staged).size == 3
+    api.remove_object(bucket, staged)
     root.remove_object(bucket, own)
     root.remove_object(bucket, key)
 

@@ -19,7 +19,7 @@ from minio.notificationconfig import NotificationConfig, QueueConfig
 
 from registry_shared.events import Topics
 from registry_shared.settings import KafkaSettings, MinioSettings
-from registry_shared.storage import HF_STAGING_PREFIX, QUARANTINE_PREFIX, UPLOAD_PREFIX, minio_client
+from registry_shared.storage import HF_LFS_PREFIX, QUARANTINE_PREFIX, UPLOAD_PREFIX, minio_client
 
 #: Topics the services use, created up front with enough partitions for two consumers.
 TOPIC_PARTITIONS = {
@@ -55,14 +55,10 @@ async def wait_kafka(settings: KafkaSettings | None = None) -> None:
 def service_policies(bucket: str) -> dict[str, dict]:
     """The IAM policy of each service's MinIO user: only the bucket, only what the service does.
 
-    - api: signs GET URLs of served objects (any key of the bucket but quarantine/: uploads/, hf/ and the keys an
-      imported catalog names), PUT and multipart URLs of uploads and of the
-      Hugging Face LFS staging area (hf-lfs/, which it also reads and clears), and drives
-      multipart uploads (create, list parts, complete, abort); HEAD of its own uploads. Nothing in
-      quarantine/, no other bucket, no admin API.
-    - ingest: reads any object of the bucket, copies rejected and stray objects into quarantine/ (its only
-      writes) and removes the original, aborts abandoned multipart uploads; it can never delete from
-      quarantine/ (an explicit Deny).
+    from registry_shared.storage import HF_LFS_PREFIX, QUARANTINE_PREFIX, UPLOAD_PREFIX, minio_client
+        - ingest: reads any object of the bucket, copies rejected and stray objects into quarantine/ (its only
+          writes) and removes the original, aborts abandoned multipart uploads; it can never delete from
+          quarantine/ (an explicit Deny).
     """
     b = f"arn:aws:s3:::{bucket}"
     version = "2012-10-17"
@@ -77,13 +73,20 @@ def service_policies(bucket: str) -> dict[str, dict]:
                 {
                     "Effect": "Allow",
                     "Action": ["s3:PutObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"],
-                    "Resource": [f"{b}/{UPLOAD_PREFIX}*", f"{b}/{HF_STAGING_PREFIX}*"],
+                    "Resource": [f"{b}/{UPLOAD_PREFIX}*"],
                 },
                 {
-                    # the Hugging Face LFS staging area: the api checks, copies and then removes staged objects
+                    # the /hf upload: LFS objects staged under hf-lfs/ (presigned and multipart PUTs, a HEAD
+                    # for their size, the copy source of a commit), removed once the commit is decided
                     "Effect": "Allow",
-                    "Action": ["s3:GetObject", "s3:DeleteObject"],
-                    "Resource": [f"{b}/{HF_STAGING_PREFIX}*"],
+                    "Action": [
+                        "s3:GetObject",
+                        "s3:PutObject",
+                        "s3:DeleteObject",
+                        "s3:AbortMultipartUpload",
+                        "s3:ListMultipartUploadParts",
+                    ],
+                    "Resource": [f"{b}/{HF_LFS_PREFIX}*"],
                 },
                 {
                     "Effect": "Allow",

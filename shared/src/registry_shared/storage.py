@@ -12,8 +12,8 @@ QUARANTINE_PREFIX = "quarantine/"
 LEGACY_PREFIX = "hf/"
 #: Files uploaded to a version through the developer API.
 UPLOAD_PREFIX = "uploads/"
-#: Where the Hugging Face LFS endpoints stage objects before a commit copies them under UPLOAD_PREFIX.
-HF_STAGING_PREFIX = "hf-lfs/"
+#: LFS objects staged by the Hugging Face–compatible upload (/hf) until a commit copies them under uploads/.
+HF_LFS_PREFIX = "hf-lfs/"
 
 
 def legacy_object_key(repo_id: str, rfilename: str) -> str:

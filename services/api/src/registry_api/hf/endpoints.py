@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlencode
 
 import orjson
 import psycopg
-from fastapi import APIRouter, Depends, Form, Query, Request, Response
+from fastapi import APIRouter, Depends, Form, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from psycopg_pool import PoolTimeout
@@ -24,10 +24,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from registry_api.auth import (
     CatalogReader,
     Principal,
+    admin_token_header,
     api_key_header,
     bearer_header,
     catalog_principal,
     presented_key,
+    principal_for_key,
 )
 from registry_api.catalog import repository as catalog_repository
 from registry_api.catalog.visibility import visibility_params
@@ -36,7 +38,10 @@ from registry_api.dev.schemas import ModelIn
 from registry_api.errors import ApiError, describe_error
 from registry_api.hf import repository, service
 from registry_api.hf.schemas import (
+    LFS_BATCH_SCHEMA,
+    LFS_COMPLETE_SCHEMA,
     CommitOut,
+    HubErrorOut,
     PreuploadIn,
     PreuploadOut,
     RepoCreateIn,
@@ -45,6 +50,7 @@ from registry_api.hf.schemas import (
     WhoAmIOut,
 )
 from registry_api.hf.service import HfError, error_headers
+from registry_api.kit.text import INVALID_JSON, body_problem, unstorable_at
 
 PREFIX = "/hf"
 EMPTY_BLOB_ID = "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"  # git's id of the empty blob
@@ -56,8 +62,35 @@ def _error_response(exc: ApiError) -> Response:
         orjson.dumps({**getattr(exc, "body", {}), "detail": exc.detail}),
         status_code=exc.status_code,
         media_type="application/json",
-        headers=error_headers(exc),
+        headers={**(exc.headers or {}), **error_headers(exc)},  # a 429 keeps its Retry-After / RateLimit-*
     )
+
+
+_ERROR_TEXT = {
+    400: "Bad request (`BadRequest`, `InvalidPath`, `InvalidOid`, `PartsMismatch`, ...)",
+    401: "Missing, invalid, revoked or expired key (`Unauthorized`)",
+    403: "The key's role or scope may not do this (`Forbidden`: a platform user, a read-only key), or a "
+    "completion URL that is invalid or expired",
+    404: "`RepoNotFound` (also what a caller may not see), `RevisionNotFound`, `EntryNotFound`",
+    409: "Conflicts with existing state (`RepoExists`: the body's `url` names the repository)",
+    412: "`ParentCommitMismatch`: the commit's parent is not the head of main",
+    413: "`PayloadTooLarge`: the commit body is above HF_COMMIT_MAX_BYTES",
+    422: "Invalid parameters or body; text containing NUL (\\u0000); `invalid JSON body` for a body that "
+    "is not UTF-8 JSON",
+    503: "A dependency is unavailable",
+}
+_ERROR_HEADERS = {
+    "X-Error-Code": {
+        "description": "The Hub's error code (the client raises its specific exception)",
+        "schema": {"type": "string"},
+    },
+    "X-Error-Message": {"description": "The message, on one printable line", "schema": {"type": "string"}},
+}
+
+
+def hub_errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` of /hf errors: the `{"detail"}` body, with the Hub's `X-Error-*` headers."""
+    return {c: {"model": HubErrorOut, "description": _ERROR_TEXT[c], "headers": _ERROR_HEADERS} for c in codes}
 
 
 class HubRoute(APIRoute):
@@ -136,6 +169,11 @@ _RESOLVE_DOC = dict(
     description="Answers 302 to a presigned GET of the verified object with `X-Repo-Commit`, `X-Linked-Etag` "
     "(sha256), `X-Linked-Size`, `ETag` and `Location` (HEAD on the api's own host name: 200 with the same "
     "headers). Each answer is one counted download. `revision`: `main`, a version name or a commit id.",
+    responses={
+        200: {"description": "HEAD on the api's own host name: the file's headers, no body"},
+        302: {"description": "Redirect (`Location`) to a presigned GET of the file"},
+        **hub_errors(400, 401, 404, 422, 503),
+    },
 )
 
 
@@ -208,7 +246,9 @@ class HfResolve:
 # ---------------------------------------------------------------- the read API
 
 
-@router.get("/api/whoami-v2", response_model=WhoAmIOut, summary="Who am I (the key's user)")
+@router.get(
+    "/api/whoami-v2", response_model=WhoAmIOut, summary="Who am I (the key's user)", responses=hub_errors(401, 422)
+)
 async def whoami(principal: CatalogReader) -> WhoAmIOut:
     role = "write" if principal.role in ("developer", "admin") else "read"
     return WhoAmIOut(
@@ -225,7 +265,9 @@ def _link(request: Request, params: dict[str, Any]) -> dict[str, str]:
     return {"Link": f'<{url}>; rel="next"'}
 
 
-@router.get("/api/models", summary="List models (search, author, limit; Link pagination)")
+@router.get(
+    "/api/models", summary="List models (search, author, limit; Link pagination)", responses=hub_errors(401, 422)
+)
 async def list_models(
     request: Request,
     principal: CatalogReader,
@@ -257,7 +299,7 @@ async def _info(request: Request, principal: Principal, repo_id: str, revision: 
     return service.model_json(model, rev, files, blobs)
 
 
-@router.get("/api/models/{namespace}/{name}", summary="Model info (main)")
+@router.get("/api/models/{namespace}/{name}", summary="Model info (main)", responses=hub_errors(401, 404, 422))
 async def model_info(
     namespace: str, name: str, request: Request, principal: CatalogReader, blobs: bool = False
 ) -> Response:
@@ -265,15 +307,28 @@ async def model_info(
     return Response(orjson.dumps(doc), media_type="application/json")
 
 
-@router.get("/api/models/{namespace}/{name}/revision/{revision:path}", summary="Model info at a revision")
-async def model_info_revision(request: Request, principal: CatalogReader, blobs: bool = False) -> Response:
+@router.get(
+    "/api/models/{namespace}/{name}/revision/{revision:path}",
+    summary="Model info at a revision",
+    responses=hub_errors(401, 404, 422),
+)
+async def model_info_revision(
+    namespace: str, name: str, revision: str, request: Request, principal: CatalogReader, blobs: bool = False
+) -> Response:
     repo_id, rest = _repo_and_rest(request, "/api/models/", "revision")
     doc = await _info(request, principal, repo_id, "/".join(rest), blobs)
     return Response(orjson.dumps(doc), media_type="application/json")
 
 
-@router.get("/api/models/{namespace}/{name}/tree/{rest:path}", summary="Files and folders of a revision")
+@router.get(
+    "/api/models/{namespace}/{name}/tree/{rest:path}",
+    summary="Files and folders of a revision",
+    responses=hub_errors(400, 401, 404, 422),
+)
 async def tree(
+    namespace: str,
+    name: str,
+    rest: Annotated[str, Path(description="`{revision}` or `{revision}/{path}`.")],
     request: Request,
     principal: CatalogReader,
     recursive: bool = False,
@@ -297,13 +352,37 @@ async def tree(
     return Response(orjson.dumps(page), media_type="application/json", headers=headers)
 
 
-@router.post("/api/models/{namespace}/{name}/paths-info/{revision:path}", summary="Information on given paths")
-async def paths_info(
+async def _paths_reader(
     request: Request,
-    principal: CatalogReader,
+    x_api_key: Annotated[str | None, Depends(api_key_header)],
+    bearer: Annotated[Any, Depends(bearer_header)],
+    x_admin_token: Annotated[str | None, Depends(admin_token_header)],
+) -> Principal:
+    """A catalog reader for paths-info, a read sent as POST: a read-only key may call it."""
+    key = x_api_key or (bearer.credentials if bearer is not None else None)
+    return await catalog_principal(request.app, key, x_admin_token)
+
+
+PathsReader = Annotated[Principal, Depends(_paths_reader)]
+
+
+@router.post(
+    "/api/models/{namespace}/{name}/paths-info/{revision:path}",
+    summary="Information on given paths",
+    responses=hub_errors(400, 401, 404, 422),
+)
+async def paths_info(
+    namespace: str,
+    name: str,
+    revision: str,
+    request: Request,
+    principal: PathsReader,
     paths: Annotated[list[str], Form(max_length=1000)],
     expand: Annotated[str | None, Form()] = None,
 ) -> Response:
+    found_nul = unstorable_at({"paths": paths, "expand": expand})
+    if found_nul is not None:
+        raise HfError(422, "BadRequest", f"{found_nul[0]}: {found_nul[1]}")
     repo_id, rest = _repo_and_rest(request, "/api/models/", "paths-info")
     async with request.app.state.pool.connection() as conn:
         model = await service.model_for(conn, principal, repo_id)
@@ -318,23 +397,44 @@ async def paths_info(
 # ---------------------------------------------------------------- the write API
 
 
-async def _writer(
+def _json_object(raw: bytes) -> Any:
+    """A JSON body read by hand, under the api's text rule (kit.text): 422 `invalid JSON body` unless it is
+    UTF-8 JSON, 422 for text holding NUL (whatever the content type it came with)."""
+    problem = body_problem(raw)
+    if problem is not None:
+        raise HfError(422, "BadRequest", problem)
+    return orjson.loads(raw)
+
+
+async def _hub_user(
     request: Request,
     x_api_key: Annotated[str | None, Depends(api_key_header)],
     bearer: Annotated[Any, Depends(bearer_header)],
 ) -> Principal:
-    from registry_api.auth import principal_for_key
-
+    """The user behind the key (x-api-key or `Authorization: Bearer`), whatever the key's scope."""
     key = x_api_key or (bearer.credentials if bearer is not None else None)
     if not key:
         raise HfError(401, "Unauthorized", "missing token (Authorization: Bearer sk_live_...)")
     return await principal_for_key(request.app, key)
 
 
+async def _writer(principal: Annotated[Principal, Depends(_hub_user)]) -> Principal:
+    """A caller about to change state: a read-only key answers 403 (security, issue 15)."""
+    if principal.key_scope == "read-only":
+        raise HfError(403, "Forbidden", "api key is read-only")
+    return principal
+
+
+HubUser = Annotated[Principal, Depends(_hub_user)]
 Writer = Annotated[Principal, Depends(_writer)]
 
 
-@router.post("/api/repos/create", response_model=RepoCreateOut, summary="Create a model repository")
+@router.post(
+    "/api/repos/create",
+    response_model=RepoCreateOut,
+    summary="Create a model repository",
+    responses=hub_errors(400, 401, 403, 409, 422),
+)
 async def create_repo(body: RepoCreateIn, request: Request, principal: Writer) -> RepoCreateOut:
     if principal.role not in ("developer", "admin"):
         raise HfError(403, "Forbidden", "developer role required")
@@ -358,9 +458,14 @@ async def create_repo(body: RepoCreateIn, request: Request, principal: Writer) -
 
 
 @router.post(
-    "/api/models/{namespace}/{name}/preupload/{revision:path}", response_model=PreuploadOut, summary="Upload modes"
+    "/api/models/{namespace}/{name}/preupload/{revision:path}",
+    response_model=PreuploadOut,
+    summary="Upload modes",
+    responses=hub_errors(400, 401, 403, 404, 422),
 )
-async def preupload(namespace: str, name: str, body: PreuploadIn, request: Request, principal: Writer) -> PreuploadOut:
+async def preupload(
+    namespace: str, name: str, revision: str, body: PreuploadIn, request: Request, principal: Writer
+) -> PreuploadOut:
     repo_id = f"{namespace}/{name}"
     async with request.app.state.pool.connection() as conn:
         model = await service.owned_model(conn, principal, repo_id)
@@ -378,24 +483,40 @@ async def preupload(namespace: str, name: str, body: PreuploadIn, request: Reque
     return PreuploadOut(files=out, commitOid=parent.sha if parent else None)
 
 
-@router.post("/{namespace}/{name}.git/info/lfs/objects/batch", summary="Git LFS batch API (upload)")
+@router.post(
+    "/{namespace}/{name}.git/info/lfs/objects/batch",
+    summary="Git LFS batch API (upload)",
+    responses=hub_errors(400, 401, 403, 404, 422),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                media: {"schema": LFS_BATCH_SCHEMA} for media in ("application/vnd.git-lfs+json", "application/json")
+            },
+        }
+    },
+)
 async def lfs_batch(namespace: str, name: str, request: Request, principal: Writer) -> Response:
-    try:
-        body = orjson.loads(await request.body())
-    except orjson.JSONDecodeError:
-        raise HfError(400, "BadRequest", "invalid JSON body") from None
+    body = _json_object(await request.body())
     if not isinstance(body, dict):
         raise HfError(400, "BadRequest", "expected a JSON object")
     out = await service.lfs_batch(request.app, principal, f"{namespace}/{name}", body, base_url(request))
     return Response(orjson.dumps(out), media_type="application/vnd.git-lfs+json")
 
 
-@router.post("/api/lfs/complete/{token}", summary="Complete a multipart LFS upload (the URL authorizes itself)")
+@router.post(
+    "/api/lfs/complete/{token}",
+    summary="Complete a multipart LFS upload (the URL authorizes itself)",
+    responses=hub_errors(400, 403, 404, 422),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": LFS_COMPLETE_SCHEMA}},
+        }
+    },
+)
 async def lfs_complete(token: str, request: Request) -> Response:
-    try:
-        body = orjson.loads(await request.body())
-    except orjson.JSONDecodeError:
-        raise HfError(400, "BadRequest", "invalid JSON body") from None
+    body = _json_object(await request.body())
     if not isinstance(body, dict):
         raise HfError(400, "BadRequest", "expected a JSON object")
     return Response(
@@ -404,9 +525,21 @@ async def lfs_complete(token: str, request: Request) -> Response:
 
 
 @router.post(
-    "/api/models/{namespace}/{name}/commit/{revision:path}", response_model=CommitOut, summary="Commit (ndjson)"
+    "/api/models/{namespace}/{name}/commit/{revision:path}",
+    response_model=CommitOut,
+    summary="Commit (ndjson)",
+    description="The body is the Hub's ndjson commit (`application/x-ndjson`): a `header` line, then `file`, "
+    "`lfsFile`, `deletedFile` and `deletedFolder` lines. A line that is not UTF-8 JSON answers 422 "
+    "`invalid JSON body: line <n>`; text holding NUL (\\u0000) answers 422.",
+    responses=hub_errors(400, 401, 403, 404, 409, 412, 413, 422),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
+        }
+    },
 )
-async def commit(request: Request, principal: Writer) -> Response:
+async def commit(namespace: str, name: str, revision: str, request: Request, principal: Writer) -> Response:
     repo_id, rest = _repo_and_rest(request, "/api/models/", "commit")
     limit = service._hf_settings(request.app).commit_max_bytes
     declared = request.headers.get("content-length")
@@ -417,12 +550,18 @@ async def commit(request: Request, principal: Writer) -> Response:
         body += chunk
         if len(body) > limit:
             raise HfError(413, "PayloadTooLarge", f"commit body above {limit} bytes")
+    for n, line in enumerate(bytes(body).splitlines(), 1):
+        problem = body_problem(line) if line.strip() else None
+        if problem == INVALID_JSON:
+            raise HfError(422, "BadRequest", f"{INVALID_JSON}: line {n}")
+        if problem is not None:
+            raise HfError(422, "BadRequest", f"line {n}: {problem}")
     out = await service.commit(request.app, principal, repo_id, "/".join(rest), bytes(body), base_url(request))
     return Response(orjson.dumps(out), media_type="application/json")
 
 
-@router.post("/api/validate-yaml", summary="Check a model card's YAML header")
-async def validate_yaml(body: ValidateYamlIn, principal: Writer) -> dict[str, Any]:
+@router.post("/api/validate-yaml", summary="Check a model card's YAML header", responses=hub_errors(400, 401, 422))
+async def validate_yaml(body: ValidateYamlIn, principal: HubUser) -> dict[str, Any]:
     import yaml
 
     content = body.content
@@ -434,8 +573,10 @@ async def validate_yaml(body: ValidateYamlIn, principal: Writer) -> dict[str, An
         else:
             try:
                 meta = yaml.safe_load(content[3:end])
-            except yaml.YAMLError as exc:
-                problem = f"invalid YAML: {exc}"
+            except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+                # a scalar its tag cannot construct (`a: 2020-13-45`, `!!int x`) raises ValueError, deep
+                # nesting RecursionError: all bad input, not a server error
+                problem = f"invalid YAML: {exc}" if str(exc) else f"invalid YAML: {type(exc).__name__}"
             else:
                 if meta is not None and not isinstance(meta, dict):
                     problem = "the YAML header must be a mapping"
@@ -449,15 +590,19 @@ async def validate_yaml(body: ValidateYamlIn, principal: Writer) -> dict[str, An
     "/api/models/{namespace}/{name}/xet-write-token/{revision:path}",
     operation_id="hf_xet_write_token",
     summary="Xet (not supported)",
+    responses=hub_errors(400, 422),
 )
 @router.get(
     "/api/models/{namespace}/{name}/xet-read-token/{revision:path}",
     operation_id="hf_xet_read_token",
     summary="Xet (not supported)",
+    responses=hub_errors(400, 422),
 )
 async def xet_token(namespace: str, name: str, revision: str) -> Response:
+    # 400, not a 5xx: the server works, the request asks for what this registry does not offer. The clients
+    # never ask it (resolve sends no X-Xet-Hash, the LFS batch never offers the xet transfer).
     raise HfError(
-        501,
+        400,
         "XetNotSupported",
         "this registry stores files through Git LFS, not Xet: set HF_HUB_DISABLE_XET=1 in the client's environment",
     )

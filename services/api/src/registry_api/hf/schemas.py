@@ -74,3 +74,57 @@ class CommitOut(BaseModel):
     hookOutput: str = ""
     pullRequestUrl: str | None = None
     version: str = Field(description="The registry version this commit created.")
+
+
+class HubErrorOut(BaseModel):
+    """Every /hf error: `{"detail": "message"}` (the Hub's clients read `X-Error-Code` and `X-Error-Message`),
+    with the Hub's extra fields where it has them: `url` on 409 `RepoExists` (the existing repository),
+    `errors` / `warnings` on 400 `InvalidYaml`."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"detail": "Repository not found"}, {"detail": "...", "url": "..."}]}
+    )
+    detail: str
+
+
+# The LFS bodies are read by hand (a bad field answers 400, as the Git LFS API does); these schemas document them.
+LFS_BATCH_SCHEMA: dict[str, Any] = {
+    "title": "LfsBatchIn",
+    "type": "object",
+    "description": "The Git LFS batch request (upload only).",
+    "required": ["operation", "objects"],
+    "properties": {
+        "operation": {"type": "string", "enum": ["upload"]},
+        "transfers": {"type": "array", "items": {"type": "string"}, "description": "`basic` and/or `multipart`."},
+        "objects": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 1000,
+            "items": {
+                "type": "object",
+                "required": ["oid", "size"],
+                "properties": {
+                    "oid": {"type": "string", "description": "The object's sha256 (lowercase hex)."},
+                    "size": {"type": "integer", "minimum": 0},
+                },
+            },
+        },
+    },
+}
+LFS_COMPLETE_SCHEMA: dict[str, Any] = {
+    "title": "LfsCompleteIn",
+    "type": "object",
+    "description": "The completion of a multipart LFS upload: every part handed out, in order, with its ETag.",
+    "required": ["oid", "parts"],
+    "properties": {
+        "oid": {"type": "string"},
+        "parts": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["partNumber", "etag"],
+                "properties": {"partNumber": {"type": "integer", "minimum": 1}, "etag": {"type": "string"}},
+            },
+        },
+    },
+}

@@ -47,12 +47,12 @@ from registry_api.kit.validate import check_repo_id, check_rfilename
 from registry_api.uploads.service import plan_parts
 from registry_api.uploads.storage import MultipartStorage, PartsRejected, UploadGone
 from registry_shared.events import UploadCompleted, UploadInitiated
-from registry_shared.storage import HF_STAGING_PREFIX, minio_client, upload_object_key
+from registry_shared.storage import HF_LFS_PREFIX, minio_client, upload_object_key
 
 log = logging.getLogger(__name__)
 
 #: Where LFS objects wait, outside ingest's upload prefix, until a commit names them.
-LFS_PREFIX = HF_STAGING_PREFIX
+LFS_PREFIX = HF_LFS_PREFIX
 _SHA256_LEN = 64
 _HEX = frozenset("0123456789abcdef")
 
@@ -283,7 +283,7 @@ async def resolve_file(app: Any, principal: Principal, raw_tail: str) -> dict:
     if f is None:
         raise HfError(404, "EntryNotFound", f'{path} does not exist on "{revision}"', commit=rev.sha)
     row = {
-        "repo_id": repo_id,
+        "repo_id": model["repo_id"],  # the model's own spelling (repo ids are case-insensitive, issue 11)
         "rfilename": f["rfilename"],
         "version": rev.version,
         "size": f["size"],
@@ -410,6 +410,7 @@ async def lfs_batch(app: Any, principal: Principal, repo_id: str, body: dict, ba
     async with app.state.pool.connection() as conn:
         model = await owned_model(conn, principal, repo_id)
         known = {oid: await repository.verified_blob(conn, model["id"], oid) for oid, _ in wanted}
+    repo_id = model["repo_id"]  # the model's own spelling: staged objects are keyed by it
     client, bucket = store(app), app.state.settings.minio_bucket
     transfers = body.get("transfers") or ["basic"]
     out, chosen = [], "basic"
@@ -601,6 +602,7 @@ async def commit(app: Any, principal: Principal, repo_id: str, revision: str, bo
     client, bucket = store(app), app.state.settings.minio_bucket
     async with app.state.pool.connection() as conn:
         model = await owned_model(conn, principal, repo_id)
+        repo_id = model["repo_id"]  # the model's own spelling (repo ids are case-insensitive, issue 11)
         parent = await main_revision(conn, model["id"])
         parent_commit = header.get("parentCommit")
         if parent_commit and (parent is None or parent_commit != parent.sha):
