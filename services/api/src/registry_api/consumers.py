@@ -56,6 +56,8 @@ class _KafkaLoop(BackgroundTask):
         self.policy = ConsumerPolicy(
             self.name, group=self.group, sink=self._send_dead_letter, dead_letter_topic=dead_letter_topic
         )
+        self._consumer: AIOKafkaConsumer | None = None  # the running one, for the metrics' lag
+        self.policy.watch(lambda: [self._consumer])
 
     async def _send_dead_letter(self, topic: str, value: bytes, key: bytes | None, headers: dict[str, str]) -> None:
         if self._producer is None:
@@ -99,6 +101,7 @@ class VerdictConsumer(_KafkaLoop):
             auto_offset_reset="earliest",
         )
         await consumer.start()
+        self._consumer = consumer
         try:
             async with self._producer_started():
                 while True:
@@ -156,6 +159,7 @@ class DownloadCounter(_KafkaLoop):
             bootstrap_servers=self._bootstrap, group_id=DOWNLOADS_GROUP, enable_auto_commit=False
         )
         await consumer.start()
+        self._consumer = consumer
         try:
             # Manual assignment of every partition: the offsets of record are in Postgres.
             partitions = consumer.partitions_for_topic(self._topic)

@@ -108,6 +108,8 @@ class IngestConsumer:
         minio = broker.subscriber(Topic(s.minio_topic, declare=False), **options)
         minio(self.on_minio_message)
         self.subscribers: list[LogicSubscriber] = [uploads, minio]
+        for topic, sub in ((s.uploads_topic, uploads), (s.minio_topic, minio)):
+            self.policies[topic].watch(lambda sub=sub: getattr(sub, "consumer_subgroup", None) or [sub.consumer])
 
     # ------------------------------------------------------------ lifecycle
     async def stop(self) -> None:

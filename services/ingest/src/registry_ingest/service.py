@@ -51,6 +51,7 @@ from registry_shared.events import (
     make_event,
 )
 from registry_shared.logging import correlation_id
+from registry_shared.metrics import VERIFICATIONS, VERIFIED_BYTES
 from registry_shared.storage import quarantine_key
 
 log = logging.getLogger(__name__)
@@ -363,6 +364,9 @@ class IngestService:
         if claimed is None:
             log.info("verdict already claimed elsewhere", extra=_fields(upload_id=row.upload_id))
             return False
+        outcome = "verified" if verdict.verified else "rejected"
+        VERIFICATIONS.labels(outcome, verdict.reason or "ok").inc()
+        VERIFIED_BYTES.labels(outcome).inc(size or 0)
         await self.finish_verdict(claimed)
         return True
 
@@ -431,6 +435,7 @@ class IngestService:
             await self.store.settle_object(obj, self.owner, judged=False)
             return
         log.info("stray object", extra=_fields(key=obj.object_key, etag=obj.etag, verdict_id=event_id))
+        VERIFICATIONS.labels("quarantined", "stray_object").inc()
         await self.finish_verdict(claimed)
 
     async def _expire(self, row: UploadRow, ttl: float) -> None:

@@ -30,6 +30,7 @@ from registry_notifier import repository
 from registry_notifier.settings import NotifierSettings
 from registry_shared.background import BackgroundTask
 from registry_shared.logging import correlation_id
+from registry_shared.metrics import WEBHOOK_DELIVERIES, WEBHOOK_GAVE_UP, WEBHOOK_RETRIES, WEBHOOKS_DISABLED
 from registry_shared.secretbox import SecretKeyError, is_sealed
 from registry_shared.webhooks import TargetGuard, TargetRefused
 
@@ -202,6 +203,8 @@ class DeliveryWorker(BackgroundTask):
                             conn, webhook_id, s.notifier_max_consecutive_failures, error
                         )
                 follow = delay is None and not disabled
+                if delay is None:
+                    WEBHOOK_GAVE_UP.inc()
             if rest:
                 await repository.release(conn, rest)
             nxt = (
@@ -212,6 +215,7 @@ class DeliveryWorker(BackgroundTask):
         self.sent += len(done)
         self.failed_attempts += failed is not None
         if disabled:
+            WEBHOOKS_DISABLED.inc()
             log.warning("webhook disabled after repeated failures", extra={"fields": {"webhook_id": webhook_id}})
             self._on_disabled()
         return nxt
@@ -232,6 +236,9 @@ class DeliveryWorker(BackgroundTask):
                 finally:
                     correlation_id.reset(token)
                 results.append((row, out))
+                WEBHOOK_DELIVERIES.labels("delivered" if out.ok else "failed").inc()
+                if row["attempts"]:
+                    WEBHOOK_RETRIES.inc()
                 if not out.ok:
                     log.info(
                         "delivery attempt failed",
