@@ -25,6 +25,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from psycopg_pool import AsyncConnectionPool
 
 from registry_api.catalog import repository, service
+from registry_shared import tracing
 from registry_shared.background import BackgroundTask
 from registry_shared.consumer_policy import (
     ConsumerPolicy,
@@ -121,8 +122,9 @@ class VerdictConsumer(_KafkaLoop):
         event, payload = decode_cloud_event(record.value)
         token = correlation_id.set(event.id)
         try:
-            async with self._pool.connection() as conn, conn.transaction():
-                await service.apply_verdict(conn, event, payload)
+            with tracing.consuming(event.traceparent, f"apply {event.type}", **{"messaging.message.id": event.id}):
+                async with self._pool.connection() as conn, conn.transaction():
+                    await service.apply_verdict(conn, event, payload)
         finally:
             correlation_id.reset(token)
 

@@ -36,6 +36,7 @@ from registry_ingest.verify import (
     judge,
     stream_digest,
 )
+from registry_shared import tracing
 from registry_shared.background import BackgroundTask
 from registry_shared.backoff import Backoff
 from registry_shared.consumer_policy import DEFAULT_CLASSIFIER, Kind, PermanentError, describe
@@ -162,7 +163,8 @@ class IngestService:
         if row is None:
             log.info("upload judged or being verified elsewhere", extra=_fields(upload_id=upload_id))
             return
-        await self._verify_leased(row)
+        with tracing.tracer.start_as_current_span("ingest verify", attributes={"registry.upload_id": upload_id}):
+            await self._verify_leased(row)
 
     async def _verify_leased(self, row: UploadRow) -> None:
         lost = threading.Event()

@@ -23,11 +23,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import httpx
+from opentelemetry.trace import SpanKind
 from psycopg_pool import AsyncConnectionPool
 from standardwebhooks import Webhook
 
 from registry_notifier import repository
 from registry_notifier.settings import NotifierSettings
+from registry_shared import tracing
 from registry_shared.background import BackgroundTask
 from registry_shared.logging import correlation_id
 from registry_shared.metrics import WEBHOOK_DELIVERIES, WEBHOOK_GAVE_UP, WEBHOOK_RETRIES, WEBHOOKS_DISABLED
@@ -228,8 +230,13 @@ class DeliveryWorker(BackgroundTask):
             results: list[tuple[dict, Outcome]] = []
             for row in run:
                 token = correlation_id.set(str(row["event_id"]))
+                traceparent = tracing.traceparent_in(row["payload"]) if tracing.ENABLED else None
                 try:
-                    out = await self._withheld(row) or await self.attempt(row)
+                    with tracing.consuming(
+                        traceparent, "webhook deliver", SpanKind.CLIENT, **{"registry.delivery_id": row["id"]}
+                    ) as span:
+                        out = await self._withheld(row) or await self.attempt(row)
+                        span.set_attribute("registry.delivered", out.ok)
                 except Exception as exc:  # a URL httpx refuses, or a bug: a failed attempt, retried like any
                     log.exception("delivery attempt broke")
                     out = Outcome(False, None, None, f"{type(exc).__name__}: {exc}"[:500])

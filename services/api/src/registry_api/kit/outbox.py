@@ -35,6 +35,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from registry_api.errors import Unavailable
 from registry_api.kit.db_monitor import DatabaseMonitor
+from registry_shared import tracing
 from registry_shared.background import BackgroundTask
 from registry_shared.backoff import Backoff, sleep_or_stop
 from registry_shared.consumer_policy import describe
@@ -266,14 +267,15 @@ class OutboxRelay(BackgroundTask):
         if not rows:
             return 0
         futures = []
-        for i in range(0, len(rows), 250):  # give requests a turn between chunks
-            futures += await self._send(producer, rows[i : i + 250])
-            await asyncio.sleep(0)
-        self._waiting_since = time.monotonic()
-        try:
-            await asyncio.gather(*futures)
-        finally:
-            self._waiting_since = None
+        with tracing.producing("outbox publish", **{"messaging.batch.message_count": len(rows)}):
+            for i in range(0, len(rows), 250):  # give requests a turn between chunks
+                futures += await self._send(producer, rows[i : i + 250])
+                await asyncio.sleep(0)
+            self._waiting_since = time.monotonic()
+            try:
+                await asyncio.gather(*futures)
+            finally:
+                self._waiting_since = None
         self._published_ids = [r[0] for r in rows]
         await self._forget_published(conn)
         self.published += len(rows)
