@@ -81,6 +81,11 @@ def context_of(traceparent: str | None) -> otel_context.Context | None:
     return _PROPAGATOR.extract({"traceparent": traceparent})
 
 
+def in_span() -> bool:
+    """Whether a recording span is current (a new span would be its child)."""
+    return trace.get_current_span().is_recording()
+
+
 def traceparent_in(payload: str | bytes) -> str | None:
     """The `traceparent` attribute of a CloudEvent's JSON, if it has one."""
     try:

@@ -116,6 +116,9 @@ class IngestService:
         self._sweeps: set[asyncio.Task[None]] = set()
         #: Delays before a failed verification is tried again.
         self.retry_backoff = Backoff(initial=1.0, factor=2.0, cap=60.0)
+        #: upload id → the traceparent of its completion, so a verification started later (by the object's
+        #: notification, or the sweeper) in this process continues the upload's trace (tracing on only).
+        self._traces: dict[int, str] = {}
 
     # ------------------------------------------------------------ facts from the topics
     async def on_upload_event(self, event: CloudEvent, payload: EventData) -> None:
@@ -141,6 +144,10 @@ class IngestService:
             if not recorded:
                 what = "complete redelivered" if row.completed_event_id == event.id else "another complete; first wins"
                 log.info(what, extra=_fields(upload_id=row.upload_id, first=row.completed_event_id))
+            if event.traceparent and tracing.ENABLED:  # verified later (object not there yet): same trace
+                self._traces[row.upload_id] = event.traceparent
+                while len(self._traces) > 10_000:
+                    self._traces.pop(next(iter(self._traces)))
             await self.verify_upload(row.upload_id)
         # Other types on the topic are not ingest's business.
 
@@ -163,7 +170,11 @@ class IngestService:
         if row is None:
             log.info("upload judged or being verified elsewhere", extra=_fields(upload_id=upload_id))
             return
-        with tracing.tracer.start_as_current_span("ingest verify", attributes={"registry.upload_id": upload_id}):
+        stored = self._traces.pop(upload_id, None)
+        parent = None if tracing.in_span() else tracing.context_of(stored)
+        with tracing.tracer.start_as_current_span(
+            "ingest verify", context=parent, attributes={"registry.upload_id": upload_id}
+        ):
             await self._verify_leased(row)
 
     async def _verify_leased(self, row: UploadRow) -> None:
