@@ -35,6 +35,8 @@ fi
 
 # tmux: the terminal the client's progress bars are tested in (tests/integration/test_cli_terminal.py).
 command -v tmux >/dev/null 2>&1 || { log "installing tmux"; apt-get update -qq && apt-get install -y -qq tmux >/dev/null; }
+# Debian's Chromium: the headless browser /docs and /redoc are rendered in without internet (test_docs_offline.py).
+command -v chromium >/dev/null 2>&1 || { log "installing chromium"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
 if [ "$mode" = "--bench" ]; then
   # The load tool of the HTTP benchmarks and the openssl baseline of the ingest benchmark.

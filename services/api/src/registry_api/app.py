@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import psycopg
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from psycopg_pool import PoolTimeout
 from pydantic import BaseModel, Field
 from starlette.requests import Request
@@ -131,7 +132,9 @@ def create_app(settings: ApiSettings | None = None, fast_download: bool = True) 
             await app.state.analytics.aclose()
             await pool.close()
 
-    app = FastAPI(
+    # /docs and /redoc load Swagger UI and ReDoc from the api itself (the assets of the fastapi-offline package,
+    # under /static-offline-docs), not from a CDN: they render where the registry has no internet.
+    app = FastAPIOffline(
         title="Model Registry API",
         version="1.0.0",
         description=DESCRIPTION,
