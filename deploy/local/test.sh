@@ -35,6 +35,13 @@ fi
 
 # tmux: the terminal the client's progress bars are tested in (tests/integration/test_cli_terminal.py).
 command -v tmux >/dev/null 2>&1 || { log "installing tmux"; apt-get update -qq && apt-get install -y -qq tmux >/dev/null; }
+# Helm, for the chart's lint and template tests (tests/unit/test_helm_chart.py): built once with go install.
+: "${HELM_VERSION:=v4.3.2}"
+export HELM_VERSION
+if [ ! -x "$REGISTRY_CACHE_DIR/helm-$HELM_VERSION/helm" ]; then
+  log "helm: go install helm.sh/helm/v4/cmd/helm@$HELM_VERSION (first time only, several minutes)"
+  GOBIN="$REGISTRY_CACHE_DIR/helm-$HELM_VERSION" CGO_ENABLED=0 go install -trimpath "helm.sh/helm/v4/cmd/helm@$HELM_VERSION"
+fi
 # Debian's Chromium: the headless browser /docs and /redoc are rendered in without internet (test_docs_offline.py).
 command -v chromium >/dev/null 2>&1 || { log "installing chromium"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
