@@ -212,8 +212,17 @@ go_build() { # go_build DIR MODULE@VERSION... : `go install` into the cache once
 up_jaeger() {
   local dir="$REGISTRY_CACHE_DIR/jaeger-$JAEGER_VERSION"
   if [ ! -x "$dir/jaeger" ]; then
-    log "jaeger: go install github.com/jaegertracing/jaeger/cmd/jaeger@$JAEGER_VERSION (first time only, several minutes)"
-    go_build "$dir" "github.com/jaegertracing/jaeger/cmd/jaeger@$JAEGER_VERSION"
+    # Jaeger's go.mod has a replace directive, which `go install pkg@version` refuses: build it as a tool of a
+    # throwaway module that repeats the replace (`go get -tool`), then `go build` it.
+    log "jaeger: go get -tool github.com/jaegertracing/jaeger/cmd/jaeger@$JAEGER_VERSION + go build (first time only, several minutes)"
+    command -v go >/dev/null 2>&1 || die "Go is needed to build Jaeger (install Go first)"
+    local mod; mod=$(mktemp -d)
+    (cd "$mod" && go mod init registry/jaeger-build >/dev/null 2>&1 \
+      && go mod edit -replace github.com/Shopify/sarama=github.com/Shopify/sarama@v1.33.0 \
+      && go get -tool "github.com/jaegertracing/jaeger/cmd/jaeger@$JAEGER_VERSION" \
+      && CGO_ENABLED=0 go build -trimpath -o "$dir/jaeger" github.com/jaegertracing/jaeger/cmd/jaeger) \
+      || { rm -rf "$mod"; die "jaeger: build failed"; }
+    rm -rf "$mod"
   fi
   if ! is_running jaeger; then
     log "jaeger: starting, OTLP on 127.0.0.1:$JAEGER_OTLP_PORT, UI on :$JAEGER_UI_PORT"
