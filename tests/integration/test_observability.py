@@ -1,4 +1,4 @@
-"""The observability stack (OBSERVABILITY=1, on in `make test`): Prometheus loads the alert rules and scrapes the
+"""The observability stack (`OBSERVABILITY=1 make test`; skipped without it): Prometheus loads the alert rules and scrapes the
 four services, the Operations dashboard's PromQL evaluates against it, the alerts fire on the series they are
 meant for (promtool's rule tests), and one upload is one trace in Jaeger from the api's `complete` through
 ingest's verification to the notifier's webhook delivery."""
