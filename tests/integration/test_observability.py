@@ -116,7 +116,7 @@ def test_one_upload_is_one_trace_in_jaeger(registry: Registry) -> None:
         assert hashlib.sha256(data).hexdigest() == delivered.event["data"]["sha256"]
 
         wanted = {
-            ("api", "POST /v1/dev/models/{repo_id:path}/versions/{version}/uploads/complete"),
+            ("api", "POST /v1/dev/models/{repo_id}/versions/{version}/uploads/complete"),
             ("ingest", "ingest verify"),
             ("notifier", "webhook deliver"),
         }
