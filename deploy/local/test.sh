@@ -4,6 +4,9 @@
 #   test.sh           lint + unit + integration + e2e
 #   test.sh --bench [file ...]   the benchmarks in tests/bench, or the files given (prints their figures)
 set -euo pipefail
+# The observability stack (Prometheus, Jaeger) is on in the tests: tests/integration/test_observability.py needs it.
+# Built once (several minutes each) and cached; OBSERVABILITY=0 make test leaves it out (those tests then skip).
+export OBSERVABILITY="${OBSERVABILITY:-1}"
 # shellcheck source=deploy/local/env.sh
 . "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 STACK="$ROOT_DIR/deploy/local/stack.sh"
