@@ -36,7 +36,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+import weakref
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar
 
@@ -49,6 +50,7 @@ from pydantic import ValidationError
 from registry_shared.backoff import Backoff, sleep_or_stop
 from registry_shared.events import CloudEvent, EventData, Topics, decode_event
 from registry_shared.health import HEALTH, ComponentHealth, HealthRegistry
+from registry_shared.metrics import CONSUMER_MESSAGES, CONSUMER_RETRIES
 
 log = logging.getLogger(__name__)
 
@@ -276,11 +278,22 @@ class Outcome(enum.Enum):
         return self is not Outcome.STOPPED
 
 
-class ConsumerPolicy:
-    """The failure policy of one consumer: retries, dead letters, and its health.
+#: Every policy of the process (the metrics' consumer lag is computed from them).
+POLICIES: weakref.WeakSet[ConsumerPolicy] = weakref.WeakSet()
 
-    `name` names the consumer in logs, dead letters and `/healthz`; `group` is its Kafka consumer group.
-    `stop` (an asyncio.Event) cuts retry waits short: work abandoned that way ends in `Outcome.STOPPED`.
+#: Gives the Kafka consumers (aiokafka) a policy's records come from; None where one is not started.
+ConsumerSource = Callable[[], Iterable[object | None]]
+
+
+class ConsumerPolicy:
+    """The failure policy of one consumer: retries, dead letters, its health and its metrics.
+
+    `name` names the consumer in logs, dead letters, `/healthz` and the metrics; `group` is its Kafka consumer
+    group. `stop` (an asyncio.Event) cuts retry waits short: work abandoned that way ends in `Outcome.STOPPED`.
+
+    Metrics (registry_shared.metrics): messages handled and dead-lettered, retries by kind, and, once the
+    consumer's Kafka consumers are given to `watch`, its lag per partition (highwater − the position past the
+    last record handled, or the consumer's own position before any).
     """
 
     def __init__(
@@ -305,6 +318,45 @@ class ConsumerPolicy:
         self.max_unexpected = max_unexpected
         self.health: ComponentHealth = registry.component(name)
         self.stop = stop or asyncio.Event()
+        #: (topic, partition) → the offset after the last record this consumer finished with.
+        self.positions: dict[tuple[str, int], int] = {}
+        self._sources: ConsumerSource | None = None
+        self._handled = CONSUMER_MESSAGES.labels(name, group, "handled")
+        self._dead = CONSUMER_MESSAGES.labels(name, group, "dead_lettered")
+        POLICIES.add(self)
+
+    # ------------------------------------------------------------ lag
+    def watch(self, sources: ConsumerSource) -> None:
+        """Report the lag of the aiokafka consumers `sources()` gives (called at each scrape)."""
+        self._sources = sources
+
+    def _done(self, record: Record) -> None:
+        self.positions[(record.topic, record.partition)] = record.offset + 1
+
+    async def lag(self) -> list[tuple[str, str, int, int]]:
+        """(group, topic, partition, lag) of each partition the watched consumers own and have fetched from."""
+        if self._sources is None:
+            return []
+        rows = []
+        for consumer in self._sources():
+            if consumer is None:
+                continue
+            try:
+                assignment = consumer.assignment()  # type: ignore[attr-defined]
+            except KafkaError:  # not started, or stopped meanwhile
+                continue
+            for tp in assignment:
+                highwater = consumer.highwater(tp)  # type: ignore[attr-defined]
+                if highwater is None:
+                    continue
+                position = self.positions.get((tp.topic, tp.partition))
+                if position is None:
+                    try:
+                        position = await asyncio.wait_for(consumer.position(tp), 1.0)  # type: ignore[attr-defined]
+                    except (KafkaError, TimeoutError):  # revoked meanwhile, or its position not known yet
+                        continue
+                rows.append((self.group, tp.topic, tp.partition, max(0, highwater - position)))
+        return rows
 
     # ------------------------------------------------------------ one message
     async def handle(self, record: Record, handler: Callable[[Record], Awaitable[object]]) -> Outcome:
@@ -317,6 +369,8 @@ class ConsumerPolicy:
         except Exception as exc:  # permanent, or unexpected max_unexpected times: retry() raised it
             return await self._give_up(record, exc)
         self.health.handled += 1
+        self._handled.inc()
+        self._done(record)
         return Outcome.HANDLED
 
     async def retry(self, op: Callable[[], Awaitable[T]], record: Record | None = None) -> T:
@@ -340,6 +394,7 @@ class ConsumerPolicy:
                 attempt += 1
                 delay = self.backoff.delay(attempt)
                 self.health.retrying(describe(exc))
+                CONSUMER_RETRIES.labels(self.name, self.group, kind).inc()
                 log.warning(
                     "%s: %s failure, retrying in %.2f s: %s",
                     self.name,
@@ -370,6 +425,8 @@ class ConsumerPolicy:
         except Stopped:
             return Outcome.STOPPED
         self.health.dead_lettered += 1
+        self._dead.inc()
+        self._done(record)
         return Outcome.DEAD_LETTERED
 
     async def _give_up(self, record: Record, exc: Exception) -> Outcome:
@@ -413,6 +470,9 @@ class ConsumerPolicy:
                     return outcome
             return Outcome.HANDLED
         self.health.handled += len(items)
+        self._handled.inc(len(items))
+        for item in items:
+            self._done(record_of(item))
         return Outcome.HANDLED
 
 

@@ -15,6 +15,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from registry_shared import tracing
+
 
 class Topics:
     """Kafka topic names."""
@@ -270,6 +272,11 @@ class CloudEvent(BaseModel):
     time: datetime = Field(default_factory=lambda: datetime.now(UTC))
     subject: str | None = None
     datacontenttype: Literal["application/json"] = "application/json"
+    traceparent: str | None = Field(
+        None,
+        description="The W3C trace context of the span that produced the event (the CloudEvents distributed-tracing "
+        "extension attribute); present when the producer traces (OpenTelemetry), so consumers continue its trace.",
+    )
     data: dict[str, Any]
 
     def payload(self) -> EventData:
@@ -291,6 +298,8 @@ def make_event(data: EventData, *, source: str, subject: str | None = None, **fi
         subject = getattr(data, "repo_id", None)
         if subject is None and hasattr(data, "user_id"):
             subject = f"user:{data.user_id}"
+    if "traceparent" not in fields:
+        fields["traceparent"] = tracing.current_traceparent()
     return CloudEvent(source=source, type=data.event_type, subject=subject, data=data.model_dump(), **fields)
 
 

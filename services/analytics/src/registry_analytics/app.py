@@ -20,6 +20,7 @@ from registry_analytics.schemas import AdminUsage, DownloadCounts, UserUsage
 from registry_analytics.settings import analytics_settings
 from registry_analytics.store import Store
 from registry_shared.health import HEALTH
+from registry_shared.metrics import HttpMetrics
 from registry_shared.settings import ClickHouseSettings
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 app = FastAPI(title="Model Registry analytics", version="0.1.0", lifespan=lifespan)
+app.add_middleware(HttpMetrics)  # times every request by route, serves /metrics
 
 
 @app.exception_handler(RequestValidationError)

@@ -64,6 +64,7 @@ from registry_shared.consumer_policy import DEFAULT_CLASSIFIER, ConsumerPolicy, 
 from registry_shared.health import HEALTH, HealthRegistry
 from registry_shared.kafka import raw_batch
 from registry_shared.logging import correlation_id
+from registry_shared.metrics import ANALYTICS_LAST_LOAD, ANALYTICS_NEWEST_EVENT, ANALYTICS_ROWS
 from registry_shared.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,7 @@ class AccessLoader:
             stop=self._stop,
         )
         self.health = self.policy.health
+        self.policy.watch(lambda: [getattr(self.subscriber, "consumer", None)])
         self._task: asyncio.Task | None = None
         self._ticker: BackgroundTask | None = None
         self._registry = registry
@@ -505,6 +507,8 @@ class AccessLoader:
             except Exception:  # a rebalance: the next owner re-reads the batch and drops its ids as duplicates
                 log.warning("offset commit failed after storing a batch", exc_info=True)
         self.health.handled += raw.count
+        for topic, partition, _, last in raw.ranges():
+            self.policy.positions[(topic, partition)] = last + 1
         self.health.ok()
 
     def _stage_batch(self, raw: RawBatch, stage: str) -> Staged:
@@ -562,6 +566,10 @@ class AccessLoader:
                 self.closed_periods.invalidate()  # after the insert: see queries.ClosedPeriods
         self.stats["phase"] = "committing"
         self.stats["stored"] += rows
+        ANALYTICS_ROWS.inc(rows)
+        ANALYTICS_LAST_LOAD.set(time.time())
+        if records:
+            ANALYTICS_NEWEST_EVENT.set(max(r.timestamp for r in records) / 1000)
         self.stats["invalid"] += len(staged.invalid)
         self.stats["duplicates"] += duplicates
         t_end = time.perf_counter()

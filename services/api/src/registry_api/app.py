@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import psycopg
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from psycopg_pool import PoolTimeout
 from pydantic import BaseModel, Field
 from starlette.requests import Request
@@ -31,7 +32,7 @@ from registry_api.errors import install_error_handlers
 from registry_api.hf.endpoints import HfResolve
 from registry_api.hf.endpoints import router as hf_router
 from registry_api.kit.db_monitor import DatabaseMonitor, DatabaseUnavailable
-from registry_api.kit.outbox import AccessBufferFull, AccessRecorder, OutboxRelay
+from registry_api.kit.outbox import AccessBufferFull, AccessRecorder, OutboxRelay, outbox_gauges
 from registry_api.kit.presign import Presigner
 from registry_api.kit.ratelimit import Limit, RateLimiter, document_429
 from registry_api.kit.request_id import RequestIdMiddleware
@@ -42,6 +43,7 @@ from registry_api.usage.endpoints import router as usage_router
 from registry_api.users.endpoints import router as users_router
 from registry_api.webhooks.endpoints import router as webhooks_router
 from registry_api.webhooks.repository import seal_clear_secrets
+from registry_shared import metrics
 from registry_shared.health import HEALTH
 
 DESCRIPTION = """
@@ -117,6 +119,7 @@ def create_app(settings: ApiSettings | None = None, fast_download: bool = True) 
         app.state.background = background
         for b in background:
             b.start()
+        gauges = metrics.refresher(outbox_gauges(pool))
         # Everything loaded so far lives as long as the process: keep it out of the collector's full
         # passes, which otherwise walk every module object and stall the event loop for tens of ms.
         gc.collect()
@@ -124,13 +127,16 @@ def create_app(settings: ApiSettings | None = None, fast_download: bool = True) 
         try:
             yield
         finally:
+            metrics.remove_refresher(gauges)
             for b in reversed(background):  # the listener stops last
                 await b.stop()
             await monitor.stop()
             await app.state.analytics.aclose()
             await pool.close()
 
-    app = FastAPI(
+    # /docs and /redoc load Swagger UI and ReDoc from the api itself (the assets of the fastapi-offline package,
+    # under /static-offline-docs), not from a CDN: they render where the registry has no internet.
+    app = FastAPIOffline(
         title="Model Registry API",
         version="1.0.0",
         description=DESCRIPTION,
@@ -145,6 +151,7 @@ def create_app(settings: ApiSettings | None = None, fast_download: bool = True) 
         app.add_middleware(HfResolve)
     app.add_middleware(AuditContext)  # the client IP of audit rows
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(metrics.HttpMetrics)  # outermost: times every request, serves /metrics
 
     def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
         monitor: DatabaseMonitor = request.app.state.db_monitor

@@ -25,6 +25,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from psycopg_pool import AsyncConnectionPool
 
 from registry_api.catalog import repository, service
+from registry_shared import tracing
 from registry_shared.background import BackgroundTask
 from registry_shared.consumer_policy import (
     ConsumerPolicy,
@@ -56,6 +57,8 @@ class _KafkaLoop(BackgroundTask):
         self.policy = ConsumerPolicy(
             self.name, group=self.group, sink=self._send_dead_letter, dead_letter_topic=dead_letter_topic
         )
+        self._consumer: AIOKafkaConsumer | None = None  # the running one, for the metrics' lag
+        self.policy.watch(lambda: [self._consumer])
 
     async def _send_dead_letter(self, topic: str, value: bytes, key: bytes | None, headers: dict[str, str]) -> None:
         if self._producer is None:
@@ -99,6 +102,7 @@ class VerdictConsumer(_KafkaLoop):
             auto_offset_reset="earliest",
         )
         await consumer.start()
+        self._consumer = consumer
         try:
             async with self._producer_started():
                 while True:
@@ -118,8 +122,9 @@ class VerdictConsumer(_KafkaLoop):
         event, payload = decode_cloud_event(record.value)
         token = correlation_id.set(event.id)
         try:
-            async with self._pool.connection() as conn, conn.transaction():
-                await service.apply_verdict(conn, event, payload)
+            with tracing.consuming(event.traceparent, f"apply {event.type}", **{"messaging.message.id": event.id}):
+                async with self._pool.connection() as conn, conn.transaction():
+                    await service.apply_verdict(conn, event, payload)
         finally:
             correlation_id.reset(token)
 
@@ -156,6 +161,7 @@ class DownloadCounter(_KafkaLoop):
             bootstrap_servers=self._bootstrap, group_id=DOWNLOADS_GROUP, enable_auto_commit=False
         )
         await consumer.start()
+        self._consumer = consumer
         try:
             # Manual assignment of every partition: the offsets of record are in Postgres.
             partitions = consumer.partitions_for_topic(self._topic)

@@ -18,6 +18,7 @@ from faststream.asgi.response import JSONResponse
 
 from registry_ingest.worker import IngestWorker
 from registry_shared.health import HEALTH
+from registry_shared.metrics import metrics_app
 
 worker = IngestWorker()
 
@@ -36,7 +37,7 @@ async def healthz(scope: Any) -> AsgiResponse:
 
 app = AsgiFastStream(
     worker.broker,
-    asgi_routes=[("/healthz", healthz)],
+    asgi_routes=[("/healthz", healthz), ("/metrics", metrics_app())],
     logger=logging.getLogger("registry_ingest.app"),
     on_startup=[worker.start],
     after_startup=[worker.started],

@@ -37,6 +37,7 @@ from registry_ingest.notifications import BadNotification, message_key_outside, 
 from registry_ingest.publisher import Publisher
 from registry_ingest.service import CLASSIFIER, IngestService, PoisonMessage
 from registry_ingest.settings import IngestSettings
+from registry_shared import tracing
 from registry_shared.consumer_policy import ConsumerPolicy, Outcome, decode_cloud_event, faststream_sink
 from registry_shared.logging import correlation_id
 
@@ -108,6 +109,8 @@ class IngestConsumer:
         minio = broker.subscriber(Topic(s.minio_topic, declare=False), **options)
         minio(self.on_minio_message)
         self.subscribers: list[LogicSubscriber] = [uploads, minio]
+        for topic, sub in ((s.uploads_topic, uploads), (s.minio_topic, minio)):
+            self.policies[topic].watch(lambda sub=sub: getattr(sub, "consumer_subgroup", None) or [sub.consumer])
 
     # ------------------------------------------------------------ lifecycle
     async def stop(self) -> None:
@@ -192,7 +195,8 @@ class IngestConsumer:
         assert self.service is not None
         event, payload = decode_cloud_event(record.value)
         correlation_id.set(event.id)
-        await self.service.on_upload_event(event, payload)
+        with tracing.consuming(event.traceparent, f"ingest {event.type}", **{"messaging.message.id": event.id}):
+            await self.service.on_upload_event(event, payload)
 
     async def _handle_notification(self, record: ConsumerRecord) -> None:
         assert self.service is not None

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from faststream.kafka import KafkaBroker
 
+from registry_shared import tracing
+
 #: Verdicts are CloudEvents in structured mode: the whole event, JSON, is the record's value.
 CLOUDEVENTS_JSON = "application/cloudevents+json"
 
@@ -27,7 +29,8 @@ class Publisher:
         correlation_id: str | None = None,
     ) -> None:
         """Produce one record and wait until Kafka acknowledged it."""
-        await self.broker.publish(value, topic, key=key, headers=headers, correlation_id=correlation_id)
+        with tracing.producing(f"publish {topic}", **{"messaging.destination.name": topic}):
+            await self.broker.publish(value, topic, key=key, headers=headers, correlation_id=correlation_id)
 
     async def send_event(self, topic: str, event: bytes, key: bytes, event_id: str) -> None:
         """Produce an encoded CloudEvent (the same bytes every time it is sent) and wait for the acknowledgement."""

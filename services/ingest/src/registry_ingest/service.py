@@ -36,6 +36,7 @@ from registry_ingest.verify import (
     judge,
     stream_digest,
 )
+from registry_shared import tracing
 from registry_shared.background import BackgroundTask
 from registry_shared.backoff import Backoff
 from registry_shared.consumer_policy import DEFAULT_CLASSIFIER, Kind, PermanentError, describe
@@ -51,6 +52,7 @@ from registry_shared.events import (
     make_event,
 )
 from registry_shared.logging import correlation_id
+from registry_shared.metrics import VERIFICATIONS, VERIFIED_BYTES
 from registry_shared.storage import quarantine_key
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,9 @@ class IngestService:
         self._sweeps: set[asyncio.Task[None]] = set()
         #: Delays before a failed verification is tried again.
         self.retry_backoff = Backoff(initial=1.0, factor=2.0, cap=60.0)
+        #: upload id → the traceparent of its completion, so a verification started later (by the object's
+        #: notification, or the sweeper) in this process continues the upload's trace (tracing on only).
+        self._traces: dict[int, str] = {}
 
     # ------------------------------------------------------------ facts from the topics
     async def on_upload_event(self, event: CloudEvent, payload: EventData) -> None:
@@ -139,6 +144,10 @@ class IngestService:
             if not recorded:
                 what = "complete redelivered" if row.completed_event_id == event.id else "another complete; first wins"
                 log.info(what, extra=_fields(upload_id=row.upload_id, first=row.completed_event_id))
+            if event.traceparent and tracing.ENABLED:  # verified later (object not there yet): same trace
+                self._traces[row.upload_id] = event.traceparent
+                while len(self._traces) > 10_000:
+                    self._traces.pop(next(iter(self._traces)))
             await self.verify_upload(row.upload_id)
         # Other types on the topic are not ingest's business.
 
@@ -161,7 +170,12 @@ class IngestService:
         if row is None:
             log.info("upload judged or being verified elsewhere", extra=_fields(upload_id=upload_id))
             return
-        await self._verify_leased(row)
+        stored = self._traces.pop(upload_id, None)
+        parent = None if tracing.in_span() else tracing.context_of(stored)
+        with tracing.tracer.start_as_current_span(
+            "ingest verify", context=parent, attributes={"registry.upload_id": upload_id}
+        ):
+            await self._verify_leased(row)
 
     async def _verify_leased(self, row: UploadRow) -> None:
         lost = threading.Event()
@@ -363,6 +377,9 @@ class IngestService:
         if claimed is None:
             log.info("verdict already claimed elsewhere", extra=_fields(upload_id=row.upload_id))
             return False
+        outcome = "verified" if verdict.verified else "rejected"
+        VERIFICATIONS.labels(outcome, verdict.reason or "ok").inc()
+        VERIFIED_BYTES.labels(outcome).inc(size or 0)
         await self.finish_verdict(claimed)
         return True
 
@@ -431,6 +448,7 @@ class IngestService:
             await self.store.settle_object(obj, self.owner, judged=False)
             return
         log.info("stray object", extra=_fields(key=obj.object_key, etag=obj.etag, verdict_id=event_id))
+        VERIFICATIONS.labels("quarantined", "stray_object").inc()
         await self.finish_verdict(claimed)
 
     async def _expire(self, row: UploadRow, ttl: float) -> None:

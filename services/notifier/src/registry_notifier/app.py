@@ -30,6 +30,7 @@ from registry_notifier.settings import NotifierSettings, get_settings
 from registry_shared.backoff import Backoff
 from registry_shared.consumer_policy import describe
 from registry_shared.health import HEALTH
+from registry_shared.metrics import HttpMetrics
 from registry_shared.migrations import apply_migrations
 from registry_shared.webhooks import TargetGuard, parse_networks
 
@@ -105,6 +106,7 @@ def create_app(settings: NotifierSettings | None = None) -> FastAPI:
             await pool.close()
 
     app = FastAPI(title="Model Registry notifier", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(HttpMetrics)  # serves /metrics
 
     @app.get("/healthz", summary="Liveness and progress")
     async def healthz(request: Request) -> JSONResponse:

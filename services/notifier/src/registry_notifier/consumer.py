@@ -241,6 +241,7 @@ class EventConsumer:
             sink=faststream_sink(self.broker),
             stop=self._stopping,
         )
+        self.policy.watch(lambda: [getattr(self._subscriber, "consumer", None)])
 
     @property
     def ready(self) -> bool:

@@ -23,13 +23,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import httpx
+from opentelemetry.trace import SpanKind
 from psycopg_pool import AsyncConnectionPool
 from standardwebhooks import Webhook
 
 from registry_notifier import repository
 from registry_notifier.settings import NotifierSettings
+from registry_shared import tracing
 from registry_shared.background import BackgroundTask
 from registry_shared.logging import correlation_id
+from registry_shared.metrics import WEBHOOK_DELIVERIES, WEBHOOK_GAVE_UP, WEBHOOK_RETRIES, WEBHOOKS_DISABLED
 from registry_shared.secretbox import SecretKeyError, is_sealed
 from registry_shared.webhooks import TargetGuard, TargetRefused
 
@@ -202,6 +205,8 @@ class DeliveryWorker(BackgroundTask):
                             conn, webhook_id, s.notifier_max_consecutive_failures, error
                         )
                 follow = delay is None and not disabled
+                if delay is None:
+                    WEBHOOK_GAVE_UP.inc()
             if rest:
                 await repository.release(conn, rest)
             nxt = (
@@ -212,6 +217,7 @@ class DeliveryWorker(BackgroundTask):
         self.sent += len(done)
         self.failed_attempts += failed is not None
         if disabled:
+            WEBHOOKS_DISABLED.inc()
             log.warning("webhook disabled after repeated failures", extra={"fields": {"webhook_id": webhook_id}})
             self._on_disabled()
         return nxt
@@ -224,14 +230,22 @@ class DeliveryWorker(BackgroundTask):
             results: list[tuple[dict, Outcome]] = []
             for row in run:
                 token = correlation_id.set(str(row["event_id"]))
+                traceparent = tracing.traceparent_in(row["payload"]) if tracing.ENABLED else None
                 try:
-                    out = await self._withheld(row) or await self.attempt(row)
+                    with tracing.consuming(
+                        traceparent, "webhook deliver", SpanKind.CLIENT, **{"registry.delivery_id": row["id"]}
+                    ) as span:
+                        out = await self._withheld(row) or await self.attempt(row)
+                        span.set_attribute("registry.delivered", out.ok)
                 except Exception as exc:  # a URL httpx refuses, or a bug: a failed attempt, retried like any
                     log.exception("delivery attempt broke")
                     out = Outcome(False, None, None, f"{type(exc).__name__}: {exc}"[:500])
                 finally:
                     correlation_id.reset(token)
                 results.append((row, out))
+                WEBHOOK_DELIVERIES.labels("delivered" if out.ok else "failed").inc()
+                if row["attempts"]:
+                    WEBHOOK_RETRIES.inc()
                 if not out.ok:
                     log.info(
                         "delivery attempt failed",

@@ -12,6 +12,7 @@ from registry_notifier import mail, repository
 from registry_notifier.delivery import retry_delay
 from registry_notifier.settings import NotifierSettings
 from registry_shared.background import BackgroundTask
+from registry_shared.metrics import EMAILS
 
 log = logging.getLogger(__name__)
 _BATCH = 20
@@ -56,6 +57,7 @@ class MailWorker(BackgroundTask):
                 await asyncio.to_thread(self._mailer.send, e["to_addr"], e["subject"], e["body"])
             except Exception as exc:  # relay down or refusing: retry on the schedule
                 delay = retry_delay(s.retry_delays, e["attempts"], s.notifier_retry_jitter)
+                EMAILS.labels("failed").inc()
                 log.warning("e-mail not sent: %s", exc, extra={"fields": {"email_id": e["id"], "kind": e["kind"]}})
                 async with self._pool.connection() as conn:
                     await repository.email_failed(conn, e["id"], f"{type(exc).__name__}: {exc}", delay)
@@ -63,6 +65,7 @@ class MailWorker(BackgroundTask):
             async with self._pool.connection() as conn:
                 await repository.email_sent(conn, e["id"])
             self.sent += 1
+            EMAILS.labels("sent").inc()
         return len(claimed)
 
     async def run(self) -> None:

@@ -216,6 +216,7 @@ class HfResolve:
         if len(parts) < 4 or parts[0] == "api" or parts[2] != "resolve":
             await self.app(scope, receive, send)
             return
+        scope["route_template"] = PREFIX + _RESOLVE_PATH  # the metrics' route label (registry_shared.metrics)
         try:
             status, headers = await self._answer(scope, tail)
         except ApiError as exc:

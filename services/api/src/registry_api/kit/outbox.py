@@ -23,20 +23,24 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import orjson
 import psycopg
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
+from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
 
 from registry_api.errors import Unavailable
 from registry_api.kit.db_monitor import DatabaseMonitor
+from registry_shared import tracing
 from registry_shared.background import BackgroundTask
 from registry_shared.backoff import Backoff, sleep_or_stop
 from registry_shared.consumer_policy import describe
 from registry_shared.events import EventData, FileAccessed, encode_event, make_event
+from registry_shared.metrics import DOWNLOADS, OUTBOX_DEPTH, OUTBOX_OLDEST_AGE, OUTBOX_PUBLISHED
 
 log = logging.getLogger(__name__)
 SOURCE = "/registry/api"
@@ -123,6 +127,7 @@ class AccessRecorder(BackgroundTask):
         AccessBufferFull when the buffer is full."""
         if len(self._buffer) >= self.max_buffered:
             raise self._full()
+        DOWNLOADS.inc()
         event_id = uuid.uuid4()
         now = time.time()
         doc = {
@@ -262,17 +267,19 @@ class OutboxRelay(BackgroundTask):
         if not rows:
             return 0
         futures = []
-        for i in range(0, len(rows), 250):  # give requests a turn between chunks
-            futures += await self._send(producer, rows[i : i + 250])
-            await asyncio.sleep(0)
-        self._waiting_since = time.monotonic()
-        try:
-            await asyncio.gather(*futures)
-        finally:
-            self._waiting_since = None
+        with tracing.producing("outbox publish", **{"messaging.batch.message_count": len(rows)}):
+            for i in range(0, len(rows), 250):  # give requests a turn between chunks
+                futures += await self._send(producer, rows[i : i + 250])
+                await asyncio.sleep(0)
+            self._waiting_since = time.monotonic()
+            try:
+                await asyncio.gather(*futures)
+            finally:
+                self._waiting_since = None
         self._published_ids = [r[0] for r in rows]
         await self._forget_published(conn)
         self.published += len(rows)
+        OUTBOX_PUBLISHED.inc(len(rows))
         return len(rows)
 
     def as_dict(self) -> dict[str, object]:
@@ -369,3 +376,18 @@ class OutboxRelay(BackgroundTask):
                 if producer is not None:
                     with contextlib.suppress(Exception):
                         await producer.stop()
+
+
+def outbox_gauges(pool: AsyncConnectionPool) -> Callable[[], Awaitable[None]]:
+    """A metrics refresher (registry_shared.metrics): the outbox's depth and the age of its oldest row."""
+
+    async def refresh() -> None:
+        async with pool.connection() as conn, conn.cursor(row_factory=tuple_row) as cur:
+            await cur.execute(
+                "select count(*), coalesce(extract(epoch from clock_timestamp() - min(created_at)), 0) from outbox"
+            )
+            depth, age = await cur.fetchone()  # type: ignore[misc]
+        OUTBOX_DEPTH.set(depth)
+        OUTBOX_OLDEST_AGE.set(max(0.0, float(age)))
+
+    return refresh
