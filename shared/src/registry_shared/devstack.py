@@ -1,7 +1,9 @@
-"""Helpers the local stack scripts call: wait for Kafka, prepare the MinIO bucket and its notifications.
+"""Helpers the local stack scripts call: wait for Kafka, prepare the bucket (and its notifications).
 
-python -m registry_shared.devstack wait-kafka     exit 0 once a metadata request succeeds
-python -m registry_shared.devstack setup-minio    bucket + s3:ObjectCreated/Removed → Kafka
+python -m registry_shared.devstack wait-kafka      exit 0 once a metadata request succeeds
+python -m registry_shared.devstack setup-storage   bucket (+ s3:ObjectCreated/Removed → Kafka when the mode in
+                                                    force is `kafka`), on the server STORAGE_BACKEND names
+python -m registry_shared.devstack setup-minio     the same (its former name)
 """
 
 from __future__ import annotations
@@ -10,11 +12,10 @@ import asyncio
 import sys
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from minio.notificationconfig import NotificationConfig, QueueConfig
 
 from registry_shared.events import Topics
 from registry_shared.settings import KafkaSettings, MinioSettings
-from registry_shared.storage import minio_client
+from registry_shared.storage_backend import backend_for
 
 #: Topics the services use, created up front with enough partitions for two consumers.
 TOPIC_PARTITIONS = {
@@ -46,22 +47,9 @@ async def wait_kafka(settings: KafkaSettings | None = None) -> None:
         await admin.close()
 
 
-def setup_minio(settings: MinioSettings | None = None) -> None:
-    """Create the bucket and send every created or removed object to Kafka (MinIO target REGISTRY)."""
-    s = settings or MinioSettings()
-    client = minio_client(s)
-    if not client.bucket_exists(s.minio_bucket):
-        client.make_bucket(s.minio_bucket)
-    config = NotificationConfig(
-        queue_config_list=[
-            QueueConfig(
-                queue=s.minio_notify_arn,
-                events=["s3:ObjectCreated:*", "s3:ObjectRemoved:*"],
-                config_id="registry",
-            ),
-        ]
-    )
-    client.set_bucket_notification(s.minio_bucket, config)
+def setup_storage(settings: MinioSettings | None = None) -> str:
+    """Create the bucket and, in mode `kafka`, send every created or removed object to Kafka; the mode."""
+    return backend_for(settings or MinioSettings()).setup()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if cmd == "wait-kafka":
             asyncio.run(wait_kafka())
-        elif cmd == "setup-minio":
-            setup_minio()
+        elif cmd in ("setup-storage", "setup-minio"):
+            setup_storage()
         else:
             print(__doc__, file=sys.stderr)
             return 2

@@ -50,6 +50,23 @@ class MinioSettings(BaseSettings):
     minio_notify_topic: str = "minio.bucket-events"
     #: The queue ARN of MinIO's Kafka notification target configured by MINIO_NOTIFY_KAFKA_*_REGISTRY.
     minio_notify_arn: str = "arn:minio:sqs::REGISTRY:kafka"
+    storage_backend: Literal["minio", "seaweedfs"] = Field(
+        "minio",
+        description="Which S3 server holds the bucket (MINIO_ENDPOINT etc. name it whatever it is): what the"
+        " stack installs and what `registry_shared.storage_backend` sets up. The services speak plain S3 to both.",
+    )
+    storage_notifications: Literal["kafka", "none"] | None = Field(
+        None,
+        description="Whether the store pushes object events to Kafka (`kafka`: MinIO's target) or not (`none`:"
+        " ingest verifies on `upload.completed` and reconciles by listing). Default: follows STORAGE_BACKEND.",
+    )
+
+    @property
+    def notifications(self) -> Literal["kafka", "none"]:
+        """The notification mode in force: STORAGE_NOTIFICATIONS, or the backend's default."""
+        if self.storage_notifications is not None:
+            return self.storage_notifications
+        return "kafka" if self.storage_backend == "minio" else "none"
 
 
 class ClickHouseSettings(BaseSettings):

@@ -66,7 +66,13 @@ class IngestConsumer:
     """The subscribers of one ingest process, and what they do with each message."""
 
     def __init__(
-        self, settings: IngestSettings, broker: KafkaBroker, publisher: Publisher, stopping: asyncio.Event
+        self,
+        settings: IngestSettings,
+        broker: KafkaBroker,
+        publisher: Publisher,
+        stopping: asyncio.Event,
+        *,
+        notifications: bool = True,
     ) -> None:
         self.settings = settings
         self.broker = broker
@@ -105,9 +111,14 @@ class IngestConsumer:
         # declare=False: the topics are the platform's (created by the stack), not created by ingest.
         uploads = broker.subscriber(Topic(s.uploads_topic, declare=False), **options)
         uploads(self.on_upload_message)
-        minio = broker.subscriber(Topic(s.minio_topic, declare=False), **options)
-        minio(self.on_minio_message)
-        self.subscribers: list[LogicSubscriber] = [uploads, minio]
+        self.subscribers: list[LogicSubscriber] = [uploads]
+        #: The topics subscribed to: MinIO's only when the store pushes notifications (STORAGE_NOTIFICATIONS).
+        self.topics = {s.uploads_topic}
+        if notifications:
+            minio = broker.subscriber(Topic(s.minio_topic, declare=False), **options)
+            minio(self.on_minio_message)
+            self.subscribers.append(minio)
+            self.topics.add(s.minio_topic)
 
     # ------------------------------------------------------------ lifecycle
     async def stop(self) -> None:
@@ -128,7 +139,7 @@ class IngestConsumer:
         topic has partitions here, the members of this process have all been through one. (With more
         processes than partitions, a topic may rightly have none here: hence the limit.)
         """
-        topics = {self.settings.uploads_topic, self.settings.minio_topic}
+        topics = self.topics
         deadline = asyncio.get_running_loop().time() + within
         while {p.rsplit(":", 1)[0] for p in self.assignment()} != topics:
             if asyncio.get_running_loop().time() > deadline:
