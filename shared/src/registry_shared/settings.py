@@ -61,6 +61,12 @@ class MinioSettings(BaseSettings):
         " ingest verifies on `upload.completed` and reconciles by listing). Default: follows STORAGE_BACKEND.",
     )
 
+    @field_validator("storage_notifications", mode="before")
+    @classmethod
+    def _empty_is_default(cls, value: object) -> object:
+        # `STORAGE_NOTIFICATIONS=` (as in .env.example) means: follow the backend.
+        return None if value == "" else value
+
     @property
     def notifications(self) -> Literal["kafka", "none"]:
         """The notification mode in force: STORAGE_NOTIFICATIONS, or the backend's default."""
