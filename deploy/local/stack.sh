@@ -240,7 +240,7 @@ JSON
       -volume.port=$((p + 2)) -volume.port.grpc=$((p + 10002)) \
       -filer.port=$((p + 3)) -filer.port.grpc=$((p + 10003)) \
       -master.volumeSizeLimitMB=1024 -volume.max=0 \
-      -s3 -s3.port="$p" -s3.port.grpc=$((p + 10000)) -s3.config="$conf"
+      -s3 -s3.port="$p" -s3.port.grpc=$((p + 10000)) -s3.port.iceberg=0 -s3.port.lance=0 -s3.config="$conf"
   fi
   wait_until 120 "seaweedfs" curl -fsS -o /dev/null "http://127.0.0.1:$p/healthz"
   wait_until 60 "seaweedfs" env STORAGE_BACKEND=seaweedfs MINIO_ENDPOINT="127.0.0.1:$p" \
