@@ -24,6 +24,13 @@ cleanup() {
 trap cleanup EXIT
 
 bash "$STACK" up
+# The second S3 server beside the chosen one, on its own port (TEST_SECOND_STORE=none leaves it out): the
+# storage tests run against both (tests/integration/test_storage_servers.py, and the subset below).
+: "${TEST_SECOND_STORE:=seaweedfs}"
+if [ "$TEST_SECOND_STORE" = seaweedfs ] && [ "$STORAGE_BACKEND" = minio ] && [ "$mode" != "--bench" ]; then
+  bash "$STACK" up seaweedfs
+  export SEAWEEDFS_TEST_ENDPOINT="127.0.0.1:$SEAWEEDFS_PORT"
+fi
 cd "$ROOT_DIR"
 
 # Node tools for the tests (newman, the Compose spec schema), pinned by package-lock.json.
@@ -56,6 +63,18 @@ uv run --no-sync ruff format --check . >/dev/null || { uv run --no-sync ruff for
 log "tests"
 uv run --no-sync pytest -p no:cacheprovider "$@"
 rc=$?
+# The verification path against the second server: an ingest worker of the test's own on SeaweedFS (no
+# notifications: verification on complete, reconciliation by listing): uploads, rejection and quarantine,
+# missing objects, strays, vanished objects. Only in a whole run (no arguments) or when asked for.
+if [ -n "${SEAWEEDFS_TEST_ENDPOINT:-}" ] && { [ $# -eq 0 ] || [ -n "${TEST_SECOND_STORE_SUBSET:-}" ]; }; then
+  log "tests against SeaweedFS (storage subset)"
+  t0=$SECONDS
+  STORAGE_BACKEND=seaweedfs MINIO_ENDPOINT="$SEAWEEDFS_TEST_ENDPOINT" \
+    uv run --no-sync pytest -p no:cacheprovider -q tests/integration/test_storage_reconcile.py
+  sub=$?
+  log "SeaweedFS subset: $((SECONDS - t0)) s"
+  [ $sub -eq 0 ] || [ $rc -ne 0 ] || rc=$sub
+fi
 set -e
 # pytest exits 5 when it collected no test: that is a failure here, never a pass.
 if [ $rc -eq 5 ]; then log "pytest ran no test"; exit 1; fi
