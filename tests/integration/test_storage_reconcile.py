@@ -90,6 +90,7 @@ async def test_worker_reads_no_notifications(ingest):
     assert health["ok"] is True and health["notifications"] == "none"
     assert not any(p.startswith(f"{Topics.MINIO_EVENTS}:") for p in health["partitions"])
     assert any(p.startswith(f"{config.uploads_topic}:") for p in health["partitions"])
+    assert "ingest-minio" not in health["consumers"] and "ingest-reconciler" in health["consumers"]
 
 
 async def test_upload_is_verified_through_complete(ingest):

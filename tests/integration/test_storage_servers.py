@@ -119,6 +119,22 @@ def test_multipart_with_presigned_part_urls(store):
         store.multipart.list_parts(key, s3_id)
 
 
+def test_a_reuploaded_part_is_the_one_completed(store):
+    """Re-uploading a part replaces it for the complete that names its ETag (SeaweedFS lists both uploads of
+    the part until then; S3 and MinIO only the last)."""
+    key = store.prefix + "acme/bert/v1/redo.gguf"
+    s3_id = store.multipart.create(key)
+    first, second = os.urandom(5 * 1024 * 1024), os.urandom(5 * 1024 * 1024)
+    for data in (first, second):
+        resp = httpx.put(store.presigner.part_url(key, s3_id, 1, 300), content=data, timeout=60)
+        assert resp.status_code == 200
+    etag = resp.headers["ETag"].strip('"')
+    assert etag in {p.etag for p in store.multipart.list_parts(key, s3_id) if p.part_number == 1}
+    store.multipart.complete(key, s3_id, [(1, etag)])
+    got = httpx.get(store.presigner.get_url(key, 300), timeout=60)
+    assert got.content == second
+
+
 def test_multipart_abort_deletes_the_upload(store):
     key = store.prefix + "acme/bert/v1/aborted.gguf"
     s3_id = store.multipart.create(key)

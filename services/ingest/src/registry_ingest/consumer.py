@@ -94,7 +94,9 @@ class IngestConsumer:
                 stop=stopping,
             )
 
-        self.policies = {s.uploads_topic: policy("ingest-uploads"), s.minio_topic: policy("ingest-minio")}
+        self.policies = {s.uploads_topic: policy("ingest-uploads")}
+        if notifications:
+            self.policies[s.minio_topic] = policy("ingest-minio")
         options = {
             "group_id": s.group_id,
             "auto_offset_reset": "earliest",
