@@ -525,7 +525,8 @@ class Reconciler(BackgroundTask):
         for key in await store.record_listed(owned):
             log.info("object listed", extra=_fields(key=key))
             for upload_id in await store.pending_completed_uploads(key):
-                await svc.verify_upload(upload_id)
+                # In the background, as the sweeper does: a long verification must not hold up the listing.
+                svc._spawn(svc.verify_upload(upload_id), "verify", f"upload:{upload_id}")
         if len(page) < s.reconcile_page_size:
             for key in await store.mark_vanished(s.upload_prefix, self._pass_started):
                 log.info("object vanished", extra=_fields(key=key))
