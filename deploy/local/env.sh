@@ -32,6 +32,14 @@ fi
 : "${MINIO_SECURE:=false}"
 : "${MINIO_NOTIFY_TOPIC:=minio.bucket-events}"
 
+# Which S3 server `make up` starts: minio (default) or seaweedfs (see README "Storage backends"). The
+# services reach either through MINIO_ENDPOINT / MINIO_ROOT_USER / MINIO_ROOT_PASSWORD (the spec's names).
+: "${STORAGE_BACKEND:=minio}"
+# SeaweedFS is built from the Go module proxy at this pseudo-version (no release tags are published there).
+: "${SEAWEEDFS_VERSION:=v0.0.0-20261109003541-7506e5f91cd6}"
+# Its S3 port; master, volume and filer take the next three ports (and their gRPC ports +10000).
+: "${SEAWEEDFS_PORT:=19300}"
+
 : "${API_PORT:=8081}"
 : "${INGEST_PORT:=8082}"
 : "${ANALYTICS_PORT:=8083}"
@@ -80,12 +88,17 @@ if [ -n "${OTEL_EXPORTER_OTLP_ENDPOINT:-}" ]; then export OTEL_EXPORTER_OTLP_END
 export ROOT_DIR LOCAL_DIR REGISTRY_CACHE_DIR
 export PG_PORT PG_USER PG_PASSWORD PG_DATABASE KAFKA_VERSION KAFKA_PORT KAFKA_CONTROLLER_PORT
 export MINIO_VERSION MINIO_PORT MINIO_CONSOLE_PORT MINIO_ROOT_USER MINIO_ROOT_PASSWORD MINIO_BUCKET
+export STORAGE_BACKEND SEAWEEDFS_VERSION SEAWEEDFS_PORT
 export MINIO_SECURE MINIO_NOTIFY_TOPIC API_PORT INGEST_PORT ANALYTICS_PORT NOTIFIER_PORT REGISTRY_ADMIN_TOKEN WEBHOOK_SECRET_KEY
 
 # What the Python services read (pydantic-settings, see shared/src/registry_shared/settings.py).
 export DATABASE_URL="${DATABASE_URL:-postgresql://$PG_USER:$PG_PASSWORD@127.0.0.1:$PG_PORT/$PG_DATABASE}"
 export KAFKA_BOOTSTRAP_SERVERS="${KAFKA_BOOTSTRAP_SERVERS:-127.0.0.1:$KAFKA_PORT}"
-export MINIO_ENDPOINT="${MINIO_ENDPOINT:-127.0.0.1:$MINIO_PORT}"
+if [ "$STORAGE_BACKEND" = seaweedfs ]; then
+  export MINIO_ENDPOINT="${MINIO_ENDPOINT:-127.0.0.1:$SEAWEEDFS_PORT}"
+else
+  export MINIO_ENDPOINT="${MINIO_ENDPOINT:-127.0.0.1:$MINIO_PORT}"
+fi
 export ANALYTICS_URL="${ANALYTICS_URL:-http://127.0.0.1:$ANALYTICS_PORT}"
 export CLICKHOUSE_MODE="${CLICKHOUSE_MODE:-chdb}"
 export CHDB_PATH="${CHDB_PATH:-$LOCAL_DIR/data/chdb}"

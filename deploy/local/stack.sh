@@ -5,16 +5,23 @@
 #   stack.sh status                 one line per component
 #   stack.sh logs [component]       tail the logs
 #   stack.sh reset                  stop everything and wipe all data under .local/
-# Components, in start order: postgres kafka minio [jaeger] api ingest analytics notifier [prometheus]
-# (jaeger and prometheus with OBSERVABILITY=1)
+# Components, in start order: postgres kafka minio|seaweedfs (STORAGE_BACKEND) [jaeger] api ingest analytics
+# notifier [prometheus] (jaeger and prometheus with OBSERVABILITY=1)
 set -euo pipefail
 # shellcheck source=deploy/local/env.sh
 . "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
-INFRA=(postgres kafka minio)
+case $STORAGE_BACKEND in
+  minio) INFRA=(postgres kafka minio);;
+  seaweedfs) INFRA=(postgres kafka seaweedfs);;
+  *) die "STORAGE_BACKEND must be minio or seaweedfs, not $STORAGE_BACKEND";;
+esac
 SERVICES=(api ingest analytics notifier)
 ALL=("${INFRA[@]}" "${SERVICES[@]}")
 if [ "$OBSERVABILITY" = 1 ]; then ALL=("${INFRA[@]}" jaeger "${SERVICES[@]}" prometheus); fi
+# The other S3 server may run beside the chosen one (test.sh starts SeaweedFS next to MinIO): status, down
+# and running know it too.
+if [ "$STORAGE_BACKEND" = minio ]; then OTHER_STORAGE=seaweedfs; else OTHER_STORAGE=minio; fi
 
 mkdir -p "$DATA_DIR" "$LOG_DIR" "$RUN_DIR" "$REGISTRY_CACHE_DIR"
 
@@ -200,7 +207,52 @@ up_minio() {
         --address "127.0.0.1:$MINIO_PORT" --console-address "127.0.0.1:$MINIO_CONSOLE_PORT"
   fi
   wait_until 60 "minio" curl -fsS -o /dev/null "http://127.0.0.1:$MINIO_PORT/minio/health/ready"
-  py -m registry_shared.devstack setup-minio
+  STORAGE_BACKEND=minio MINIO_ENDPOINT="127.0.0.1:$MINIO_PORT" py -m registry_shared.devstack setup-storage
+}
+
+# ---------------------------------------------------------------- seaweedfs
+# The second S3 server (STORAGE_BACKEND=seaweedfs, or beside MinIO for the tests: see test.sh). Built from
+# the module's own folder: its go.mod has replace directives, which `go install pkg@version` refuses.
+seaweedfs_bin() { echo "$REGISTRY_CACHE_DIR/seaweedfs-$SEAWEEDFS_VERSION/weed"; }
+up_seaweedfs() {
+  local bin; bin=$(seaweedfs_bin)
+  if [ ! -x "$bin" ]; then
+    command -v go >/dev/null 2>&1 || die "SeaweedFS is built from source with Go (>= 1.26); install Go first"
+    log "seaweedfs: go build github.com/seaweedfs/seaweedfs/weed@$SEAWEEDFS_VERSION (first time only, ~15 min)"
+    local src; src=$(go mod download -json "github.com/seaweedfs/seaweedfs@$SEAWEEDFS_VERSION" \
+      | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+    [ -n "$src" ] || die "seaweedfs: go mod download failed"
+    mkdir -p "$(dirname "$bin")"
+    (cd "$src" && CGO_ENABLED=0 go build -trimpath -o "$bin.tmp" ./weed) && mv "$bin.tmp" "$bin"
+  fi
+  local p=$SEAWEEDFS_PORT
+  if ! is_running seaweedfs; then
+    log "seaweedfs: starting on 127.0.0.1:$p (S3; master :$((p + 1)), volume :$((p + 2)), filer :$((p + 3)))"
+    mkdir -p "$DATA_DIR/seaweedfs"
+    # The project's credentials as the one identity of the S3 gateway.
+    local conf="$DATA_DIR/seaweedfs/s3.json"
+    ( umask 077; cat > "$conf" <<JSON
+{"identities": [{"name": "$MINIO_ROOT_USER",
+  "credentials": [{"accessKey": "$MINIO_ROOT_USER", "secretKey": "$MINIO_ROOT_PASSWORD"}],
+  "actions": ["Admin", "Read", "Write", "List", "Tagging"]},
+ {"name": "${API_MINIO_ACCESS_KEY:-registry-api}",
+  "credentials": [{"accessKey": "${API_MINIO_ACCESS_KEY:-registry-api}", "secretKey": "${API_MINIO_SECRET_KEY:-registry-api-secret}"}],
+  "actions": ["Read:$MINIO_BUCKET", "Write:$MINIO_BUCKET", "List:$MINIO_BUCKET"]},
+ {"name": "${INGEST_MINIO_ACCESS_KEY:-registry-ingest}",
+  "credentials": [{"accessKey": "${INGEST_MINIO_ACCESS_KEY:-registry-ingest}", "secretKey": "${INGEST_MINIO_SECRET_KEY:-registry-ingest-secret}"}],
+  "actions": ["Read:$MINIO_BUCKET", "Write:$MINIO_BUCKET", "List:$MINIO_BUCKET"]}]}
+JSON
+    )
+    start_bg seaweedfs "$bin" server -dir="$DATA_DIR/seaweedfs" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
+      -master.port=$((p + 1)) -master.port.grpc=$((p + 10001)) \
+      -volume.port=$((p + 2)) -volume.port.grpc=$((p + 10002)) \
+      -filer.port=$((p + 3)) -filer.port.grpc=$((p + 10003)) \
+      -master.volumeSizeLimitMB=1024 -volume.max=0 \
+      -s3 -s3.port="$p" -s3.port.grpc=$((p + 10000)) -s3.port.iceberg=0 -s3.port.lance=0 -s3.config="$conf"
+  fi
+  wait_until 120 "seaweedfs" curl -fsS -o /dev/null "http://127.0.0.1:$p/healthz"
+  wait_until 60 "seaweedfs" env STORAGE_BACKEND=seaweedfs MINIO_ENDPOINT="127.0.0.1:$p" \
+    bash -c 'cd "$ROOT_DIR" && uv run --no-sync python -m registry_shared.devstack setup-storage'
 }
 
 # ---------------------------------------------------------------- observability (OBSERVABILITY=1)
@@ -270,6 +322,7 @@ status_line() {
     minio) where="http://127.0.0.1:$MINIO_PORT (console :$MINIO_CONSOLE_PORT)";;
     prometheus) where="http://127.0.0.1:$PROMETHEUS_PORT";;
     jaeger) where="http://127.0.0.1:$JAEGER_UI_PORT (OTLP :$JAEGER_OTLP_PORT)";;
+    seaweedfs) where="http://127.0.0.1:$SEAWEEDFS_PORT (S3)";;
     *) where="http://127.0.0.1:$(service_port "$c")";;
   esac
   if is_running "$c"; then state="up (pid $(pid_of "$c"))"; else state="down"; fi
@@ -280,7 +333,7 @@ cmd_up() {
   local t0=$SECONDS comps=("$@"); [ ${#comps[@]} -gt 0 ] || comps=("${ALL[@]}")
   ensure_uv
   for c in "${comps[@]}"; do
-    case $c in postgres|kafka|minio|jaeger|prometheus) "up_$c";; api|ingest|analytics|notifier) up_service "$c";;
+    case $c in postgres|kafka|minio|seaweedfs|jaeger|prometheus) "up_$c";; api|ingest|analytics|notifier) up_service "$c";;
       *) die "unknown component: $c";; esac
   done
   log "ready in $((SECONDS - t0)) s"
@@ -288,13 +341,16 @@ cmd_up() {
   printf '  data, logs, pids under %s\n' "$LOCAL_DIR"
 }
 cmd_down() {
-  local comps=("$@") i; [ ${#comps[@]} -gt 0 ] || comps=("${ALL[@]}")
+  local comps=("$@") i; [ ${#comps[@]} -gt 0 ] || comps=("${ALL[@]}" "$OTHER_STORAGE")
   for (( i=${#comps[@]}-1; i>=0; i-- )); do
     case ${comps[$i]} in postgres) down_postgres;; *) stop_pid_file "${comps[$i]}";; esac
   done
 }
-cmd_status() { local c; for c in "${ALL[@]}"; do status_line "$c"; done; }
-cmd_running() { local c; for c in "${ALL[@]}"; do if is_running "$c"; then echo "$c"; fi; done; }
+cmd_status() {
+  local c; for c in "${ALL[@]}"; do status_line "$c"; done
+  if is_running "$OTHER_STORAGE"; then status_line "$OTHER_STORAGE"; fi
+}
+cmd_running() { local c; for c in "${ALL[@]}" "$OTHER_STORAGE"; do if is_running "$c"; then echo "$c"; fi; done; }
 cmd_logs() {
   if [ $# -gt 0 ]; then tail -n 100 -F "$LOG_DIR/$1.log"; else tail -n 20 -F "$LOG_DIR"/*.log; fi
 }

@@ -27,6 +27,13 @@ cleanup() {
 trap cleanup EXIT
 
 bash "$STACK" up
+# The second S3 server beside the chosen one, on its own port (TEST_SECOND_STORE=none leaves it out): the
+# storage tests run against both (tests/integration/test_storage_servers.py, and the subset below).
+: "${TEST_SECOND_STORE:=seaweedfs}"
+if [ "$TEST_SECOND_STORE" = seaweedfs ] && [ "$STORAGE_BACKEND" = minio ] && [ "$mode" != "--bench" ]; then
+  bash "$STACK" up seaweedfs
+  export SEAWEEDFS_TEST_ENDPOINT="127.0.0.1:$SEAWEEDFS_PORT"
+fi
 cd "$ROOT_DIR"
 
 # Node tools for the tests (newman, the Compose spec schema), pinned by package-lock.json.
@@ -68,6 +75,26 @@ uv run --no-sync ruff format --check . >/dev/null || { uv run --no-sync ruff for
 log "tests"
 uv run --no-sync pytest -p no:cacheprovider "$@"
 rc=$?
+# The storage-touching subset again with SeaweedFS as the store: the stack's api and ingest are restarted
+# on it (ingest without notifications: verification on complete, reconciliation by listing), then put back
+# on MinIO. Uploads, verification, rejection and quarantine, missing, stray and vanished objects (an ingest
+# worker of the test's own), downloads and manifests, multipart, the HF upload and the spec's quick start.
+# Only in a whole run (no arguments) or when asked for (TEST_SECOND_STORE_SUBSET=1).
+if [ -n "${SEAWEEDFS_TEST_ENDPOINT:-}" ] && { [ $# -eq 0 ] || [ -n "${TEST_SECOND_STORE_SUBSET:-}" ]; }; then
+  log "tests against SeaweedFS (storage subset)"
+  t0=$SECONDS
+  (
+    export STORAGE_BACKEND=seaweedfs MINIO_ENDPOINT="$SEAWEEDFS_TEST_ENDPOINT"
+    bash "$STACK" down api ingest && bash "$STACK" up api ingest >/dev/null || exit 1
+    uv run --no-sync pytest -p no:cacheprovider -q tests/integration/test_storage_reconcile.py \
+      tests/integration/test_multipart_uploads.py tests/integration/test_api_fast_download.py \
+      tests/integration/test_hf_upload.py tests/e2e/test_quickstart.py
+  )
+  sub=$?
+  bash "$STACK" down api ingest && bash "$STACK" up api ingest >/dev/null || sub=1
+  log "SeaweedFS subset: $((SECONDS - t0)) s"
+  [ $sub -eq 0 ] || [ $rc -ne 0 ] || rc=$sub
+fi
 set -e
 # pytest exits 5 when it collected no test: that is a failure here, never a pass.
 if [ $rc -eq 5 ]; then log "pytest ran no test"; exit 1; fi

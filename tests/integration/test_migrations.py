@@ -149,7 +149,12 @@ async def test_every_service_migrates_a_fresh_database_whatever_the_start_order(
     ingest_applied = await asyncio.to_thread(
         apply_migrations, fresh_database, ingest_folder, table="schema_migrations", schema="ingest"
     )
-    assert ingest_applied == ["0001_ingest_state.sql", "0002_verification_failures.sql", "0003_multipart.sql"]
+    assert ingest_applied == [
+        "0001_ingest_state.sql",
+        "0002_verification_failures.sql",
+        "0003_multipart.sql",
+        "0004_reconcile_listing.sql",
+    ]
     with psycopg.connect(fresh_database) as conn:
         tables = {r[0] for r in conn.execute("select table_name from information_schema.tables")}
     assert {"webhooks", "webhook_deliveries", "webhook_attempts", "notifier_emails", "uploads"} <= tables

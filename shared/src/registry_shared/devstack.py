@@ -1,9 +1,11 @@
-"""Helpers the local stack scripts call: wait for Kafka, prepare the MinIO bucket and its notifications.
+"""Helpers the local stack scripts call: wait for Kafka, prepare the bucket (and its notifications).
 
-python -m registry_shared.devstack wait-kafka     exit 0 once a metadata request succeeds
-python -m registry_shared.devstack setup-minio    bucket + s3:ObjectCreated/Removed → Kafka, and one MinIO
-                                                  user per service (API_MINIO_*, INGEST_MINIO_*) with a
-                                                  policy limited to what the service does
+python -m registry_shared.devstack wait-kafka      exit 0 once a metadata request succeeds
+python -m registry_shared.devstack setup-storage   bucket (+ s3:ObjectCreated/Removed → Kafka when the mode in
+                                                    force is `kafka`), on the server STORAGE_BACKEND names; on
+                                                    MinIO also one user per service (API_MINIO_*,
+                                                    INGEST_MINIO_*) with a policy limited to what it does
+python -m registry_shared.devstack setup-minio     the same (its former name)
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from minio import MinioAdmin
 from minio.credentials import StaticProvider
 from minio.error import MinioAdminException
-from minio.notificationconfig import NotificationConfig, QueueConfig
 
 from registry_shared.events import Topics
 from registry_shared.settings import KafkaSettings, MinioSettings
-from registry_shared.storage import HF_LFS_PREFIX, QUARANTINE_PREFIX, UPLOAD_PREFIX, minio_client
+from registry_shared.storage import HF_LFS_PREFIX, QUARANTINE_PREFIX, UPLOAD_PREFIX
+from registry_shared.storage_backend import backend_for
 
 #: Topics the services use, created up front with enough partitions for two consumers.
 TOPIC_PARTITIONS = {
@@ -55,10 +57,13 @@ async def wait_kafka(settings: KafkaSettings | None = None) -> None:
 def service_policies(bucket: str) -> dict[str, dict]:
     """The IAM policy of each service's MinIO user: only the bucket, only what the service does.
 
-    from registry_shared.storage import HF_LFS_PREFIX, QUARANTINE_PREFIX, UPLOAD_PREFIX, minio_client
-        - ingest: reads any object of the bucket, copies rejected and stray objects into quarantine/ (its only
-          writes) and removes the original, aborts abandoned multipart uploads; it can never delete from
-          quarantine/ (an explicit Deny).
+    - api: signs GET URLs of served objects (any key of the bucket but quarantine/: uploads/, hf/ and the keys
+      an imported catalog names), PUT and multipart URLs of uploads, and drives multipart uploads (create, list
+      parts, complete, abort); HEAD of its own uploads; the /hf upload's staged LFS objects under hf-lfs/ (put,
+      read, delete). Nothing in quarantine/, no other bucket, no admin API.
+    - ingest: reads any object of the bucket, copies rejected and stray objects into quarantine/ (its only
+      writes) and removes the original, aborts abandoned multipart uploads; it can never delete from
+      quarantine/ (an explicit Deny).
     """
     b = f"arn:aws:s3:::{bucket}"
     version = "2012-10-17"
@@ -139,25 +144,15 @@ def setup_service_users(settings: MinioSettings) -> list[str]:
     return done
 
 
-def setup_minio(settings: MinioSettings | None = None) -> None:
-    """Create the bucket, send every created or removed object to Kafka (MinIO target REGISTRY), and create
-    each service's restricted user."""
+def setup_storage(settings: MinioSettings | None = None) -> str:
+    """Create the bucket and, in mode `kafka`, send every created or removed object to Kafka; on MinIO also
+    each service's restricted user. Returns the notification mode in force."""
     s = settings or MinioSettings()
     root = s.model_copy(update={"minio_access_key": None, "minio_secret_key": None})
-    client = minio_client(root)
-    if not client.bucket_exists(s.minio_bucket):
-        client.make_bucket(s.minio_bucket)
-    config = NotificationConfig(
-        queue_config_list=[
-            QueueConfig(
-                queue=s.minio_notify_arn,
-                events=["s3:ObjectCreated:*", "s3:ObjectRemoved:*"],
-                config_id="registry",
-            ),
-        ]
-    )
-    client.set_bucket_notification(s.minio_bucket, config)
-    setup_service_users(root)
+    mode = backend_for(root).setup()
+    if root.storage_backend == "minio":
+        setup_service_users(root)
+    return mode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if cmd == "wait-kafka":
             asyncio.run(wait_kafka())
-        elif cmd == "setup-minio":
-            setup_minio()
+        elif cmd in ("setup-storage", "setup-minio"):
+            setup_storage()
         else:
             print(__doc__, file=sys.stderr)
             return 2

@@ -72,6 +72,30 @@ class MinioSettings(BaseSettings):
             return self
         return self.model_copy(update={"minio_access_key": access, "minio_secret_key": SecretStr(secret)})
 
+    storage_backend: Literal["minio", "seaweedfs"] = Field(
+        "minio",
+        description="Which S3 server holds the bucket (MINIO_ENDPOINT etc. name it whatever it is): what the"
+        " stack installs and what `registry_shared.storage_backend` sets up. The services speak plain S3 to both.",
+    )
+    storage_notifications: Literal["kafka", "none"] | None = Field(
+        None,
+        description="Whether the store pushes object events to Kafka (`kafka`: MinIO's target) or not (`none`:"
+        " ingest verifies on `upload.completed` and reconciles by listing). Default: follows STORAGE_BACKEND.",
+    )
+
+    @field_validator("storage_notifications", mode="before")
+    @classmethod
+    def _empty_is_default(cls, value: object) -> object:
+        # `STORAGE_NOTIFICATIONS=` (as in .env.example) means: follow the backend.
+        return None if value == "" else value
+
+    @property
+    def notifications(self) -> Literal["kafka", "none"]:
+        """The notification mode in force: STORAGE_NOTIFICATIONS, or the backend's default."""
+        if self.storage_notifications is not None:
+            return self.storage_notifications
+        return "kafka" if self.storage_backend == "minio" else "none"
+
 
 class ClickHouseSettings(BaseSettings):
     """The analytics store: in-process chDB locally and in CI, a ClickHouse server over HTTP elsewhere."""

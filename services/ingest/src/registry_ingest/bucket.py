@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -112,6 +113,19 @@ class Bucket:
         if current is None or (etag is not None and current[0] != etag):
             return
         self.client.remove_object(self.name, key)
+
+    def list_page(self, prefix: str, after: str | None, limit: int) -> list[tuple[str, str | None, int | None]]:
+        """(key, etag, size) of at most `limit` objects under `prefix` whose keys sort after `after`, in key
+        order: one ListObjectsV2 request (max-keys=`limit`, start-after=`after`). Fewer than `limit` means the
+        listing reached the end of the prefix."""
+        objects = self.client._list_objects(
+            self.name, prefix=prefix, start_after=after, max_keys=limit, encoding_type="url"
+        )
+        return [
+            (o.object_name, (o.etag or "").strip('"') or None, o.size)
+            for o in itertools.islice(objects, limit)
+            if o.object_name is not None and not o.is_dir
+        ]
 
     def abort_multipart(self, key: str, s3_upload_id: str) -> None:
         """Abort a multipart upload of `key`: its parts are deleted (nothing to do if it is gone already)."""

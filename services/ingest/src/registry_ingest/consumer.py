@@ -67,7 +67,13 @@ class IngestConsumer:
     """The subscribers of one ingest process, and what they do with each message."""
 
     def __init__(
-        self, settings: IngestSettings, broker: KafkaBroker, publisher: Publisher, stopping: asyncio.Event
+        self,
+        settings: IngestSettings,
+        broker: KafkaBroker,
+        publisher: Publisher,
+        stopping: asyncio.Event,
+        *,
+        notifications: bool = True,
     ) -> None:
         self.settings = settings
         self.broker = broker
@@ -89,7 +95,9 @@ class IngestConsumer:
                 stop=stopping,
             )
 
-        self.policies = {s.uploads_topic: policy("ingest-uploads"), s.minio_topic: policy("ingest-minio")}
+        self.policies = {s.uploads_topic: policy("ingest-uploads")}
+        if notifications:
+            self.policies[s.minio_topic] = policy("ingest-minio")
         options = {
             "group_id": s.group_id,
             "auto_offset_reset": "earliest",
@@ -106,10 +114,17 @@ class IngestConsumer:
         # declare=False: the topics are the platform's (created by the stack), not created by ingest.
         uploads = broker.subscriber(Topic(s.uploads_topic, declare=False), **options)
         uploads(self.on_upload_message)
-        minio = broker.subscriber(Topic(s.minio_topic, declare=False), **options)
-        minio(self.on_minio_message)
-        self.subscribers: list[LogicSubscriber] = [uploads, minio]
-        for topic, sub in ((s.uploads_topic, uploads), (s.minio_topic, minio)):
+        self.subscribers: list[LogicSubscriber] = [uploads]
+        #: The topics subscribed to: MinIO's only when the store pushes notifications (STORAGE_NOTIFICATIONS).
+        self.topics = {s.uploads_topic}
+        watched = [(s.uploads_topic, uploads)]
+        if notifications:
+            minio = broker.subscriber(Topic(s.minio_topic, declare=False), **options)
+            minio(self.on_minio_message)
+            self.subscribers.append(minio)
+            self.topics.add(s.minio_topic)
+            watched.append((s.minio_topic, minio))
+        for topic, sub in watched:
             self.policies[topic].watch(lambda sub=sub: getattr(sub, "consumer_subgroup", None) or [sub.consumer])
 
     # ------------------------------------------------------------ lifecycle
@@ -131,7 +146,7 @@ class IngestConsumer:
         topic has partitions here, the members of this process have all been through one. (With more
         processes than partitions, a topic may rightly have none here: hence the limit.)
         """
-        topics = {self.settings.uploads_topic, self.settings.minio_topic}
+        topics = self.topics
         deadline = asyncio.get_running_loop().time() + within
         while {p.rsplit(":", 1)[0] for p in self.assignment()} != topics:
             if asyncio.get_running_loop().time() > deadline:

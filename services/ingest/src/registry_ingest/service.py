@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from minio.error import S3Error
 
@@ -512,6 +512,57 @@ class IngestService:
     def close(self) -> None:
         """Once nothing verifies any more (the broker stopped): let the verification threads go."""
         self._streams.shutdown(wait=False, cancel_futures=True)
+
+
+class Reconciler(BackgroundTask):
+    """Stands in for bucket notifications on a store without them (STORAGE_NOTIFICATIONS=none).
+
+    Every `reconcile_interval_seconds` it lists one page (`reconcile_page_size` keys, one ListObjectsV2
+    request) of the upload prefix, going on from the last key of the previous page; what it sees is recorded
+    as the notifications would have recorded it, so the sweeper quarantines strays as before. When a pass
+    reaches the end of the prefix, objects it did not see are recorded as vanished, and the next pass starts.
+    """
+
+    name = "ingest-reconciler"
+
+    def __init__(self, service: IngestService) -> None:
+        self.service = service
+        self._after: str | None = None
+        self._pass_started: datetime | None = None
+        #: Full passes completed (tests and /healthz read it).
+        self.passes = 0
+
+    async def reconcile_once(self) -> None:
+        """List the next page; at the end of the prefix, record what vanished and start over."""
+        svc = self.service
+        s, store = svc.settings, svc.store
+        if self._pass_started is None:
+            self._pass_started = await store.db_now()
+        page = await asyncio.to_thread(svc.bucket.list_page, s.upload_prefix, self._after, s.reconcile_page_size)
+        owned = [o for o in page if owns_key(o[0], s.upload_prefix)]
+        for key in await store.record_listed(owned):
+            log.info("object listed", extra=_fields(key=key))
+            for upload_id in await store.pending_completed_uploads(key):
+                # In the background, as the sweeper does: a long verification must not hold up the listing.
+                svc._spawn(svc.verify_upload(upload_id), "verify", f"upload:{upload_id}")
+        if len(page) < s.reconcile_page_size:
+            for key in await store.mark_vanished(s.upload_prefix, self._pass_started):
+                log.info("object vanished", extra=_fields(key=key))
+            self._after, self._pass_started = None, None
+            self.passes += 1
+        else:
+            self._after = page[-1][0]
+
+    async def run(self) -> None:
+        interval = self.service.settings.reconcile_interval_seconds
+        while True:
+            try:
+                await self.reconcile_once()
+                self.report_ok()
+            except Exception as exc:
+                self.report_retrying(exc)
+                log.warning("reconciliation failed: %s", describe(exc), exc_info=CLASSIFIER(exc) == "unexpected")
+            await asyncio.sleep(interval)
 
 
 class Sweeper(BackgroundTask):

@@ -57,6 +57,17 @@ class IngestSettings(BaseSettings):
     )
     sweep_interval_seconds: float = Field(1.0, description="How often the sweeper looks for due or orphaned work.")
 
+    reconcile_interval_seconds: float = Field(
+        2.0,
+        gt=0,
+        description="Without bucket notifications (STORAGE_NOTIFICATIONS=none): how often one page of the upload"
+        " prefix is listed (ListObjectsV2). A full pass over N objects takes ceil(N / page) intervals; a stray is"
+        " quarantined at most one pass plus INGEST_STRAY_GRACE_SECONDS after it appeared.",
+    )
+    reconcile_page_size: int = Field(
+        1000, ge=1, le=1000, description="Objects listed per reconciliation request (S3's max-keys, at most 1000)."
+    )
+
     chunk_mib: int = Field(8, ge=1, le=256, description="Size of each read from MinIO while hashing.")
     read_buffers: int = Field(3, ge=2, le=16, description="Buffers in flight between the reader and hasher threads.")
     max_concurrent_verifications: int = Field(

@@ -76,6 +76,7 @@ class ObjectRow:
     judged: bool
     lease_owner: str | None
     lease_until: datetime | None
+    listed_at: datetime | None = None  # when a reconciliation listing last saw it (mode `none`)
 
 
 @dataclass
@@ -240,6 +241,68 @@ class IngestStore:
                 },
             )
             return await cur.fetchone() is not None
+
+    async def db_now(self) -> datetime:
+        """Postgres's clock (every time in the schema is on it)."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute("SELECT now()")
+            row = await cur.fetchone()
+            assert row is not None
+            return row[0]
+
+    async def record_listed(self, objects: list[tuple[str, str | None, int | None]]) -> list[str]:
+        """Record what a reconciliation listing saw (mode `none`: the listing stands in for notifications).
+
+        An object already known as this version only gets `listed_at`; a new one, or a new version (another
+        ETag) of a known key, is recorded as created now, so the stray grace counts from when it was first
+        seen. Returns the keys that were new or changed.
+        """
+        if not objects:
+            return []
+        keys = [o[0] for o in objects]
+        etags = [o[1] for o in objects]
+        sizes = [o[2] for o in objects]
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                """
+                INSERT INTO ingest.objects AS o (object_key, present, etag, size, sequencer, version_id, event_name,
+                                                 changed_at, judged, listed_at)
+                SELECT l.key, true, l.etag, l.size, NULL, NULL, 'reconcile:listed', now(),
+                       EXISTS (SELECT 1 FROM ingest.uploads u WHERE u.object_key = l.key AND u.judged_etag = l.etag),
+                       now()
+                  FROM unnest(%(keys)s::text[], %(etags)s::text[], %(sizes)s::bigint[]) AS l(key, etag, size)
+                ON CONFLICT (object_key) DO UPDATE
+                   SET listed_at = now(),
+                       present = true, etag = excluded.etag, size = excluded.size,
+                       sequencer = CASE WHEN o.present AND o.etag IS NOT DISTINCT FROM excluded.etag
+                                        THEN o.sequencer END,
+                       event_name = CASE WHEN o.present AND o.etag IS NOT DISTINCT FROM excluded.etag
+                                         THEN o.event_name ELSE excluded.event_name END,
+                       changed_at = CASE WHEN o.present AND o.etag IS NOT DISTINCT FROM excluded.etag
+                                         THEN o.changed_at ELSE now() END,
+                       judged = CASE WHEN o.present AND o.etag IS NOT DISTINCT FROM excluded.etag
+                                     THEN o.judged ELSE excluded.judged END
+                RETURNING o.object_key, (o.changed_at = now()) AS changed
+                """,
+                {"keys": keys, "etags": etags, "sizes": sizes},
+            )
+            return [r[0] for r in await cur.fetchall() if r[1]]
+
+    async def mark_vanished(self, prefix: str, since: datetime) -> list[str]:
+        """After a full listing pass begun at `since`: objects under `prefix` believed present that the pass
+        did not see (and that did not change meanwhile) are gone; record them as removed."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                """
+                UPDATE ingest.objects SET present = false, etag = NULL, size = NULL, judged = true,
+                       event_name = 'reconcile:vanished', changed_at = now()
+                 WHERE present AND starts_with(object_key, %(prefix)s) AND changed_at < %(since)s
+                   AND (listed_at IS NULL OR listed_at < %(since)s)
+                RETURNING object_key
+                """,
+                {"prefix": prefix, "since": since},
+            )
+            return [r[0] for r in await cur.fetchall()]
 
     async def pending_completed_uploads(self, object_key: str) -> list[int]:
         """Completed uploads of a key still waiting for a verdict."""

@@ -17,7 +17,7 @@ from psycopg_pool import AsyncConnectionPool
 from registry_ingest.bucket import Bucket
 from registry_ingest.consumer import IngestConsumer, make_broker
 from registry_ingest.publisher import Publisher
-from registry_ingest.service import IngestService, Sweeper
+from registry_ingest.service import IngestService, Reconciler, Sweeper
 from registry_ingest.settings import IngestSettings
 from registry_ingest.state import IngestStore
 from registry_shared.settings import KafkaSettings, MinioSettings, PostgresSettings
@@ -42,10 +42,15 @@ class IngestWorker:
         )
         self.publisher = Publisher(self.broker)
         self._stopping = asyncio.Event()
-        self.consumer = IngestConsumer(s, self.broker, self.publisher, self._stopping)
+        #: `kafka`: MinIO's bucket notifications are consumed; `none`: a reconciler lists the prefix instead.
+        self.notifications = MinioSettings().notifications
+        self.consumer = IngestConsumer(
+            s, self.broker, self.publisher, self._stopping, notifications=self.notifications == "kafka"
+        )
         self.pool: AsyncConnectionPool | None = None
         self.service: IngestService | None = None
         self._sweeper: Sweeper | None = None
+        self._reconciler: Reconciler | None = None
         #: Set once started (the broker consumes, the sweeper runs); /healthz answers 503 until then.
         self.ready = False
 
@@ -72,6 +77,9 @@ class IngestWorker:
             return
         self._sweeper = Sweeper(self.service)
         self._sweeper.start()
+        if self.notifications == "none":
+            self._reconciler = Reconciler(self.service)
+            self._reconciler.start()
         # FastStream's ASGI app serves HTTP while the broker starts; /healthz (the readiness signal of the stack
         # and the tests) says ok once this process is a settled member of the group (or that took too long).
         if not await self.consumer.wait_assigned(_SETTLE_SECONDS):
@@ -85,7 +93,8 @@ class IngestWorker:
                 "fields": {
                     "owner": self.owner,
                     "group": s.group_id,
-                    "topics": [s.uploads_topic, s.minio_topic],
+                    "topics": sorted(self.consumer.topics),
+                    "notifications": self.notifications,
                     "prefix": s.upload_prefix,
                 }
             },
@@ -99,6 +108,8 @@ class IngestWorker:
         self._stopping.set()
         if self._sweeper is not None:
             await self._sweeper.stop()
+        if self._reconciler is not None:
+            await self._reconciler.stop()
         sweeps = self.service.stop_sweeps(timeout) if self.service is not None else asyncio.sleep(0)
         await asyncio.gather(self.consumer.stop(), sweeps)
         if self.service is not None:
@@ -120,6 +131,8 @@ class IngestWorker:
         return {
             "owner": self.owner,
             "group": self.settings.group_id,
+            "notifications": self.notifications,
+            "reconcile_passes": self._reconciler.passes if self._reconciler is not None else None,
             "partitions": self.consumer.assignment(),
             "handled": self.consumer.handled,
         }

@@ -241,13 +241,19 @@ def _check_part_list(row: dict, parts: list[tuple[int, str]], size: int) -> None
 
 
 def _match_stored(row: dict, parts: list[tuple[int, str]], stored: list) -> None:
-    by_number = {p.part_number: p for p in stored}
+    # S3 and MinIO keep one upload per part number (the last); SeaweedFS lists every upload of a re-uploaded
+    # part until the complete, which names the one it takes by its ETag. So: the stored upload with that ETag.
+    by_number: dict[int, list] = {}
+    for p in stored:
+        by_number.setdefault(p.part_number, []).append(p)
     for n, etag in parts:
-        p = by_number.get(n)
-        if p is None:
+        candidates = by_number.get(n)
+        if not candidates:
             raise Conflict(f"part {n} is not stored; upload it (GET .../parts lists the stored ones)")
-        if p.etag != normalize_etag(etag):
-            raise Conflict(f"part {n}: ETag {normalize_etag(etag)} is not the stored part's ({p.etag})")
+        p = next((c for c in candidates if c.etag == normalize_etag(etag)), None)
+        if p is None:
+            latest = max(candidates, key=lambda c: c.last_modified or 0)
+            raise Conflict(f"part {n}: ETag {normalize_etag(etag)} is not the stored part's ({latest.etag})")
         if p.size != part_length(row, n):
             raise Conflict(f"part {n} holds {p.size} bytes; {part_length(row, n)} expected: upload it again")
 
