@@ -204,6 +204,12 @@ def test_publish_grant_download_byte_identical(
     assert by_version["files"][0]["path"] == str(cached) or cached.is_file()
     assert sha256_of(cached) == big["sha256"]
 
+    until = int(time.time()) + 3600
+    updated = cli.json("grants", "update", str(grant["grant_id"]), "--until", str(until),
+                       REGISTRY_ADMIN_TOKEN=ADMIN_TOKEN)  # fmt: skip
+    assert (updated["permitted_until_ts"], updated["active"]) == (until, True)
+    assert set(cli.json("usage", key=plat["api_key"])["totals"]) >= {"events", "downloads"}
+
     # Revoked: the platform user no longer sees it; the command says so in one line.
     cli.json("grants", "revoke", str(grant["grant_id"]), REGISTRY_ADMIN_TOKEN=ADMIN_TOKEN)
     gone = cli.run("download", repo_id, "--local-dir", str(tmp_path / "again"), key=plat["api_key"])
