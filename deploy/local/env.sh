@@ -41,6 +41,42 @@ fi
 # Development only, as in .env.example: the key webhook signing secrets are sealed with.
 : "${WEBHOOK_SECRET_KEY:=Jm7kc3VgRIN1LRkidzDsPTYhhrKrNb/SoNYPUugovqQ=}"
 
+# Rate limits stay on locally, but high: the test suite registers thousands of users from one IP and the
+# download benchmark drives one key hard (tests/integration/test_security_rate_limits.py starts its own
+# api processes with low limits).
+: "${RATE_LIMIT_DEVELOPER_PER_MINUTE:=1000000}"
+: "${RATE_LIMIT_PLATFORM_PER_MINUTE:=10000000}"
+: "${RATE_LIMIT_ADMIN_PER_MINUTE:=1000000}"
+: "${RATE_LIMIT_REGISTER_PER_MINUTE:=1000000}"
+export RATE_LIMIT_DEVELOPER_PER_MINUTE RATE_LIMIT_PLATFORM_PER_MINUTE RATE_LIMIT_ADMIN_PER_MINUTE
+export RATE_LIMIT_REGISTER_PER_MINUTE
+
+# Each service's own MinIO user, created by `registry-devstack setup-minio` with a policy limited to what the
+# service does (development values). Presigned URLs are signed with the api's.
+: "${API_MINIO_ACCESS_KEY:=registry-api}"
+: "${API_MINIO_SECRET_KEY:=registry-api-secret}"
+: "${INGEST_MINIO_ACCESS_KEY:=registry-ingest}"
+: "${INGEST_MINIO_SECRET_KEY:=registry-ingest-secret}"
+export API_MINIO_ACCESS_KEY API_MINIO_SECRET_KEY INGEST_MINIO_ACCESS_KEY INGEST_MINIO_SECRET_KEY
+
+# The observability stack (OBSERVABILITY=1): Prometheus scraping the four services with the alert rules of
+# deploy/observability/alerts.yml, and Jaeger receiving their traces (OTLP/HTTP). Both are built from source
+# with `go install` the first time (several minutes each), like MinIO.
+: "${OBSERVABILITY:=0}"
+: "${PROMETHEUS_VERSION:=v0.316.0}"
+: "${PROMETHEUS_PORT:=9090}"
+: "${PROMETHEUS_SCRAPE_INTERVAL:=5s}"
+: "${JAEGER_VERSION:=v1.75.0}"
+: "${JAEGER_UI_PORT:=16686}"
+: "${JAEGER_GRPC_PORT:=16685}"
+: "${JAEGER_OTLP_PORT:=4318}"
+if [ "$OBSERVABILITY" = 1 ] && [ -z "${OTEL_EXPORTER_OTLP_ENDPOINT:-}" ]; then
+  OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:$JAEGER_OTLP_PORT"
+fi
+export OBSERVABILITY PROMETHEUS_VERSION PROMETHEUS_PORT PROMETHEUS_SCRAPE_INTERVAL JAEGER_VERSION JAEGER_UI_PORT
+export JAEGER_GRPC_PORT JAEGER_OTLP_PORT
+if [ -n "${OTEL_EXPORTER_OTLP_ENDPOINT:-}" ]; then export OTEL_EXPORTER_OTLP_ENDPOINT; fi
+
 export ROOT_DIR LOCAL_DIR REGISTRY_CACHE_DIR
 export PG_PORT PG_USER PG_PASSWORD PG_DATABASE KAFKA_VERSION KAFKA_PORT KAFKA_CONTROLLER_PORT
 export MINIO_VERSION MINIO_PORT MINIO_CONSOLE_PORT MINIO_ROOT_USER MINIO_ROOT_PASSWORD MINIO_BUCKET

@@ -5,7 +5,8 @@
 #   stack.sh status                 one line per component
 #   stack.sh logs [component]       tail the logs
 #   stack.sh reset                  stop everything and wipe all data under .local/
-# Components, in start order: postgres kafka minio api ingest analytics notifier
+# Components, in start order: postgres kafka minio [jaeger] api ingest analytics notifier [prometheus]
+# (jaeger and prometheus with OBSERVABILITY=1)
 set -euo pipefail
 # shellcheck source=deploy/local/env.sh
 . "$(dirname "${BASH_SOURCE[0]}")/env.sh"
@@ -13,6 +14,7 @@ set -euo pipefail
 INFRA=(postgres kafka minio)
 SERVICES=(api ingest analytics notifier)
 ALL=("${INFRA[@]}" "${SERVICES[@]}")
+if [ "$OBSERVABILITY" = 1 ]; then ALL=("${INFRA[@]}" jaeger "${SERVICES[@]}" prometheus); fi
 
 mkdir -p "$DATA_DIR" "$LOG_DIR" "$RUN_DIR" "$REGISTRY_CACHE_DIR"
 
@@ -201,6 +203,53 @@ up_minio() {
   py -m registry_shared.devstack setup-minio
 }
 
+# ---------------------------------------------------------------- observability (OBSERVABILITY=1)
+go_build() { # go_build DIR MODULE@VERSION... : `go install` into the cache once
+  local dir=$1; shift
+  command -v go >/dev/null 2>&1 || die "Go is needed to build $* (install Go first)"
+  GOBIN="$dir" CGO_ENABLED=0 go install -trimpath "$@"
+}
+up_jaeger() {
+  local dir="$REGISTRY_CACHE_DIR/jaeger-$JAEGER_VERSION"
+  if [ ! -x "$dir/jaeger" ]; then
+    # Jaeger's go.mod has a replace directive, which `go install pkg@version` refuses: build it as a tool of a
+    # throwaway module that repeats the replace (`go get -tool`), then `go build` it.
+    log "jaeger: go get -tool github.com/jaegertracing/jaeger/cmd/jaeger@$JAEGER_VERSION + go build (first time only, several minutes)"
+    command -v go >/dev/null 2>&1 || die "Go is needed to build Jaeger (install Go first)"
+    local mod; mod=$(mktemp -d)
+    (cd "$mod" && go mod init registry/jaeger-build >/dev/null 2>&1 \
+      && go mod edit -replace github.com/Shopify/sarama=github.com/Shopify/sarama@v1.33.0 \
+      && go get -tool "github.com/jaegertracing/jaeger/cmd/jaeger@$JAEGER_VERSION" \
+      && CGO_ENABLED=0 go build -trimpath -o "$dir/jaeger" github.com/jaegertracing/jaeger/cmd/jaeger) \
+      || { rm -rf "$mod"; die "jaeger: build failed"; }
+    rm -rf "$mod"
+  fi
+  if ! is_running jaeger; then
+    log "jaeger: starting, OTLP on 127.0.0.1:$JAEGER_OTLP_PORT, UI on :$JAEGER_UI_PORT"
+    start_bg jaeger "$dir/jaeger" --config "$ROOT_DIR/deploy/observability/jaeger.yaml"
+  fi
+  wait_until 60 jaeger curl -fsS -o /dev/null "http://127.0.0.1:$JAEGER_UI_PORT/api/services"
+}
+up_prometheus() {
+  local dir="$REGISTRY_CACHE_DIR/prometheus-$PROMETHEUS_VERSION"
+  if [ ! -x "$dir/prometheus" ] || [ ! -x "$dir/promtool" ]; then
+    log "prometheus: go install github.com/prometheus/prometheus/cmd/{prometheus,promtool}@$PROMETHEUS_VERSION (first time only, several minutes)"
+    go_build "$dir" "github.com/prometheus/prometheus/cmd/prometheus@$PROMETHEUS_VERSION" \
+      "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION"
+  fi
+  local config="$RUN_DIR/prometheus.yml"
+  (cd "$ROOT_DIR" && py -c 'import os,sys; sys.stdout.write(os.path.expandvars(open(sys.argv[1]).read()))' \
+    deploy/observability/prometheus.yml.tmpl) > "$config"
+  "$dir/promtool" check config "$config" >/dev/null || die "prometheus: $config does not check"
+  if ! is_running prometheus; then
+    log "prometheus: starting on 127.0.0.1:$PROMETHEUS_PORT"
+    mkdir -p "$DATA_DIR/prometheus"
+    start_bg prometheus "$dir/prometheus" --config.file="$config" --storage.tsdb.path="$DATA_DIR/prometheus" \
+      --web.listen-address="127.0.0.1:$PROMETHEUS_PORT" --web.enable-lifecycle --storage.tsdb.retention.time=2d
+  fi
+  wait_until 60 prometheus curl -fsS -o /dev/null "http://127.0.0.1:$PROMETHEUS_PORT/-/ready"
+}
+
 # ---------------------------------------------------------------- services
 service_port() { case $1 in api) echo "$API_PORT";; ingest) echo "$INGEST_PORT";;
   analytics) echo "$ANALYTICS_PORT";; notifier) echo "$NOTIFIER_PORT";; esac; }
@@ -219,6 +268,8 @@ status_line() {
   case $c in
     postgres) where="127.0.0.1:$PG_PORT";; kafka) where="127.0.0.1:$KAFKA_PORT";;
     minio) where="http://127.0.0.1:$MINIO_PORT (console :$MINIO_CONSOLE_PORT)";;
+    prometheus) where="http://127.0.0.1:$PROMETHEUS_PORT";;
+    jaeger) where="http://127.0.0.1:$JAEGER_UI_PORT (OTLP :$JAEGER_OTLP_PORT)";;
     *) where="http://127.0.0.1:$(service_port "$c")";;
   esac
   if is_running "$c"; then state="up (pid $(pid_of "$c"))"; else state="down"; fi
@@ -229,7 +280,7 @@ cmd_up() {
   local t0=$SECONDS comps=("$@"); [ ${#comps[@]} -gt 0 ] || comps=("${ALL[@]}")
   ensure_uv
   for c in "${comps[@]}"; do
-    case $c in postgres|kafka|minio) "up_$c";; api|ingest|analytics|notifier) up_service "$c";;
+    case $c in postgres|kafka|minio|jaeger|prometheus) "up_$c";; api|ingest|analytics|notifier) up_service "$c";;
       *) die "unknown component: $c";; esac
   done
   log "ready in $((SECONDS - t0)) s"

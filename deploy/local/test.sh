@@ -4,6 +4,9 @@
 #   test.sh           lint + unit + integration + e2e
 #   test.sh --bench [file ...]   the benchmarks in tests/bench, or the files given (prints their figures)
 set -euo pipefail
+# The observability stack (Prometheus, Jaeger) is on in the tests: tests/integration/test_observability.py needs it.
+# Built once (several minutes each) and cached; OBSERVABILITY=0 make test leaves it out (those tests then skip).
+export OBSERVABILITY="${OBSERVABILITY:-1}"
 # shellcheck source=deploy/local/env.sh
 . "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 STACK="$ROOT_DIR/deploy/local/stack.sh"
@@ -35,6 +38,15 @@ fi
 
 # tmux: the terminal the client's progress bars are tested in (tests/integration/test_cli_terminal.py).
 command -v tmux >/dev/null 2>&1 || { log "installing tmux"; apt-get update -qq && apt-get install -y -qq tmux >/dev/null; }
+# Helm, for the chart's lint and template tests (tests/unit/test_helm_chart.py): built once with go install.
+: "${HELM_VERSION:=v4.3.2}"
+export HELM_VERSION
+if [ ! -x "$REGISTRY_CACHE_DIR/helm-$HELM_VERSION/helm" ]; then
+  log "helm: go install helm.sh/helm/v4/cmd/helm@$HELM_VERSION (first time only, several minutes)"
+  GOBIN="$REGISTRY_CACHE_DIR/helm-$HELM_VERSION" CGO_ENABLED=0 go install -trimpath "helm.sh/helm/v4/cmd/helm@$HELM_VERSION"
+fi
+# Debian's Chromium: the headless browser /docs and /redoc are rendered in without internet (test_docs_offline.py).
+command -v chromium >/dev/null 2>&1 || { log "installing chromium"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
 if [ "$mode" = "--bench" ]; then
   # The load tool of the HTTP benchmarks and the openssl baseline of the ingest benchmark.

@@ -74,7 +74,7 @@ def generate(tag: str, start: float, span: float):
         user = rng.randrange(N_USERS)
         repo = favourites[user][rng.randrange(FAVOURITES)]
         value = TEMPLATE % (
-            b"%s-%d" % (tag.encode(), i),
+            b"%s-0000-4000-8000-%012x" % (tag.encode(), i),  # a UUID (event ids are UUIDs): tag = 8 hex digits
             now_iso,
             repo,
             user,

@@ -74,6 +74,15 @@ async def create_topics(bootstrap: str, names: list[str], partitions: int = 3) -
         await admin.close()
 
 
+async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """Every partition of `topic`, as a started consumer's metadata knows them (refreshed once if empty)."""
+    partitions = consumer.partitions_for_topic(topic)
+    if not partitions:
+        await consumer._client.force_metadata_update()
+        partitions = consumer.partitions_for_topic(topic) or set()
+    return [TopicPartition(topic, p) for p in sorted(partitions)]
+
+
 async def start_group_at_end(bootstrap: str, group: str, topic: str) -> None:
     """Commit the current end offsets of `topic` for `group`, so a new worker skips the topic's history.
 
@@ -82,11 +91,7 @@ async def start_group_at_end(bootstrap: str, group: str, topic: str) -> None:
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
     await consumer.start()
     try:
-        partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            await consumer._client.force_metadata_update()
-            partitions = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        tps = await topic_partitions(consumer, topic)
         ends = await consumer.end_offsets(tps)
         consumer.assign(tps)
         await consumer.commit({tp: ends[tp] for tp in tps})
@@ -467,3 +472,52 @@ class PatternStream(io.RawIOBase):
     def sha256(self) -> str:
         assert self.pos == self.size, "not read to the end"
         return self._sha.hexdigest()
+
+
+# ---------------------------------------------------------------- a dependency that goes away
+class TcpProxy:
+    """A TCP proxy on loopback in front of a real server (Postgres), which a test can cut and restore: an
+    outage of that server as one process sees it, while the rest of the stack keeps it."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        self._writers.update((writer, up_writer))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._writers.difference_update((writer, up_writer))
+
+    async def cut(self) -> None:
+        """Refuse new connections and drop the open ones."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for w in list(self._writers):
+            w.transport.abort()
+        self._writers.clear()
+
+    async def restore(self) -> None:
+        """Accept connections again, on the same port."""
+        await self.start()

@@ -23,8 +23,10 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import httpx
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiosmtpd.controller import Controller
+from ingest_helpers import topic_partitions
 
 from registry_shared.events import EVENT_TYPES, EventData, encode_event, make_event
 from registry_shared.settings import KafkaSettings
@@ -389,3 +391,59 @@ def publish(
 
     asyncio.run(_send())
     return cloud
+
+
+def publish_raw(topic: str, records: list[tuple[bytes, bytes | None]]) -> list[tuple[int, int]]:
+    """Publish (value, key) records as they are, in order; returns their (partition, offset)."""
+
+    async def _send() -> list[tuple[int, int]]:
+        producer = AIOKafkaProducer(bootstrap_servers=KafkaSettings().kafka_bootstrap_servers, acks="all")
+        await producer.start()
+        try:
+            out = []
+            for value, key in records:
+                meta = await producer.send_and_wait(topic, value, key=key)
+                out.append((meta.partition, meta.offset))
+            return out
+        finally:
+            await producer.stop()
+
+    return asyncio.run(_send())
+
+
+def read_topic(topic: str, keep: Callable[[ConsumerRecord], bool]) -> list[ConsumerRecord]:
+    """The records of `topic`, from its beginning to its current end, that `keep` accepts."""
+
+    async def _read() -> list[ConsumerRecord]:
+        consumer = AIOKafkaConsumer(bootstrap_servers=KafkaSettings().kafka_bootstrap_servers, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            tps = await topic_partitions(consumer, topic)
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+            out: list[ConsumerRecord] = []
+            while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    out.extend(r for r in records if keep(r))
+            return out
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(_read())
+
+
+def committed_offset(group: str, topic: str, partition: int) -> int:
+    """The offset `group` committed on a partition (-1 if none)."""
+
+    async def _committed() -> int:
+        admin = AIOKafkaAdminClient(bootstrap_servers=KafkaSettings().kafka_bootstrap_servers)
+        await admin.start()
+        try:
+            tp = TopicPartition(topic, partition)
+            offsets = await admin.list_consumer_group_offsets(group, partitions=[tp])
+            return offsets[tp].offset if tp in offsets else -1
+        finally:
+            await admin.close()
+
+    return asyncio.run(_committed())

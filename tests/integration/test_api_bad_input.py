@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import uuid
 
+import httpx
 import psycopg
 import pytest
+
+from registry_shared.storage import quarantine_key, upload_object_key
 
 
 @pytest.fixture(scope="module")
@@ -234,3 +237,229 @@ def test_usage_bounds(registry, dev, params):
 def test_unknown_routes_keep_the_error_shape(registry, dev):
     assert_error(registry.http.get("/v1/nothing-here", headers=dev.headers), 404)
     assert_error(registry.http.put("/v1/models", headers=dev.headers), 405)
+
+
+# ---------------------------------------------------------------- text the database cannot hold (NUL)
+
+NUL = "a\u0000b"
+BIGINT_MAX = 2**63 - 1
+
+
+@pytest.fixture(scope="module")
+def hook(registry, dev):
+    r = registry.http.post(
+        "/v1/webhooks",
+        headers=dev.headers,
+        json={"url": "http://1.1.1.1/registry-test-hook", "event_types": ["upload.verified"], "repo_id": "no/such"},
+    )
+    assert r.status_code == 201, r.text
+    yield r.json()
+    registry.http.delete(f"/v1/webhooks/{r.json()['id']}", headers=dev.headers)
+
+
+def _nul_requests(registry, dev, model, hook) -> list[tuple[str, str, dict]]:
+    admin = registry.admin
+    return [
+        ("post", "/v1/users/register", {"json": {"email": "nul@example.com", "name": NUL}}),
+        ("post", "/v1/users/register", {"json": {"email": f"n{NUL}@example.com", "name": "x"}}),
+        ("post", "/v1/admin/users", {"headers": admin, "json": {"email": "nul@x.io", "name": NUL, "role": "platform"}}),
+        ("post", "/v1/dev/models", {"headers": dev.headers, "json": {"repo_id": "nulns/m", "model_name": NUL}}),
+        (
+            "post",
+            "/v1/dev/models",
+            {"headers": dev.headers, "json": {"repo_id": "nulns/m", "model_name": "m", "tags": NUL}},
+        ),
+        ("patch", f"/v1/dev/models/{model}", {"headers": dev.headers, "json": {"model_name": NUL}}),
+        ("patch", f"/v1/dev/models/{model}", {"headers": dev.headers, "json": {"license": NUL}}),
+        (
+            "post",
+            "/v1/webhooks",
+            {
+                "headers": dev.headers,
+                "json": {"url": "http://1.1.1.1/h", "event_types": ["upload.verified"], "description": NUL},
+            },
+        ),
+        ("patch", f"/v1/webhooks/{hook['id']}", {"headers": dev.headers, "json": {"description": NUL}}),
+        ("patch", f"/v1/webhooks/{hook['id']}", {"headers": dev.headers, "json": {"url": f"http://1.1.1.1/{NUL}"}}),
+        ("get", "/v1/models", {"headers": dev.headers, "params": {"q": NUL}}),
+        ("get", "/v1/admin/users", {"headers": admin, "params": {"email": NUL}}),
+        ("get", "/v1/admin/grants", {"headers": admin, "params": {"repo_id": NUL}}),
+        ("get", "/v1/admin/usage", {"headers": admin, "params": {"filter_email": NUL}}),
+        ("get", "/v1/changes", {"headers": dev.headers, "params": {"since": 0, NUL: "x"}}),
+        ("get", f"/v1/models/{model}", {"headers": dev.headers, "params": {"x": NUL}}),
+    ]
+
+
+def test_nul_in_any_text_is_refused_by_one_rule(registry, pg_settings, dev, model, hook):
+    users = count(pg_settings, "select count(*) from users")
+    models = count(pg_settings, "select count(*) from models")
+    for method, path, kwargs in _nul_requests(registry, dev, model, hook):
+        r = registry.http.request(method, path, **kwargs)
+        assert_error(r, 422)
+        assert "NUL" in r.json()["detail"], (method, path, r.text)
+    assert count(pg_settings, "select count(*) from users") == users
+    assert count(pg_settings, "select count(*) from models") == models
+
+
+def test_nul_answer_names_where_it_was(registry, dev):
+    r = registry.http.post("/v1/dev/models", headers=dev.headers, json={"repo_id": "nulns/m", "model_name": NUL})
+    assert r.json()["detail"] == "model_name: text must not contain NUL (\\u0000) characters"
+    r = registry.http.get("/v1/models", headers=dev.headers, params={"q": NUL})
+    assert r.json()["detail"] == "q: text must not contain NUL (\\u0000) characters"
+
+
+def test_nul_in_a_path_is_refused(registry, dev, model):
+    for path in (f"/v1/models/{model}%00", f"/v1/dev/models/{model}/versions/v%001/uploads", "/v1/webhooks/1%00"):
+        assert_error(registry.http.get(path, headers=dev.headers), 422)
+
+
+# ---------------------------------------------------------------- bodies that are not UTF-8 JSON
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"email": "\xff@example.com", "name": "x"}',  # not UTF-8
+        '{"email": "a@example.com", "name": "x"}'.encode("utf-16"),  # JSON, but not in UTF-8
+        b"[" * 100_000,  # nested deeper than any parser goes
+        b"\xef\xbb\xbf{}",  # a byte order mark
+    ],
+)
+def test_a_body_that_is_not_utf8_json_is_invalid_json(registry, pg_settings, content):
+    before = count(pg_settings, "select count(*) from users")
+    for ctype in ("application/json", "application/json; charset=utf-8"):
+        r = registry.http.post("/v1/users/register", headers={"content-type": ctype}, content=content)
+        assert_error(r, 422)
+        assert r.json()["detail"] == "invalid JSON body"
+    assert count(pg_settings, "select count(*) from users") == before
+
+
+def test_every_json_body_operation_documents_422(registry):
+    spec = registry.http.get("/openapi.json").json()
+    bodies = [
+        (method, path, op) for path, ops in spec["paths"].items() for method, op in ops.items() if "requestBody" in op
+    ]
+    assert len(bodies) >= 8
+    for method, path, op in bodies:
+        assert "422" in op["responses"], (method, path)
+        assert "invalid JSON body" in op["responses"]["422"]["description"], (method, path)
+
+
+# ---------------------------------------------------------------- null where a field cannot be null
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"visibility": None}, {"model_name": None}, {"model_name": "ok", "visibility": None}],
+)
+def test_patch_model_null_for_a_required_field(registry, pg_settings, dev, model, body):
+    r = registry.http.patch(f"/v1/dev/models/{model}", headers=dev.headers, json=body)
+    assert_error(r, 422)
+    assert "null" in r.json()["detail"] or "valid" in r.json()["detail"], r.text
+    assert count(pg_settings, "select count(*) from models where repo_id = %s and model_name = 'ok'", model) == 0
+
+
+def test_patch_model_null_clears_an_optional_field(registry, dev, model):
+    r = registry.http.patch(f"/v1/dev/models/{model}", headers=dev.headers, json={"license": "mit"})
+    assert r.status_code == 200 and r.json()["license"] == "mit"
+    r = registry.http.patch(f"/v1/dev/models/{model}", headers=dev.headers, json={"license": None})
+    assert r.status_code == 200 and r.json()["license"] is None
+
+
+def test_patch_grant_and_webhook_null_for_required_fields(registry, dev, model, hook):
+    plat = registry.create_user("platform")
+    grant = registry.grant(plat, model)
+    for body in ({"permitted_from_ts": None},):
+        assert_error(
+            registry.http.patch(f"/v1/admin/grants/{grant['grant_id']}", headers=registry.admin, json=body), 422
+        )
+    for body in ({"url": None}, {"event_types": None}, {"description": None}, {"enabled": None}):
+        assert_error(registry.http.patch(f"/v1/webhooks/{hook['id']}", headers=dev.headers, json=body), 422)
+    r = registry.http.patch(f"/v1/webhooks/{hook['id']}", headers=dev.headers, json={"repo_id": None})
+    assert r.status_code == 200 and r.json()["repo_id"] is None
+
+
+def test_openapi_says_which_patch_fields_may_be_null(registry):
+    schemas = registry.http.get("/openapi.json").json()["components"]["schemas"]
+
+    def nullable(model: str, field: str) -> bool:
+        prop = schemas[model]["properties"][field]
+        return any(alt.get("type") == "null" for alt in prop.get("anyOf", []))
+
+    assert not nullable("ModelUpdate", "visibility") and not nullable("ModelUpdate", "model_name")
+    assert nullable("ModelUpdate", "license")
+    assert not nullable("GrantUpdate", "permitted_from_ts") and nullable("GrantUpdate", "permitted_until_ts")
+    assert not nullable("WebhookUpdate", "url") and nullable("WebhookUpdate", "repo_id")
+
+
+# ---------------------------------------------------------------- integers the database cannot hold
+
+
+@pytest.mark.parametrize("big", [2**63, 2**64, 10**30])
+def test_integers_beyond_bigint_are_refused(registry, dev, model, hook, big):
+    admin = registry.admin
+    cases = [
+        ("get", "/v1/admin/users", {"headers": admin, "params": {"offset": big}}),
+        ("get", "/v1/admin/grants", {"headers": admin, "params": {"offset": big}}),
+        ("get", "/v1/admin/grants", {"headers": admin, "params": {"platform_user_id": big}}),
+        ("get", f"/v1/admin/grants/{big}", {"headers": admin}),
+        ("patch", f"/v1/admin/grants/{big}", {"headers": admin, "json": {"permitted_until_ts": None}}),
+        ("delete", f"/v1/admin/grants/{big}", {"headers": admin}),
+        ("get", "/v1/admin/usage", {"headers": admin, "params": {"filter_user_id": big}}),
+        ("get", "/v1/models", {"headers": dev.headers, "params": {"updated_since": big}}),
+        ("get", "/v1/changes", {"headers": dev.headers, "params": {"since": big}}),
+        ("get", f"/v1/dev/uploads/{big}", {"headers": dev.headers}),
+        ("get", f"/v1/webhooks/{big}", {"headers": dev.headers}),
+        ("get", f"/v1/webhooks/{hook['id']}/deliveries", {"headers": dev.headers, "params": {"offset": big}}),
+        ("get", f"/v1/webhooks/{hook['id']}/deliveries/{big}", {"headers": dev.headers}),
+        (
+            "post",
+            "/v1/admin/grants",
+            {"headers": admin, "json": {"platform_user_id": big, "repo_id": model, "permitted_from_ts": 0}},
+        ),
+    ]
+    for method, path, kwargs in cases:
+        r = registry.http.request(method, path, **kwargs)
+        assert r.status_code == 422, (method, path, r.status_code, r.text)
+        assert_error(r, 422)
+
+
+def test_the_largest_bigint_is_a_valid_id(registry, dev):
+    assert_error(registry.http.get(f"/v1/admin/grants/{BIGINT_MAX}", headers=registry.admin), 404)
+    assert_error(registry.http.get(f"/v1/dev/uploads/{BIGINT_MAX}", headers=dev.headers), 404)
+    r = registry.http.get("/v1/admin/users", headers=registry.admin, params={"offset": BIGINT_MAX})
+    assert r.status_code == 200 and r.json()["items"] == []
+
+
+# ---------------------------------------------------------------- object keys the store cannot hold
+
+
+def test_initiate_refuses_a_file_name_whose_object_key_the_store_cannot_hold(registry, pg_settings, dev, model):
+    def initiate(filename: str):
+        return registry.http.post(
+            f"/v1/dev/models/{model}/versions/v1/uploads/initiate", params={"filename": filename}, headers=dev.headers
+        )
+
+    def uploads() -> int:
+        return count(
+            pg_settings, "select count(*) from uploads u join models m on m.id = u.model_id where m.repo_id = %s", model
+        )
+
+    before = uploads()
+    too_long = "/".join(["é" * 100] * 6)  # 605 characters (under the 1,024 allowed), 1,205 bytes
+    r = initiate(too_long)
+    assert_error(r, 422)
+    assert "too long" in r.json()["detail"]
+    r = initiate("a/" + "b" * 256)  # MinIO refuses a segment over 255 bytes
+    assert_error(r, 422)
+    assert "segment" in r.json()["detail"]
+    assert uploads() == before
+    # The longest name that fits is accepted, and the store takes its object.
+    room = 1024 - len(quarantine_key(upload_object_key(model, "v1", "")).encode())
+    name = ("f" * 200 + "/") * 6
+    name = name[: room - 1] + "f"
+    assert len(quarantine_key(upload_object_key(model, "v1", name)).encode()) == 1024
+    r = initiate(name)
+    assert r.status_code == 200, r.text
+    put = httpx.put(r.json()["url"], content=b"x", timeout=30)
+    assert put.status_code == 200, put.text

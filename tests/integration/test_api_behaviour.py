@@ -9,6 +9,8 @@ import httpx
 import pytest
 from conftest import seed_file, spawn_api, stop_process
 
+from registry_api.kit.validate import REPO_ID_PATTERN, VERSION_PATTERN
+
 
 @pytest.fixture(scope="module")
 def second_api():
@@ -183,3 +185,41 @@ def test_every_response_carries_a_request_id(registry):
     assert r.headers["x-request-id"] == "trace-123"
     r = registry.http.get("/v1/models")
     assert r.status_code == 401 and len(r.headers["x-request-id"]) == 32
+
+
+def test_openapi_security_schemes_and_path_patterns(registry):
+    """User operations take the key as x-api-key or as a bearer token (huggingface_hub sends
+    `Authorization: Bearer`); catalog reads (on /v1 and the Hub's reads on /hf) also take the admin token;
+    admin operations take only the admin token."""
+    spec = registry.http.get("/openapi.json").json()
+    schemes = spec["components"]["securitySchemes"]
+    assert schemes["ApiKey"] == {**schemes["ApiKey"], "type": "apiKey", "in": "header", "name": "x-api-key"}
+    assert schemes["Bearer"] == {**schemes["Bearer"], "type": "http", "scheme": "bearer"}
+    assert schemes["AdminToken"] == {**schemes["AdminToken"], "type": "apiKey", "in": "header", "name": "x-admin-token"}
+    user = [{"ApiKey": []}, {"Bearer": []}]
+    catalog = {"/v1/models", "/v1/models/{repo_id}", "/v1/models/{repo_id}/files", "/v1/manifest/{repo_id}"}
+    catalog |= {"/v1/changes", "/v1/files/{file_path}/download"}
+    # The Hub's reads: every GET under /hf, and paths-info (a read sent as POST).
+    hf_reads = {"/hf/api/models/{namespace}/{name}/paths-info/{revision}"}
+    # No credentials: the completion URL authorizes itself (signed); Xet is not offered (400 to anyone).
+    public = {"/healthz", "/readyz", "/v1/users/register", "/hf/api/lfs/complete/{token}"}
+    public |= {"/hf/api/models/{namespace}/{name}/xet-read-token/{revision}"}
+    public |= {"/hf/api/models/{namespace}/{name}/xet-write-token/{revision}"}
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            security = op.get("security")
+            if path in public:
+                assert not security, (method, path)
+            elif path.startswith("/v1/admin/"):
+                assert security == [{"AdminToken": []}], (method, path, security)
+            elif path in catalog or path in hf_reads or (path.startswith("/hf/") and method in ("get", "head")):
+                assert security == [*user, {"AdminToken": []}], (method, path, security)
+            else:
+                assert security == user, (method, path, security)
+            for param in op.get("parameters", []):
+                if param["in"] == "path" and param["name"] == "repo_id":
+                    assert param["schema"]["pattern"] == REPO_ID_PATTERN, (method, path)
+                if param["in"] == "path" and param["name"] == "version":
+                    assert param["schema"]["pattern"] == VERSION_PATTERN, (method, path)
+                if param["in"] == "path" and param["name"].endswith("_id") and param["name"] != "repo_id":
+                    assert param["schema"]["maximum"] == 2**63 - 1, (method, path, param)

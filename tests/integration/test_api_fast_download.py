@@ -85,3 +85,41 @@ async def test_other_methods_go_to_the_router(registry, method):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as c:
             r = await c.request(method, "/v1/files/a/b/c.bin/download")
     assert r.status_code == 405
+
+
+async def test_fast_path_and_documented_route_refuse_alike_while_the_database_or_the_access_log_is_away(
+    registry, pg_settings, minio_settings
+):
+    dev = registry.register("FastDown")
+    repo = registry.create_model(dev, "private")
+    registry.create_version(dev, repo, "v1")
+    seed_file(pg_settings, minio_settings, repo, "v1")
+    file = f"/v1/files/{repo}/{SEED_FILE}/download"
+    settings = ApiSettings(outbox_relay=False, api_consume_events=False, api_run_migrations=False)
+    fast, routed = create_app(settings), create_app(settings, fast_download=False)
+    async with fast.router.lifespan_context(fast), routed.router.lifespan_context(routed):
+        async with (
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=fast), base_url="http://api") as a,
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=routed), base_url="http://api") as b,
+        ):
+            for app in (fast, routed):  # what the monitor does when a probe fails
+                app.state.db_monitor.down = True
+            try:
+                ra, rb = await a.get(file, headers=dev.headers), await b.get(file, headers=dev.headers)
+            finally:
+                for app in (fast, routed):
+                    app.state.db_monitor.down = False
+            assert (
+                (ra.status_code, ra.json()) == (rb.status_code, rb.json()) == (503, {"detail": "database unavailable"})
+            )
+            assert ra.headers["retry-after"] == rb.headers["retry-after"] == "2"
+
+            for app in (fast, routed):  # a full access-event buffer
+                app.state.access.max_buffered = 0
+            ra, rb = await a.get(file, headers=dev.headers), await b.get(file, headers=dev.headers)
+            assert (
+                (ra.status_code, ra.json())
+                == (rb.status_code, rb.json())
+                == (503, {"detail": "access log unavailable"})
+            )
+            assert ra.headers["retry-after"] == rb.headers["retry-after"] == "2"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from registry_analytics.consumer import new_token
+from registry_analytics.batching import new_token
 from registry_analytics.store import Store
 from registry_shared.events import FileAccessed, encode_event, make_event
 from registry_shared.settings import ClickHouseSettings

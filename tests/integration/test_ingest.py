@@ -36,7 +36,7 @@ from ingest_helpers import (
 from minio import Minio
 from minio.error import S3Error
 
-from registry_shared.events import CloudEvent, Topics, decode_event, make_event
+from registry_shared.events import CloudEvent, Topics, decode_event, encode_event, make_event
 from registry_shared.storage import minio_client, quarantine_key
 
 pytestmark = pytest.mark.timeout(150)
@@ -340,29 +340,108 @@ async def test_duplicate_and_redelivered_complete_give_exactly_one_verdict(inges
     assert len(await verdict_rows(ingest.database_url, f"upload:{up.upload_id}")) == 1
 
 
-async def test_poison_messages_are_dead_lettered_and_the_worker_keeps_going(ingest):
+async def test_poison_messages_are_dead_lettered_and_the_worker_keeps_going(ingest, kafka_settings):
+    """Each kind of poison on the uploads topic, then a good upload on the same partition (same key): every
+    poison is dead-lettered with its error and source, the good upload is verified, and the group's committed
+    offset moves past all of them."""
+    bootstrap = kafka_settings.kafka_bootstrap_servers
+    topic = ingest.config.uploads_topic
     repo = f"acme/poison-{uuid.uuid4().hex[:6]}"
-    await ingest.bus.publish_raw(ingest.config.uploads_topic, b"\xff not json {", key=repo.encode())
-    bad_schema = {"specversion": "1.0", "id": str(uuid.uuid4()), "source": "/test", "subject": repo}
-    bad_schema |= {"type": "registry.upload.completed.v1", "data": {"upload_id": "nope"}}
-    await ingest.bus.publish_raw(ingest.config.uploads_topic, json.dumps(bad_schema).encode(), key=repo.encode())
+    envelope = {"specversion": "1.0", "source": "/test", "subject": repo, "type": "registry.upload.completed.v1"}
+    first = ingest.upload("first.safetensors", repo=repo)
+    await ingest.initiate(first)  # recorded for its own object key
+    contradicting = first.completed(len(VALID_ST), sha256_hex(VALID_ST)).model_copy(
+        update={"object_key": f"{ingest.config.prefix}{repo}/1.0.0/another-file.safetensors"}
+    )
+    poisons = [
+        (b"\xff not json {", "not a CloudEvent: invalid JSON"),
+        (json.dumps({**envelope, "id": str(uuid.uuid4()), "data": {"upload_id": "nope"}}).encode(), "upload_id"),
+        (
+            json.dumps({**envelope, "id": "not-a-uuid", "data": first.completed(1, "0" * 64).model_dump()}).encode(),
+            "event id is not a UUID",
+        ),
+        (
+            encode_event(make_event(contradicting, source="/test")),
+            f"upload {first.upload_id} is recorded for object {first.key!r}",
+        ),
+    ]
+    for value, _ in poisons:
+        await ingest.bus.publish_raw(topic, value, key=repo.encode())
 
     up = ingest.upload("after-poison.safetensors", repo=repo)
     await ingest.submit(up, VALID_ST)
     verdict = await ingest.verdicts.wait_verdict(up.upload_id)
     assert verdict.type == "registry.upload.verified.v1"
 
-    async def both_parked() -> list:
+    async def all_parked() -> list:
         mine = [r for r in ingest.dead_letters.records if r.key == repo.encode()]
-        return mine if len(mine) >= 2 else []
+        return mine if len(mine) >= len(poisons) else []
 
-    parked = await eventually(both_parked, 30, "two dead letters")
-    assert [r.value for r in parked] == [b"\xff not json {", json.dumps(bad_schema).encode()]
-    for r in parked:
-        headers = dict(r.headers)
-        assert headers["source_topic"] == ingest.config.uploads_topic.encode()
-        assert headers["consumer_group"] == ingest.config.group.encode()
-        assert b"undecodable upload event" in headers["error"]
+    parked = await eventually(all_parked, 30, "a dead letter for every poison")
+    assert [r.value for r in parked] == [value for value, _ in poisons]
+    partition = parked[0].partition
+    offsets = []
+    for r, (_, error) in zip(parked, poisons, strict=True):
+        headers = {k: v.decode() for k, v in r.headers}
+        assert headers["source_topic"] == topic
+        assert headers["consumer_group"] == ingest.config.group
+        assert headers["consumer"] == "ingest-uploads"
+        assert headers["error"].startswith("PoisonMessage: " if "recorded for" in error else "PermanentError: ")
+        assert error in headers["error"], headers["error"]
+        offsets.append(int(headers["source_offset"]))
+    assert offsets == sorted(offsets)
+    assert len({r.partition for r in parked}) == 1 and partition == parked[-1].partition
+
+    async def committed_past_all() -> bool:
+        source = int(dict(parked[0].headers)["source_partition"])
+        committed, end = (await committed_and_end_offsets(bootstrap, ingest.config.group, topic))[source]
+        return committed > offsets[-1] and committed == end
+
+    await eventually(committed_past_all, 30, "the group's offset to move past the poisons and the good upload")
+    row = await upload_row(ingest.database_url, first.upload_id)
+    assert row is not None and row["completed_at"] is None  # the contradicting complete changed nothing
+
+
+async def test_poison_notifications_are_dead_lettered_too(ingest, minio_settings):
+    """MinIO's topic: a record under the worker's prefix that is not an S3 event record is dead-lettered (the
+    stack's own ingest, and other tests' workers, skip it by its key), and the worker goes on."""
+    key = f"{minio_settings.minio_bucket}/{ingest.config.prefix}junk-{uuid.uuid4().hex[:6]}".encode()
+    await ingest.bus.publish_raw(Topics.MINIO_EVENTS, b'{"Records": "not a list"}', key=key)
+
+    async def parked() -> list:
+        return [r for r in ingest.dead_letters.records if r.key == key]
+
+    (letter,) = await eventually(parked, 30, "the junk notification's dead letter")
+    headers = {k: v.decode() for k, v in letter.headers}
+    assert headers["source_topic"] == Topics.MINIO_EVENTS
+    assert headers["consumer"] == "ingest-minio"
+    assert "undecodable MinIO notification" in headers["error"]
+    up = ingest.upload("after-junk.safetensors")
+    await ingest.submit(up, VALID_ST)
+    assert (await ingest.verdicts.wait_verdict(up.upload_id)).type == "registry.upload.verified.v1"
+
+
+async def test_an_object_key_the_store_cannot_hold_ends_in_a_rejection(ingest):
+    """An upload whose object key is over S3's 1,024 bytes can never be read: instead of retrying its
+    verification without end, the worker rejects it as `unverifiable`, with the reason."""
+    up = ingest.upload("x" * 1100 + ".safetensors")
+    await ingest.initiate(up)
+    await ingest.complete(up, len(VALID_ST), sha256_hex(VALID_ST))
+    verdict = await ingest.verdicts.wait_verdict(up.upload_id, within=60)
+    assert verdict.type == "registry.upload.rejected.v1"
+    assert verdict.data["reason"] == "unverifiable"
+    assert "object key is" in verdict.data["detail"] and "1024" in verdict.data["detail"]
+    row = await upload_row(ingest.database_url, up.upload_id)
+    assert row is not None and row["verdict"] == "rejected" and row["reason"] == "unverifiable"
+
+
+async def test_health_lists_the_consumers_and_the_sweeper(ingest):
+    health = await ingest.worker.health()
+    assert health is not None and health["ok"] is True
+    consumers = health["consumers"]
+    assert {"ingest-uploads", "ingest-minio", "ingest-sweeper"} <= set(consumers)
+    assert consumers["ingest-uploads"]["dead_lettered"] >= 0
+    assert all(c["state"] in ("ok", "starting", "retrying") for c in consumers.values())
 
 
 async def test_a_message_whose_headers_are_not_text_is_still_handled(ingest):

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+from aiokafka import ConsumerRecord
 from notifier_helpers import (
     LOOPBACK,
     Api,
@@ -25,15 +26,26 @@ from notifier_helpers import (
     SmtpSink,
     User,
     api_process,
+    committed_offset,
     notifier_process,
     publish,
+    publish_raw,
+    read_topic,
     receiver,
     wait_consumer_ready,
     wait_for,
 )
 from standardwebhooks import Webhook
 
-from registry_shared.events import CloudEvent, UploadRejected, UploadVerified, UserKeyRotated, make_event
+from registry_shared.events import (
+    CloudEvent,
+    Topics,
+    UploadRejected,
+    UploadVerified,
+    UserKeyRotated,
+    encode_event,
+    make_event,
+)
 from registry_shared.settings import PostgresSettings
 
 MAX_FAILURES = 8
@@ -384,6 +396,77 @@ def test_an_event_with_a_bad_payload_does_not_stop_the_flow(api: Api, notifier: 
         wait_for(lambda: r.events(), 20, "the event after the bad one")
         assert [x.event["type"] for x in r.events()] == [UserKeyRotated.event_type]
         assert bad.id not in r.event_ids()
+
+
+def test_poison_events_are_dead_lettered_and_the_next_one_delivered(
+    api: Api, notifier: ServiceProcess, notifier_ids: tuple[str, str], hooks: list
+) -> None:
+    """Each kind of poison, then a good event on the same partition (same key): every poison lands in the
+    dead-letter topic with its error and source, the good one is delivered, and the group's committed offset
+    moves past both."""
+    group = notifier_ids[0]
+    dev = api.register("Dev")
+    key = f"user:{dev.user_id}".encode()
+    rotated = UserKeyRotated(user_id=dev.user_id, email=dev.email, key_prefix="sk_live_test", rotated_ts=1)
+    nobody = 2**62
+    poisons = [
+        (b"\xff not json {", "PermanentError: not a CloudEvent: invalid JSON"),
+        (
+            encode_event(CloudEvent(source="/t", type=UserKeyRotated.event_type, subject=key.decode(), data={"x": 1})),
+            "PermanentError: registry.user.key_rotated.v1: user_id: Field required",
+        ),
+        (encode_event(make_event(rotated, source="/t", id="not-a-uuid")), "event id is not a UUID: 'not-a-uuid'"),
+        (
+            encode_event(make_event(rotated.model_copy(update={"user_id": nobody}), source="/t")),
+            "MissingReference: registry.user.key_rotated.v1",
+        ),
+    ]
+    with receiver() as r:
+        _subscribe(api, hooks, dev, r.url, ["user.key_rotated"])
+        placed = publish_raw(Topics.USERS, [(value, key) for value, _ in poisons])
+        api.rotate_key(dev)  # the good event: same key, same partition, after the poisons
+        wait_for(lambda: r.events(), 30, "the key rotation after the poisons")
+        assert [x.event["type"] for x in r.events()] == [UserKeyRotated.event_type]
+        assert r.events()[0].event["data"]["user_id"] == dev.user_id
+
+    def ours(rec: ConsumerRecord) -> bool:
+        return rec.key == key and dict(rec.headers).get("consumer_group") == group.encode()
+
+    letters = wait_for(lambda: (got := read_topic(Topics.DEAD_LETTER, ours)) and len(got) >= 4 and got, 30, "4")
+    assert [x.value for x in letters] == [value for value, _ in poisons]
+    for letter, (_, error), (partition, offset) in zip(letters, poisons, placed, strict=True):
+        headers = {k: v.decode() for k, v in letter.headers}
+        assert error in headers["error"], headers["error"]
+        assert headers["source_topic"] == Topics.USERS
+        assert (int(headers["source_partition"]), int(headers["source_offset"])) == (partition, offset)
+        assert headers["consumer"] == "notifier-events"
+    assert f"user {nobody} does not exist" in dict(letters[3].headers)["error"].decode()
+
+    partition = placed[0][0]
+    good = read_topic(Topics.USERS, lambda rec: rec.key == key and rec.partition == partition)[-1]
+    assert good.offset > placed[-1][1] and b"registry.user.key_rotated.v1" in good.value
+    wait_for(
+        lambda: committed_offset(group, Topics.USERS, partition) > good.offset,
+        30,
+        "the group's committed offset to move past the poisons and the good event",
+    )
+    health = notifier.health()
+    assert health["ok"] is True
+    assert health["consumers"]["notifier-events"]["dead_lettered"] >= 4
+    assert health["consumers"]["notifier-events"]["state"] == "ok"
+
+
+def test_health_lists_the_consumer_and_the_workers(notifier: ServiceProcess) -> None:
+    consumers = notifier.health()["consumers"]
+    assert {"notifier-events", "notifier-offsets", "notifier-delivery", "notifier-mail"} <= set(consumers)
+    assert all(c["state"] in ("ok", "starting") for c in consumers.values()), consumers
+
+
+def test_the_notifier_records_its_own_migrations() -> None:
+    with psycopg.connect(PostgresSettings().database_url) as conn:
+        rows = conn.execute("select name, checksum from notifier_schema_migrations").fetchall()
+    assert [r[0] for r in rows] == ["0001_notifier_tables.sql"]
+    assert rows[0][1] is not None
 
 
 def test_an_event_with_a_binary_kafka_header_is_delivered(api: Api, notifier: ServiceProcess, hooks: list) -> None:

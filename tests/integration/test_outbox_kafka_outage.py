@@ -10,6 +10,7 @@ import time
 import uuid
 from pathlib import Path
 
+import httpx
 import psycopg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from conftest import SEED_FILE, seed_file
@@ -34,7 +35,14 @@ def pending(pg_settings, topic: str = Topics.USERS) -> int:
         return conn.execute("select count(*) from outbox where topic = %s", [topic]).fetchone()[0]
 
 
-async def test_kafka_outage_loses_no_event(registry, kafka_settings, pg_settings, minio_settings):
+async def relay_readiness(api_base_url: str) -> tuple[int, str | None]:
+    """(/readyz status, why the outbox relay is not ready or None)."""
+    async with httpx.AsyncClient(base_url=api_base_url, timeout=30) as http:
+        r = await http.get("/readyz")
+    return r.status_code, r.json()["not_ready"].get("outbox-relay")
+
+
+async def test_kafka_outage_loses_no_event(registry, api_base_url, kafka_settings, pg_settings, minio_settings):
     dev = registry.register("OutageDev")
     repo = registry.create_model(dev, "private")
     registry.create_version(dev, repo, "v1")
@@ -70,6 +78,11 @@ async def test_kafka_outage_loses_no_event(registry, kafka_settings, pg_settings
             while pending(pg_settings, Topics.ACCESS) < 40:
                 assert time.monotonic() < deadline, "downloads made while Kafka was away are not in the outbox"
                 await asyncio.sleep(0.2)
+            deadline = time.monotonic() + 60
+            while (ready := await relay_readiness(api_base_url))[1] is None:
+                assert time.monotonic() < deadline, "/readyz does not say the relay cannot publish"
+                await asyncio.sleep(0.5)
+            assert ready[0] == 503 and ("stalled" in ready[1] or "retrying" in ready[1]), ready
         finally:
             await stack("up", "kafka")
 
@@ -100,3 +113,4 @@ async def test_kafka_outage_loses_no_event(registry, kafka_settings, pg_settings
     assert 40 <= len(downloads) <= 41, f"{len(downloads)} access events of 40 (+1) downloads reached Kafka"
     assert all(n == 1 for n in downloads.values()), "an access event was published more than once"
     assert pending(pg_settings, Topics.ACCESS) == 0
+    assert (await relay_readiness(api_base_url))[1] is None, "the relay is still reported not ready"

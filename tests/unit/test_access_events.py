@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 
-from registry_api.consumers import count_downloads
-from registry_api.outbox import AccessRecorder
+from registry_api.catalog.service import count_downloads
+from registry_api.kit.outbox import AccessRecorder
 from registry_shared.events import CloudEvent, FileAccessed, Topics, decode_event
 
 

@@ -55,3 +55,33 @@ def test_compose_has_the_whole_topology(compose):
     for svc in ("api", "ingest", "analytics", "notifier"):
         assert services[svc]["build"]["dockerfile"] == "deploy/docker/Dockerfile"
     assert services["analytics"]["environment"]["CLICKHOUSE_MODE"] == "http"
+
+
+def test_compose_has_the_observability_stack(compose):
+    services = compose["services"]
+    prometheus = services["prometheus"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in prometheus["volumes"]}
+    config = yaml.safe_load((ROOT / mounts["/etc/prometheus/prometheus.yml"]).read_text())
+    assert config["rule_files"] == ["/etc/prometheus/alerts.yml"]
+    assert (ROOT / mounts["/etc/prometheus/alerts.yml"]).exists()
+    jobs = {job["job_name"]: job["static_configs"][0]["targets"] for job in config["scrape_configs"]}
+    assert jobs == {
+        "api": ["api:8081"],
+        "ingest": ["ingest:8082"],
+        "analytics": ["analytics:8083"],
+        "notifier": ["notifier:8084"],
+    }
+    assert "jaeger" in services
+    assert services["api"]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4318"
+
+
+def test_every_dashboard_uses_a_provisioned_datasource():
+    provisioned = set()
+    for path in (ROOT / "deploy/grafana/provisioning/datasources").glob("*.yaml"):
+        provisioned |= {d["uid"] for d in yaml.safe_load(path.read_text())["datasources"]}
+    dashboards = sorted((ROOT / "deploy/grafana/dashboards").glob("*.json"))
+    assert {p.name for p in dashboards} >= {"registry-usage.json", "registry-operations.json"}
+    for path in dashboards:
+        for panel in json.loads(path.read_text())["panels"]:
+            for target in panel["targets"]:
+                assert target["datasource"]["uid"] in provisioned, (path.name, panel["title"])

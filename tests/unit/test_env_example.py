@@ -9,7 +9,9 @@ import pytest
 from pydantic_settings import BaseSettings
 
 from registry_analytics.settings import AnalyticsSettings
+from registry_api.hf.service import HfSettings
 from registry_api.settings import ApiSettings
+from registry_api.webhooks.targets import TargetSettings
 from registry_ingest.settings import IngestSettings
 from registry_notifier.settings import NotifierSettings
 
@@ -26,7 +28,9 @@ def _variables(cls: type[BaseSettings]) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("cls", [ApiSettings, IngestSettings, AnalyticsSettings, NotifierSettings])
+@pytest.mark.parametrize(
+    "cls", [ApiSettings, HfSettings, TargetSettings, IngestSettings, AnalyticsSettings, NotifierSettings]
+)
 def test_every_setting_is_in_env_example(cls):
     missing = sorted(_variables(cls) - LISTED)
     assert not missing, f"{cls.__name__} reads variables .env.example does not list: {missing}"

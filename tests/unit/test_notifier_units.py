@@ -232,14 +232,23 @@ def _record(offset: int, value: bytes, partition: int = 0) -> ConsumerRecord[byt
     )
 
 
-def test_a_batch_keeps_only_readable_subscribable_events() -> None:
+def test_a_batch_keeps_readable_subscribable_events_and_sets_poison_apart() -> None:
     rotated = make_event(UserKeyRotated(user_id=1, email="a@example.com", key_prefix="abc", rotated_ts=1), source="/t")
     bad = CloudEvent(source="/t", type=UserKeyRotated.event_type, subject="user:1", data={"x": 1})
     other = make_event(UserRegistered(user_id=2, email="b@example.com", name="B", role="developer"), source="/t")
-    values = [encode_event(bad), encode_event(other), encode_event(rotated), b"\xff not json"]
-    items = decode_records([_record(offset, value) for offset, value in enumerate(values)])
-    assert [i.event.id for i in items] == [rotated.id]
-    assert items[0].raw == encode_event(rotated).decode()
+    not_uuid = rotated.model_copy(update={"id": "42"})
+    values = [encode_event(bad), encode_event(other), encode_event(rotated), b"\xff not json", encode_event(not_uuid)]
+    decoded = decode_records([_record(offset, value) for offset, value in enumerate(values)])
+    assert [i.event.id for i in decoded.items] == [rotated.id]
+    assert decoded.items[0].raw == encode_event(rotated).decode()
+    assert decoded.items[0].record.offset == 2  # what a dead letter of it would carry
+    # Unsubscribable but valid (user.registered): consumed, neither routed nor dead-lettered.
+    assert [(r.offset, error.split(":")[0]) for r, error in decoded.poison] == [
+        (0, "PermanentError"),
+        (3, "PermanentError"),
+        (4, "PermanentError"),
+    ]
+    assert "event id is not a UUID" in decoded.poison[2][1]
 
 
 class _Consumer:

@@ -15,6 +15,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from registry_shared import tracing
+
 
 class Topics:
     """Kafka topic names."""
@@ -25,6 +27,8 @@ class Topics:
     VERDICTS = "registry.verdicts.v1"
     ACCESS = "registry.access.v1"
     DEAD_LETTER = "registry.dead-letter.v1"
+    #: The audit log, for SIEMs (every state-changing action; see the api's audit/).
+    AUDIT = "registry.audit.v1"
     #: MinIO's own bucket notifications (not CloudEvents; MinIO's S3 event records).
     MINIO_EVENTS = "minio.bucket-events"
 
@@ -178,7 +182,11 @@ class UploadRejected(EventData):
         "object_missing",
         "bad_safetensors_header",
         "expired",
-    ]
+        "unverifiable",
+    ] = Field(
+        description="unverifiable: the object could not be read to be verified (e.g. a key the store cannot"
+        " hold), after a bounded number of attempts; `detail` says why."
+    )
     detail: str = ""
     quarantine_key: str | None = None
 
@@ -212,6 +220,26 @@ class FileAccessed(EventData):
     ts: float = Field(description="When the access happened (epoch seconds, fractional).")
 
 
+# ---------------------------------------------------------------- audit
+class AuditRecorded(EventData):
+    """A state-changing action was written to the audit log (same transaction as the change)."""
+
+    event_type: ClassVar[str] = "registry.audit.recorded.v1"
+    topic: ClassVar[str] = Topics.AUDIT
+    audit_id: int
+    ts: float = Field(description="When (epoch seconds, fractional).")
+    actor_kind: Literal["user", "admin-token", "anonymous", "system"]
+    actor_user_id: int | None = None
+    action: str = Field(description="e.g. grant.create, model.update, upload.verdict")
+    target_type: str
+    target_id: str | None = None
+    repo_id: str | None = None
+    before: dict[str, Any] | None = None
+    after: dict[str, Any] | None = None
+    request_id: str | None = None
+    client_ip: str | None = None
+
+
 EVENT_TYPES: dict[str, type[EventData]] = {
     cls.event_type: cls
     for cls in (
@@ -228,6 +256,7 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         UploadRejected,
         ObjectQuarantined,
         FileAccessed,
+        AuditRecorded,
     )
 }
 
@@ -243,6 +272,11 @@ class CloudEvent(BaseModel):
     time: datetime = Field(default_factory=lambda: datetime.now(UTC))
     subject: str | None = None
     datacontenttype: Literal["application/json"] = "application/json"
+    traceparent: str | None = Field(
+        None,
+        description="The W3C trace context of the span that produced the event (the CloudEvents distributed-tracing "
+        "extension attribute); present when the producer traces (OpenTelemetry), so consumers continue its trace.",
+    )
     data: dict[str, Any]
 
     def payload(self) -> EventData:
@@ -264,6 +298,8 @@ def make_event(data: EventData, *, source: str, subject: str | None = None, **fi
         subject = getattr(data, "repo_id", None)
         if subject is None and hasattr(data, "user_id"):
             subject = f"user:{data.user_id}"
+    if "traceparent" not in fields:
+        fields["traceparent"] = tracing.current_traceparent()
     return CloudEvent(source=source, type=data.event_type, subject=subject, data=data.model_dump(), **fields)
 
 

@@ -8,6 +8,8 @@ import logging
 import sys
 import time
 
+from registry_shared import tracing
+
 #: The id of the request or event being handled, added to every log line.
 correlation_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("correlation_id", default=None)
 
@@ -27,6 +29,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        ids = tracing.log_ids()
+        if ids:
+            doc.update(ids)
         cid = correlation_id.get()
         if cid:
             doc["id"] = cid

@@ -8,6 +8,7 @@ import uvicorn
 
 from registry_shared.logging import configure_logging
 from registry_shared.settings import ServiceSettings
+from registry_shared.tracing import configure_tracing
 
 
 def serve(service: str, app: str, port_env: str, default_port: int) -> None:
@@ -18,6 +19,7 @@ def serve(service: str, app: str, port_env: str, default_port: int) -> None:
     """
     settings = ServiceSettings()
     configure_logging(service, settings.log_level)
+    configure_tracing(service)  # OTLP export when OTEL_EXPORTER_OTLP_ENDPOINT is set; nothing otherwise
     port = int(os.environ.get(port_env, default_port))
     uvicorn.run(
         app,

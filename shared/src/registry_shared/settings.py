@@ -6,8 +6,9 @@ root lists every variable with its default.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
-from typing import Literal
+from typing import Literal, Self
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -50,6 +51,26 @@ class MinioSettings(BaseSettings):
     minio_notify_topic: str = "minio.bucket-events"
     #: The queue ARN of MinIO's Kafka notification target configured by MINIO_NOTIFY_KAFKA_*_REGISTRY.
     minio_notify_arn: str = "arn:minio:sqs::REGISTRY:kafka"
+    #: A service's own MinIO user (created by `registry-devstack setup-minio` with a policy limited to what
+    #: the service does). Read as `<SERVICE>_MINIO_ACCESS_KEY` / `<SERVICE>_MINIO_SECRET_KEY` through
+    #: `for_service`; unset: the root credentials (not for production).
+    minio_access_key: str | None = None
+    minio_secret_key: SecretStr | None = None
+
+    def credentials(self) -> tuple[str, str]:
+        """(access key, secret key) this process signs and calls MinIO with."""
+        if self.minio_access_key and self.minio_secret_key is not None:
+            return self.minio_access_key, self.minio_secret_key.get_secret_value()
+        return self.minio_root_user, self.minio_root_password.get_secret_value()
+
+    def for_service(self, service: str) -> Self:
+        """These settings with `service`'s own credentials (`<SERVICE>_MINIO_ACCESS_KEY` and
+        `<SERVICE>_MINIO_SECRET_KEY`) when both are set."""
+        prefix = f"{service.upper()}_MINIO_"
+        access, secret = os.environ.get(prefix + "ACCESS_KEY"), os.environ.get(prefix + "SECRET_KEY")
+        if not access or not secret:
+            return self
+        return self.model_copy(update={"minio_access_key": access, "minio_secret_key": SecretStr(secret)})
 
 
 class ClickHouseSettings(BaseSettings):

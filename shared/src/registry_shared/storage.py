@@ -12,6 +12,8 @@ QUARANTINE_PREFIX = "quarantine/"
 LEGACY_PREFIX = "hf/"
 #: Files uploaded to a version through the developer API.
 UPLOAD_PREFIX = "uploads/"
+#: LFS objects staged by the Hugging Face–compatible upload (/hf) until a commit copies them under uploads/.
+HF_LFS_PREFIX = "hf-lfs/"
 
 
 def legacy_object_key(repo_id: str, rfilename: str) -> str:
@@ -33,12 +35,14 @@ def quarantine_key(object_key: str) -> str:
 
 
 def minio_client(settings: MinioSettings | None = None) -> Minio:
-    """A MinIO client from settings (MINIO_ENDPOINT, MINIO_ROOT_USER, ... as in the spec)."""
+    """A MinIO client from settings: MINIO_ENDPOINT, ... as in the spec, with the service's own credentials
+    when the settings carry them (MinioSettings.for_service), else the root user's."""
     s = settings or minio_settings()
+    access, secret = s.credentials()
     return Minio(
         s.minio_endpoint,
-        access_key=s.minio_root_user,
-        secret_key=s.minio_root_password.get_secret_value(),
+        access_key=access,
+        secret_key=secret,
         secure=s.minio_secure,
         region=s.minio_region,
     )

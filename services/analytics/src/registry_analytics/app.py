@@ -15,10 +15,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from registry_analytics import queries
-from registry_analytics.consumer import AccessLoader
+from registry_analytics.loader import AccessLoader
 from registry_analytics.schemas import AdminUsage, DownloadCounts, UserUsage
 from registry_analytics.settings import analytics_settings
 from registry_analytics.store import Store
+from registry_shared.health import HEALTH
+from registry_shared.metrics import HttpMetrics
 from registry_shared.settings import ClickHouseSettings
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 app = FastAPI(title="Model Registry analytics", version="0.1.0", lifespan=lifespan)
+app.add_middleware(HttpMetrics)  # times every request by route, serves /metrics
 
 
 @app.exception_handler(RequestValidationError)
@@ -82,14 +85,16 @@ async def _store_unavailable(_: Request, exc: ClickHouseError) -> JSONResponse:
     return JSONResponse(status_code=503, content={"detail": "the analytics store is unavailable"})
 
 
-@app.get("/healthz", summary="Liveness")
-async def healthz() -> dict[str, object]:
-    """Liveness probe, with the loader's counters."""
+@app.get("/healthz", summary="Liveness", responses={503: {"description": "A consumer or background task is dead."}})
+async def healthz() -> JSONResponse:
+    """Liveness probe: the consumers' health (registry_shared.health; 503 when one is dead) and the loader's
+    counters."""
     loader: AccessLoader | None = getattr(app.state, "loader", None)
-    body: dict[str, object] = {"ok": True, "service": "analytics", "time": int(time.time())}
+    status, consumers = HEALTH.report()
+    body: dict[str, object] = {"ok": status == 200, "service": "analytics", "time": int(time.time()), **consumers}
     if loader is not None:
         body["loader"] = {"ready": loader.ready.is_set(), **loader.stats}
-    return body
+    return JSONResponse(body, status_code=status)
 
 
 Since = Annotated[int | None, Query(ge=0, le=MAX_TS, description="Window start, epoch seconds (included).")]

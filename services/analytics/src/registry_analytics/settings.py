@@ -17,7 +17,9 @@ class AnalyticsSettings(BaseSettings):
 
     access_topic: str = Field(Topics.ACCESS, description="Topic of registry.file.accessed.v1 events.")
     users_topic: str = Field(Topics.USERS, description="Topic of the user events (email/name dimension).")
-    dead_letter_topic: str = Field(Topics.DEAD_LETTER, description="Where undecodable messages are copied.")
+    dead_letter_topic: str = Field(
+        Topics.DEAD_LETTER, description="Where messages the loader gives up on go, with the error (consumer policy)."
+    )
     group_id: str = Field("registry-analytics", description="Kafka consumer group of the loader.")
     group_instance_id: str | None = Field(
         None, description="Static group membership: a restarted loader gets its partitions back at once."

@@ -2,7 +2,7 @@
 
 Tables of database `registry` (ClickHouseSettings.clickhouse_database):
 
-- `access_events`: one row per access event, deduplicated by `event_id` before insert (see consumer.py),
+- `access_events`: one row per access event, deduplicated by `event_id` before insert (see loader.py),
   partitioned by month, ordered by (hour, user, model) so both the edge-of-window scans of the usage
   queries and the consumer's duplicate look-ups read only the hours they touch.
 - `usage_daily`: the daily rollup per (day, user, model), fed by a materialized view of `access_events`.
@@ -11,7 +11,7 @@ Tables of database `registry` (ClickHouseSettings.clickhouse_database):
   batch interrupted by a crash is replayed identically and ClickHouse's insert deduplication completes it.
 - `access_stage_<group>` (Memory): the batch being loaded. The raw message values go in as they are and the
   engine parses and checks them (STAGE_SELECT), finds the event ids the store already holds, and the rows
-  go from there into `access_events` (see consumer.py); Python only looks at the messages it refuses.
+  go from there into `access_events` (see loader.py); Python only looks at the messages it refuses.
 
 The same SQL runs on chDB and on a ClickHouse server.
 """
@@ -28,10 +28,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import ClickHouseError, OperationalError
 
 from registry_shared.settings import ClickHouseSettings
 
@@ -145,7 +146,7 @@ SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 1024""
 
 
 #: The Memory table a loader stages its batch in: row `n` is the batch's n-th message; `ok` = the engine
-#: parsed it as a well-formed access event (else Python decodes that message: consumer.decode_message).
+#: parsed it as a well-formed access event (else Python decodes that message: decode.decode_message).
 STAGE_DDL = """CREATE TABLE IF NOT EXISTS {stage} (
     n         UInt32,
     ok        UInt8,
@@ -170,8 +171,8 @@ def _quoted(values: Sequence[str]) -> str:
 
 
 #: One JSON parse per message (a typed Tuple whose Dynamic members keep each value's JSON type), then the
-#: checks of consumer.decode_message's fast path, exactly or stricter: a JSON object whose type is
-#: registry.file.accessed.v1, specversion "1.0", a non-empty string id, a string source, datacontenttype
+#: checks of decode.decode_message's fast path, exactly or stricter: a JSON object whose type is
+#: registry.file.accessed.v1, specversion "1.0", a string id holding a UUID, a string source, datacontenttype
 #: "application/json" (present), data an object of known, distinct keys, user_id an integer in [0, 2^63),
 #: a known kind, ts a number in [0, 1e11), bytes absent or an integer in [0, 2^63), repo_id/version/
 #: rfilename absent, null or strings. Whatever fails is decoded by Python, which has the last word.
@@ -202,6 +203,7 @@ FROM (
             AND e.type = 'registry.file.accessed.v1'
             AND dynamicElement(e.specversion, 'String') = '1.0'
             AND id != ''
+            AND isNotNull(toUUIDOrNull(id))
             AND isNotNull(dynamicElement(e.source, 'String'))
             AND dynamicElement(e.datacontenttype, 'String') = 'application/json'
             AND hasAll([{_quoted(_DATA_KEYS)}], keys)
@@ -494,3 +496,45 @@ def connect(settings: ClickHouseSettings, database: str | None = None) -> Client
         client.command(f"CREATE DATABASE IF NOT EXISTS {database}")
         client.database = database
     return client
+
+
+# ---------------------------------------------------------------- failures
+#: ClickHouse error codes that say the store is busy, short of resources or unreachable, not that the
+#: statement or its data is wrong: retried. TOO_MANY_PARTS (252) only when merges lag behind inserts (the
+#: same code refuses a block of too many partitions, which retrying never fixes).
+TRANSIENT_CODES = frozenset(
+    {
+        3,  # UNEXPECTED_END_OF_FILE
+        159,  # TIMEOUT_EXCEEDED
+        173,  # CANNOT_ALLOCATE_MEMORY
+        202,  # TOO_MANY_SIMULTANEOUS_QUERIES
+        203,  # NO_FREE_CONNECTION
+        209,  # SOCKET_TIMEOUT
+        210,  # NETWORK_ERROR
+        236,  # ABORTED
+        241,  # MEMORY_LIMIT_EXCEEDED
+        242,  # TABLE_IS_READ_ONLY
+        243,  # NOT_ENOUGH_SPACE
+        319,  # UNKNOWN_STATUS_OF_INSERT
+        394,  # QUERY_WAS_CANCELLED
+        425,  # SYSTEM_ERROR
+        439,  # CANNOT_SCHEDULE_TASK
+        999,  # KEEPER_EXCEPTION
+        1000,  # POCO_EXCEPTION
+    }
+)
+_CODE = re.compile(r"\bCode:\s*(\d+)")
+
+
+def failure_kind(exc: BaseException) -> Literal["transient", "permanent"] | None:
+    """A classifier rule (registry_shared.consumer_policy) for the store's errors: transient when the store is
+    unreachable or short of something, permanent when it refuses the statement or its data; None otherwise."""
+    if isinstance(exc, OperationalError):  # connection refused or lost, HTTP errors of the transport
+        return "transient"
+    if isinstance(exc, ClickHouseError):
+        match = _CODE.search(str(exc))
+        code = int(match.group(1)) if match else None
+        if code in TRANSIENT_CODES or (code == 252 and "Merges are processing" in str(exc)):
+            return "transient"
+        return "permanent"
+    return None

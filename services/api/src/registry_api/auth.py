@@ -3,13 +3,13 @@
 Keys look like `sk_live_<12-char lookup prefix><32-char secret>`. Only a SHA-256 of the whole key is
 stored; the prefix finds the row and the hash is compared in constant time. Verified keys are cached
 for a few seconds in this process; rotating a key evicts it here at once and, through Postgres
-NOTIFY, in every other api process.
+NOTIFY, in every other api process (`invalidation_listener`). While that listener is down, cached keys
+are trusted for kit.cache.UNTRUSTED_S only; while Postgres is down, they go on being served (nothing can
+be rotated meanwhile): see kit.cache.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -18,12 +18,15 @@ import time
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-import psycopg
 from fastapi import Depends, Request
-from fastapi.security import APIKeyHeader
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from registry_api.audit.service import set_actor
 from registry_api.catalog.cache import CATALOG_CHANNEL, download_cache
 from registry_api.errors import Forbidden, Unauthorized, Unavailable
+from registry_api.kit.cache import InvalidatedCache
+from registry_api.kit.db_monitor import DatabaseMonitor
+from registry_api.kit.listen import PgListener
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +37,25 @@ REVOKE_CHANNEL = "registry_key_revoked"
 _CACHE_TTL = 30.0
 
 Role = Literal["developer", "platform", "admin"]
+KeyScope = Literal["full", "read-only"]
+#: Methods a read-only key may call; anything else changes state and answers 403.
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
-api_key_header = APIKeyHeader(name="x-api-key", auto_error=False, description="Your user API key (sk_live_...).")
+# Two security schemes of their own names in OpenAPI: user operations declare ApiKey, admin operations
+# AdminToken, and the catalog reads either (a list of alternatives).
+api_key_header = APIKeyHeader(
+    name="x-api-key", scheme_name="ApiKey", auto_error=False, description="Your user API key (sk_live_...)."
+)
+bearer_header = HTTPBearer(
+    scheme_name="Bearer",
+    auto_error=False,
+    description="Your user API key as a bearer token (`Authorization: Bearer sk_live_...`).",
+)
 admin_token_header = APIKeyHeader(
-    name="x-admin-token", auto_error=False, description="The REGISTRY_ADMIN_TOKEN of this deployment."
+    name="x-admin-token",
+    scheme_name="AdminToken",
+    auto_error=False,
+    description="The REGISTRY_ADMIN_TOKEN of this deployment.",
 )
 
 
@@ -50,6 +68,9 @@ class Principal:
     email: str = ""
     name: str = ""
     via_admin_token: bool = False
+    key_scope: KeyScope = "full"
+    key_expires_ts: int | None = None
+    key_prefix: str = ""
 
     @property
     def sees_everything(self) -> bool:
@@ -78,62 +99,41 @@ def lookup_prefix(key: str) -> str | None:
     return key[len(KEY_PREFIX) : len(KEY_PREFIX) + _LOOKUP_LEN]
 
 
-class KeyCache:
-    """prefix → (hash, principal, expiry): saves a database round trip per request."""
-
-    def __init__(self) -> None:
-        self._items: dict[str, tuple[bytes, Principal, float]] = {}
-
-    def get(self, prefix: str) -> tuple[bytes, Principal] | None:
-        item = self._items.get(prefix)
-        if item is None:
-            return None
-        if item[2] < time.monotonic():
-            self._items.pop(prefix, None)
-            return None
-        return item[0], item[1]
-
-    def put(self, prefix: str, key_hash: bytes, principal: Principal) -> None:
-        if len(self._items) > 100_000:
-            self._items.clear()
-        self._items[prefix] = (key_hash, principal, time.monotonic() + _CACHE_TTL)
-
-    def evict(self, prefix: str) -> None:
-        self._items.pop(prefix, None)
-
-    def clear(self) -> None:
-        self._items.clear()
+#: prefix → (sha256 of the key, its user): saves a database round trip per request.
+key_cache: InvalidatedCache[tuple[bytes, Principal]] = InvalidatedCache(ttl=_CACHE_TTL, max_items=100_000)
 
 
-key_cache = KeyCache()
+def _catalog_changed(_: str) -> None:
+    download_cache.clear()
 
 
-async def listen_for_invalidations(database_url: str, stop: asyncio.Event) -> None:
-    """Drop cached keys and download lookups that any api process invalidated (Postgres LISTEN).
+def _listener_up() -> None:
+    key_cache.listener_up()
+    download_cache.listener_up()
 
-    Reconnects until `stop` is set; on every (re)connect both caches are cleared, since anything may
-    have changed while the listener was away.
-    """
-    while not stop.is_set():
-        try:
-            async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-                await conn.execute(f"listen {REVOKE_CHANNEL}")
-                await conn.execute(f"listen {CATALOG_CHANNEL}")
-                key_cache.clear()
-                download_cache.clear()
-                async for note in conn.notifies():
-                    if note.channel == REVOKE_CHANNEL:
-                        key_cache.evict(note.payload)
-                    else:
-                        download_cache.clear()
-                    if stop.is_set():
-                        break
-        except (psycopg.Error, OSError) as exc:
-            log.warning("invalidation listener reconnecting: %s", exc)
-            key_cache.clear()
-            download_cache.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=1.0)
+
+def _listener_down() -> None:
+    key_cache.listener_down()
+    download_cache.listener_down()
+
+
+def set_outage(down: bool) -> None:
+    """The database monitor says Postgres is away (True) or back (False): the caches serve stale entries
+    meanwhile (kit.cache)."""
+    key_cache.outage = down
+    download_cache.outage = down
+
+
+def invalidation_listener(database_url: str, monitor: DatabaseMonitor | None = None) -> PgListener:
+    """The LISTEN loop that keeps this process's caches true: a rotated key is evicted, a catalog change
+    clears the download lookups, and a (re)connection clears both."""
+    return PgListener(
+        database_url,
+        {REVOKE_CHANNEL: key_cache.evict, CATALOG_CHANNEL: _catalog_changed},
+        on_connect=_listener_up,
+        on_disconnect=_listener_down,
+        monitor=monitor,
+    )
 
 
 async def principal_for_key(app: Any, key: str) -> Principal:
@@ -144,20 +144,47 @@ async def principal_for_key(app: Any, key: str) -> Principal:
     presented = hash_key(key)
     cached = key_cache.get(prefix)
     if cached is not None:
-        if hmac.compare_digest(cached[0], presented):
-            return cached[1]
-        raise Unauthorized("invalid or revoked api key")
+        if not hmac.compare_digest(cached[0], presented):
+            raise Unauthorized("invalid or revoked api key")
+        return await _live(app, cached[1])
+    generation = key_cache.generation
     async with app.state.pool.connection() as conn:
         cur = await conn.execute(
-            "select k.key_hash, u.id, u.role, u.email, u.name from api_keys k join users u on u.id = k.user_id"
-            " where k.prefix = %s and k.revoked_ts is null",
+            "select k.key_hash, k.scope, k.expires_ts, u.id, u.role, u.email, u.name"
+            " from api_keys k join users u on u.id = k.user_id where k.prefix = %s and k.revoked_ts is null",
             [prefix],
         )
         row = await cur.fetchone()
     if row is None or not hmac.compare_digest(bytes(row["key_hash"]), presented):
         raise Unauthorized("invalid or revoked api key")
-    principal = Principal(user_id=row["id"], role=row["role"], email=row["email"], name=row["name"])
-    key_cache.put(prefix, bytes(row["key_hash"]), principal)
+    principal = Principal(
+        user_id=row["id"],
+        role=row["role"],
+        email=row["email"],
+        name=row["name"],
+        key_scope=row["scope"],
+        key_expires_ts=row["expires_ts"],
+        key_prefix=prefix,
+    )
+    key_cache.put(prefix, (bytes(row["key_hash"]), principal), generation=generation)
+    return await _live(app, principal)
+
+
+async def _live(app: Any, principal: Principal) -> Principal:
+    """A known key still inside its lifetime (401 `api key expired` after it), and within its rate limit."""
+    if principal.key_expires_ts is not None and time.time() >= principal.key_expires_ts:
+        raise Unauthorized("api key expired")
+    set_actor(principal)
+    limiter = getattr(app.state, "rate_limiter", None)
+    if limiter is not None:
+        await limiter.check_principal(principal)
+    return principal
+
+
+def check_scope(principal: Principal, method: str) -> Principal:
+    """A read-only key may only read: any other method answers 403."""
+    if principal.key_scope == "read-only" and method not in READ_METHODS:
+        raise Forbidden("api key is read-only")
     return principal
 
 
@@ -168,23 +195,47 @@ def check_admin_token(app: Any, token: str | None) -> Principal:
         raise Unavailable("admin token not configured")
     if token is None or not hmac.compare_digest(token.encode(), configured.get_secret_value().encode()):
         raise Unauthorized("invalid admin token")
+    set_actor(ADMIN_TOKEN_PRINCIPAL)
     return ADMIN_TOKEN_PRINCIPAL
 
 
-async def current_user(request: Request, x_api_key: Annotated[str | None, Depends(api_key_header)]) -> Principal:
-    """The user behind x-api-key (401 if missing, unknown or rotated)."""
-    if not x_api_key:
+def presented_key(x_api_key: str | None, authorization: str | None) -> str | None:
+    """The key a request presents: `x-api-key`, else the token of `Authorization: Bearer <key>`."""
+    if x_api_key:
+        return x_api_key
+    if authorization:
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    return None
+
+
+def _bearer_key(credentials: HTTPAuthorizationCredentials | None) -> str | None:
+    return credentials.credentials if credentials is not None else None
+
+
+async def current_user(
+    request: Request,
+    x_api_key: Annotated[str | None, Depends(api_key_header)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_header)],
+) -> Principal:
+    """The user behind x-api-key or a bearer token (401 if missing, unknown or rotated)."""
+    key = x_api_key or _bearer_key(bearer)
+    if not key:
         raise Unauthorized("missing x-api-key")
-    return await principal_for_key(request.app, x_api_key)
+    return check_scope(await principal_for_key(request.app, key), request.method)
 
 
 async def catalog_reader(
     request: Request,
     x_api_key: Annotated[str | None, Depends(api_key_header)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_header)],
     x_admin_token: Annotated[str | None, Depends(admin_token_header)],
 ) -> Principal:
-    """A user by x-api-key, or (without one) the admin token holder, who sees the whole catalog."""
-    return await catalog_principal(request.app, x_api_key, x_admin_token)
+    """A user by x-api-key (or bearer token), or (without one) the admin token holder, who sees the whole catalog."""
+    return check_scope(
+        await catalog_principal(request.app, x_api_key or _bearer_key(bearer), x_admin_token), request.method
+    )
 
 
 async def catalog_principal(app: Any, api_key: str | None, admin_token: str | None) -> Principal:

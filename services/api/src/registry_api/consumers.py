@@ -1,10 +1,17 @@
-"""What the api consumes from Kafka.
+"""What the api consumes from Kafka: the loops only; the rules are in catalog.service.
 
 - Ingest's verdicts (`registry.verdicts.v1`): a verified upload becomes an available file; a rejected
-  one keeps its reason for the developer. Each event applies once (consumed_events), offsets are
-  committed after the transaction.
+  one keeps its reason for the developer. Each event applies once (consumed_events); offsets are
+  committed to Kafka after each partition's messages are handled.
 - Access events (`registry.access.v1`): the catalog's `downloads` counter, eventually consistent.
   Offsets live in Postgres next to the counters, so a restart neither loses nor double-counts.
+
+Both follow the project's consumer policy (registry_shared.consumer_policy): a message that can never be
+applied (not JSON, a wrong schema, an event id that is not a UUID, an upload or model that does not exist)
+goes to `registry.dead-letter.v1` with the error and the consumer moves on; Postgres or Kafka away is
+retried with the shared bounded backoff, logged, and shown in `/healthz` until it works again. Both are
+supervised background tasks (registry_shared.background): one that dies is restarted, and `/healthz`
+fails if it keeps dying.
 """
 
 from __future__ import annotations
@@ -12,28 +19,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-import uuid
-from collections import Counter
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Sequence
 
-import orjson
-import psycopg
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from psycopg_pool import AsyncConnectionPool
-from pydantic import ValidationError
 
-from registry_api.catalog.cache import CATALOG_CHANNEL
-from registry_api.catalog.repository import CURRENT_FILES
+from registry_api.catalog import repository, service
+from registry_shared import tracing
 from registry_shared.background import BackgroundTask
-from registry_shared.events import (
-    CloudEvent,
-    FileAccessed,
-    Topics,
-    UploadRejected,
-    UploadVerified,
-    decode_event,
+from registry_shared.consumer_policy import (
+    ConsumerPolicy,
+    MissingReference,
+    Stopped,
+    aiokafka_sink,
+    decode_cloud_event,
+    describe,
 )
+from registry_shared.events import Topics
 from registry_shared.logging import correlation_id
 
 log = logging.getLogger(__name__)
@@ -41,215 +43,195 @@ VERDICTS_GROUP = "registry-api-verdicts"
 DOWNLOADS_GROUP = "registry-api-downloads"
 
 
-async def _first_time(conn: psycopg.AsyncConnection, event: CloudEvent) -> bool:
-    cur = await conn.execute(
-        "insert into consumed_events (event_id) values (%s) on conflict do nothing", [uuid.UUID(event.id)]
-    )
-    return cur.rowcount == 1
+class _KafkaLoop(BackgroundTask):
+    """A consumer and the producer of its dead letters, and its policy (created once per task)."""
 
+    group = ""
 
-async def refresh_model_files(conn: psycopg.AsyncConnection, model_id: int) -> None:
-    """Recompute file_count / has_safetensors / has_bin from the current files; bump last_update_ts."""
-    cur = await conn.execute(CURRENT_FILES, {"model_id": model_id})
-    names = [r["rfilename"] for r in await cur.fetchall()]
-    await conn.execute(
-        "update models set file_count = %s, has_safetensors = %s, has_bin = %s, last_modified = now(),"
-        " last_update_ts = greatest(last_update_ts, extract(epoch from now())::bigint) where id = %s",
-        [len(names), any(n.endswith(".safetensors") for n in names), any(n.endswith(".bin") for n in names), model_id],
-    )
-
-
-async def apply_verified(conn: psycopg.AsyncConnection, v: UploadVerified) -> bool:
-    """Publish the verified file; False if the upload was not waiting for a verdict."""
-    cur = await conn.execute(
-        "select id, model_id, version_id, rfilename, object_key, declared_size, declared_sha256, status"
-        " from uploads where id = %s for update",
-        [v.upload_id],
-    )
-    up = await cur.fetchone()
-    if up is None or up["status"] != "pending_verification":
-        return False
-    if (up["declared_size"], up["declared_sha256"], up["object_key"]) != (v.size, v.sha256, v.object_key):
-        log.error("verdict does not match the upload's declaration", extra={"fields": {"upload_id": v.upload_id}})
-        return False
-    now = int(time.time())
-    await conn.execute("update uploads set status = 'available', verdict_ts = %s where id = %s", [now, v.upload_id])
-    await conn.execute(
-        "insert into files (model_id, version_id, rfilename, size, sha256, object_key, file_format, is_pickle, updated_ts)"
-        " values (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
-        " on conflict (model_id, version_id, rfilename) do update set size = excluded.size, sha256 = excluded.sha256,"
-        " object_key = excluded.object_key, file_format = excluded.file_format, is_pickle = excluded.is_pickle,"
-        " updated_ts = excluded.updated_ts",
-        [
-            up["model_id"],
-            up["version_id"],
-            up["rfilename"],
-            v.size,
-            v.sha256,
-            v.object_key,
-            v.file_format,
-            v.is_pickle,
-            now,
-        ],
-    )
-    await refresh_model_files(conn, up["model_id"])
-    await conn.execute(
-        "select pg_notify(%s, m.repo_id) from models m where m.id = %s", [CATALOG_CHANNEL, up["model_id"]]
-    )
-    return True
-
-
-async def apply_rejected(conn: psycopg.AsyncConnection, r: UploadRejected) -> bool:
-    """Record why the upload was refused (the file is never served)."""
-    status = "expired" if r.reason == "expired" else "rejected"
-    cur = await conn.execute(
-        "update uploads set status = %s, reason = %s, detail = %s, quarantine_key = %s, verdict_ts = %s"
-        " where id = %s and status in ('initiated', 'pending_verification')",
-        [status, r.reason, r.detail, r.quarantine_key, int(time.time()), r.upload_id],
-    )
-    return cur.rowcount == 1
-
-
-async def apply_verdict(pool: AsyncConnectionPool, event: CloudEvent) -> None:
-    """Apply one verdict event, once."""
-    payload = event.payload()
-    async with pool.connection() as conn, conn.transaction():
-        if not await _first_time(conn, event):
-            return
-        if isinstance(payload, UploadVerified):
-            await apply_verified(conn, payload)
-        elif isinstance(payload, UploadRejected):
-            await apply_rejected(conn, payload)
-
-
-class VerdictConsumer(BackgroundTask):
-    """Applies ingest's verdicts to the catalog."""
-
-    name = "verdict-consumer"
-
-    def __init__(self, pool: AsyncConnectionPool, bootstrap: str, topic: str = Topics.VERDICTS) -> None:
+    def __init__(self, pool: AsyncConnectionPool, bootstrap: str, topic: str, dead_letter_topic: str) -> None:
         self._pool = pool
         self._bootstrap = bootstrap
         self._topic = topic
+        self._dead_letter_topic = dead_letter_topic
+        self._producer: AIOKafkaProducer | None = None
+        self.policy = ConsumerPolicy(
+            self.name, group=self.group, sink=self._send_dead_letter, dead_letter_topic=dead_letter_topic
+        )
+        self._consumer: AIOKafkaConsumer | None = None  # the running one, for the metrics' lag
+        self.policy.watch(lambda: [self._consumer])
+
+    async def _send_dead_letter(self, topic: str, value: bytes, key: bytes | None, headers: dict[str, str]) -> None:
+        if self._producer is None:
+            raise ConnectionError("the dead-letter producer is not started")
+        await aiokafka_sink(self._producer)(topic, value, key, headers)
+
+    @contextlib.asynccontextmanager
+    async def _producer_started(self) -> AsyncIterator[AIOKafkaProducer]:
+        producer = AIOKafkaProducer(bootstrap_servers=self._bootstrap, acks="all", enable_idempotence=True)
+        await producer.start()
+        self._producer = producer
+        try:
+            yield producer
+        finally:
+            self._producer = None
+            with contextlib.suppress(Exception):
+                await producer.stop()
+
+
+class VerdictConsumer(_KafkaLoop):
+    """Applies ingest's verdicts to the catalog."""
+
+    name = "verdict-consumer"
+    group = VERDICTS_GROUP
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        bootstrap: str,
+        topic: str = Topics.VERDICTS,
+        dead_letter_topic: str = Topics.DEAD_LETTER,
+    ) -> None:
+        super().__init__(pool, bootstrap, topic, dead_letter_topic)
 
     async def run(self) -> None:
-        while True:
-            consumer = AIOKafkaConsumer(
-                self._topic,
-                bootstrap_servers=self._bootstrap,
-                group_id=VERDICTS_GROUP,
-                enable_auto_commit=False,
-                auto_offset_reset="earliest",
-            )
-            try:
-                await consumer.start()
+        consumer = AIOKafkaConsumer(
+            self._topic,
+            bootstrap_servers=self._bootstrap,
+            group_id=VERDICTS_GROUP,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
+        await consumer.start()
+        self._consumer = consumer
+        try:
+            async with self._producer_started():
                 while True:
                     batch = await consumer.getmany(timeout_ms=500, max_records=200)
-                    for records in batch.values():
-                        for msg in records:
-                            await self._handle(msg.value)
-                    if batch:
-                        await consumer.commit()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Kafka or Postgres away: start over from the committed offsets
-                log.warning("verdict consumer restarting: %s", exc)
-                await asyncio.sleep(1.0)
-            finally:
-                with contextlib.suppress(Exception):
-                    await consumer.stop()
+                    for tp, records in batch.items():
+                        for record in records:
+                            if not (await self.policy.handle(record, self._apply)).committable:
+                                return  # stopping: not committed, read again next time
+                        await consumer.commit({tp: records[-1].offset + 1})
+                    self.policy.health.ok()
+        finally:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
 
-    async def _handle(self, value: bytes) -> None:
-        try:
-            event = decode_event(value)
-            event.payload()
-        except (ValidationError, ValueError) as exc:
-            log.error("unreadable verdict skipped: %s", exc)
-            return
+    async def _apply(self, record: ConsumerRecord) -> None:
+        """One verdict, in one transaction (PermanentError: dead-lettered; Postgres away: retried)."""
+        event, payload = decode_cloud_event(record.value)
         token = correlation_id.set(event.id)
         try:
-            await apply_verdict(self._pool, event)
+            with tracing.consuming(event.traceparent, f"apply {event.type}", **{"messaging.message.id": event.id}):
+                async with self._pool.connection() as conn, conn.transaction():
+                    await service.apply_verdict(conn, event, payload)
         finally:
             correlation_id.reset(token)
 
 
-def count_downloads(values: Iterable[bytes | None]) -> Counter[str]:
-    """Downloads per repo_id in raw access-event messages. Every access event passes here: only the three
-    fields a count needs are read, the rest is not validated (the analytics service does that); a message
-    that is not a download event (junk included) is not counted."""
-    counts: Counter[str] = Counter()
-    for value in values:
-        try:
-            doc = orjson.loads(value)
-            data = doc["data"] if doc.get("type") == FileAccessed.event_type else None
-            if isinstance(data, dict) and data.get("kind") == "download":
-                repo = data.get("repo_id")
-                if repo and isinstance(repo, str):
-                    counts[repo] += 1
-        except (ValueError, TypeError, KeyError, AttributeError):
-            continue
-    return counts
-
-
-class DownloadCounter(BackgroundTask):
+class DownloadCounter(_KafkaLoop):
     """Adds real downloads to models.downloads, exactly once, with offsets stored beside the counts."""
 
     name = "download-counter"
+    group = DOWNLOADS_GROUP
 
-    def __init__(self, pool: AsyncConnectionPool, bootstrap: str, topic: str = Topics.ACCESS) -> None:
-        self._pool = pool
-        self._bootstrap = bootstrap
-        self._topic = topic
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        bootstrap: str,
+        topic: str = Topics.ACCESS,
+        dead_letter_topic: str = Topics.DEAD_LETTER,
+    ) -> None:
+        super().__init__(pool, bootstrap, topic, dead_letter_topic)
 
     async def _seek_stored(self, consumer: AIOKafkaConsumer) -> None:
-        async with self._pool.connection() as conn:
-            cur = await conn.execute(
-                "select partition, next_offset from consumer_offsets where group_id = %s and topic = %s",
-                [DOWNLOADS_GROUP, self._topic],
-            )
-            stored = {r["partition"]: r["next_offset"] for r in await cur.fetchall()}
+        async def read() -> dict[int, int]:
+            async with self._pool.connection() as conn:
+                return await repository.stored_offsets(conn, DOWNLOADS_GROUP, self._topic)
+
+        stored = await self.policy.retry(read)
         for tp in consumer.assignment():
             if tp.partition in stored:
                 consumer.seek(tp, stored[tp.partition])
             else:
                 await consumer.seek_to_beginning(tp)
 
-    async def _store(self, batch: dict[TopicPartition, list]) -> None:
-        counts = count_downloads(msg.value for records in batch.values() for msg in records)
-        async with self._pool.connection() as conn, conn.transaction():
-            for repo_id, n in sorted(counts.items()):
-                await conn.execute("update models set downloads = downloads + %s where repo_id = %s", [n, repo_id])
-            for tp, records in batch.items():
-                await conn.execute(
-                    "insert into consumer_offsets (group_id, topic, partition, next_offset) values (%s, %s, %s, %s)"
-                    " on conflict (group_id, topic, partition) do update set next_offset = excluded.next_offset",
-                    [DOWNLOADS_GROUP, tp.topic, tp.partition, records[-1].offset + 1],
-                )
-
     async def run(self) -> None:
-        while True:
-            consumer = AIOKafkaConsumer(
-                bootstrap_servers=self._bootstrap, group_id=DOWNLOADS_GROUP, enable_auto_commit=False
-            )
-            try:
-                await consumer.start()
-                # Manual assignment of every partition: the offsets of record are in Postgres.
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._bootstrap, group_id=DOWNLOADS_GROUP, enable_auto_commit=False
+        )
+        await consumer.start()
+        self._consumer = consumer
+        try:
+            # Manual assignment of every partition: the offsets of record are in Postgres.
+            partitions = consumer.partitions_for_topic(self._topic)
+            while not partitions:
+                await consumer._client.force_metadata_update()
                 partitions = consumer.partitions_for_topic(self._topic)
-                while not partitions:
-                    await consumer._client.force_metadata_update()
-                    partitions = consumer.partitions_for_topic(self._topic)
-                    await asyncio.sleep(0.5)
-                consumer.assign([TopicPartition(self._topic, p) for p in sorted(partitions)])
+                await asyncio.sleep(0.5)
+            consumer.assign([TopicPartition(self._topic, p) for p in sorted(partitions)])
+            async with self._producer_started():
                 await self._seek_stored(consumer)
                 while True:
                     batch = await consumer.getmany(timeout_ms=1000, max_records=5000)
-                    if batch:
-                        await self._store(batch)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("download counter restarting: %s", exc)
-                await asyncio.sleep(1.0)
-            finally:
-                with contextlib.suppress(Exception):
-                    await consumer.stop()
+                    records = [r for recs in batch.values() for r in recs]
+                    if records:
+                        await self._handle(records)
+                    self.policy.health.ok()
+        finally:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+
+    async def _handle(self, records: list[ConsumerRecord]) -> None:
+        """Count a fetched batch: invalid messages and downloads of unknown models dead-lettered first, then
+        the counts and the offsets in one transaction."""
+        values = [r.value for r in records]
+        tally = service.tally_downloads(values)
+        dead = dict(tally.invalid)
+
+        async def unknown() -> set[str]:
+            async with self._pool.connection() as conn:
+                return await service.unknown_models(conn, list(tally.counts))
+
+        missing = await self.policy.retry(unknown)
+        if missing:
+            for i, repo in service.downloads_of(values, missing).items():
+                dead[i] = f"{MissingReference.__name__}: no model {repo!r}"
+        for i in sorted(dead):
+            if not (await self.policy.dead_letter(records[i], dead[i])).committable:
+                raise Stopped
+        await self._store([r for i, r in enumerate(records) if i not in dead], records)
+
+    async def _store(self, counted: Sequence[ConsumerRecord], read: Sequence[ConsumerRecord]) -> None:
+        """Add the downloads of `counted` and store the offsets past `read` (every record of the batch) in one
+        transaction, retried while Postgres is away. If it fails for good, the batch is stored in halves, down
+        to the one message that cannot be, which is dead-lettered."""
+        counts = service.count_downloads([r.value for r in counted])
+        offsets: dict[int, int] = {}
+        for r in read:
+            offsets[r.partition] = max(offsets.get(r.partition, 0), r.offset + 1)
+
+        async def store() -> None:
+            async with self._pool.connection() as conn, conn.transaction():
+                await service.add_downloads(conn, counts)
+                for partition, next_offset in sorted(offsets.items()):
+                    await repository.store_offset(conn, DOWNLOADS_GROUP, self._topic, partition, next_offset)
+
+        try:
+            await self.policy.retry(store)
+        except Stopped:
+            raise
+        except Exception as exc:
+            if not counted:
+                raise  # only offsets: nothing to isolate (the supervisor restarts the loop)
+            if len(counted) == 1:
+                if not (await self.policy.dead_letter(counted[0], describe(exc))).committable:
+                    raise Stopped from exc
+                await self._store([], read)
+                return
+            log.warning("counting %s downloads failed for good (%s): counting halves apart", len(counted), exc)
+            half = len(counted) // 2
+            # Records of one partition are in offset order: each half stores the offsets it read past.
+            first, second = counted[:half], counted[half:]
+            await self._store(first, first)
+            await self._store(second, read)

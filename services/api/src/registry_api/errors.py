@@ -11,13 +11,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from registry_api.kit.text import INVALID_JSON, TextGuard
+
 log = logging.getLogger(__name__)
+_FASTAPI_BODY_ERROR = "There was an error parsing the body"
 
 
 class ApiError(Exception):
     """Base of every error the api answers with on purpose."""
 
     status_code = 400
+    headers: dict[str, str] | None = None
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
@@ -57,20 +61,24 @@ def describe_error(err: dict) -> str:
     loc = [str(p) for p in err.get("loc", ()) if p != "body" or len(err.get("loc", ())) == 1]
     where = ".".join(loc)
     if err.get("type") == "json_invalid":
-        return "invalid JSON body"
+        return INVALID_JSON
     if err.get("type") == "extra_forbidden":
         return f"unknown field: {where}"
     if err.get("type") == "missing":
         return f"missing required field: {where}"
+    if where and err.get("loc", ("",))[0] == "body" and "input" in err and err["input"] is None:
+        return f"{where} cannot be null"
     return f"{where}: {err.get('msg', 'invalid value')}" if where else err.get("msg", "invalid request")
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Map every failure to the spec's error shape; nothing escapes as a stack trace."""
+    """Map every failure to the spec's error shape; nothing escapes as a stack trace. Input the database
+    cannot hold (NUL in any text) or that is not UTF-8 JSON is refused with 422 before routing (kit.text)."""
+    app.add_middleware(TextGuard)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -80,6 +88,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == _FASTAPI_BODY_ERROR:
+            # A JSON body FastAPI could not decode (TextGuard refuses these first): one answer for bad JSON.
+            return JSONResponse({"detail": INVALID_JSON}, status_code=422)
         detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
 

@@ -28,6 +28,34 @@ class ApiSettings(PostgresSettings, KafkaSettings, MinioSettings, WebhookSecretS
     access_flush_ms: int = Field(
         20, ge=1, le=5000, description="How often buffered access events are written to the outbox."
     )
+    access_buffer_max: int = Field(
+        100_000,
+        ge=100,
+        le=10_000_000,
+        description="Access events held in memory while they cannot be written (Postgres away); when full, "
+        "counted reads answer 503 instead of going uncounted.",
+    )
+
+    rate_limits_enabled: bool = Field(
+        True, description="Token-bucket rate limits per user and per client IP (register); false: none."
+    )
+    rate_limit_developer_per_minute: int = Field(
+        600, ge=1, description="Requests a developer may make per minute (also its burst)."
+    )
+    rate_limit_platform_per_minute: int = Field(
+        6000, ge=1, description="Requests a platform user may make per minute (also its burst)."
+    )
+    rate_limit_admin_per_minute: int = Field(
+        1200,
+        ge=1,
+        description="Requests an admin-role user (by API key) may make per minute. The admin token is exempt.",
+    )
+    rate_limit_register_per_minute: int = Field(
+        10, ge=1, description="Self-registrations per client IP per minute (also its burst)."
+    )
+    rate_limit_lease_max: int = Field(
+        100, ge=1, le=100_000, description="Most tokens one api process leases from a shared bucket at a time."
+    )
 
     @field_validator("registry_admin_token", mode="before")
     @classmethod
@@ -42,5 +70,5 @@ class ApiSettings(PostgresSettings, KafkaSettings, MinioSettings, WebhookSecretS
 
 @lru_cache
 def get_settings() -> ApiSettings:
-    """The process-wide settings."""
-    return ApiSettings()
+    """The process-wide settings (MinIO with the api's own user: API_MINIO_ACCESS_KEY / API_MINIO_SECRET_KEY)."""
+    return ApiSettings().for_service("api")

@@ -11,8 +11,11 @@ returned, so its position is one past the last record handled: an ack never cove
 
 Each subscriber runs `INGEST_CONSUMERS_PER_TOPIC` consumers (FastStream's concurrency between partitions:
 every one a member of the group with partitions of its own, handled in order), so a long verification
-holds up only its own consumer's partitions. Undecodable messages go to the dead-letter topic with the
-error and the worker moves on. On shutdown, FastStream stops fetching, lets the handlers in flight finish
+holds up only its own consumer's partitions. Failures follow the shared consumer policy
+(`registry_shared.consumer_policy`, one `ConsumerPolicy` per topic): a message that can never be processed
+(undecodable, outside the contract, contradicting the recorded upload) goes to the dead-letter topic with the
+error and the worker moves on; Postgres, Kafka or MinIO away is retried with the shared backoff, for as long
+as it takes, and `/healthz` says so. On shutdown, FastStream stops fetching, lets the handlers in flight finish
 for up to `graceful_timeout` (INGEST_SHUTDOWN_TIMEOUT_SECONDS) and cancels the rest, unacknowledged.
 """
 
@@ -23,39 +26,22 @@ import copy
 import logging
 from collections.abc import Awaitable, Callable
 
-import psycopg
-import psycopg_pool
-import urllib3.exceptions
 from aiokafka.errors import KafkaError
 from faststream import AckPolicy
 from faststream.kafka import ConsumerRecord, KafkaBroker, Topic
 from faststream.kafka.annotations import KafkaMessage
 from faststream.kafka.message import KafkaMessage as StreamKafkaMessage
 from faststream.kafka.subscriber.usecase import LogicSubscriber
-from minio.error import S3Error
-from pydantic import ValidationError
 
 from registry_ingest.notifications import BadNotification, message_key_outside, parse_notification
 from registry_ingest.publisher import Publisher
-from registry_ingest.service import IngestService, PoisonMessage
+from registry_ingest.service import CLASSIFIER, IngestService, PoisonMessage
 from registry_ingest.settings import IngestSettings
-from registry_shared.events import decode_event
+from registry_shared import tracing
+from registry_shared.consumer_policy import ConsumerPolicy, Outcome, decode_cloud_event, faststream_sink
 from registry_shared.logging import correlation_id
 
 log = logging.getLogger(__name__)
-
-#: Failures of the infrastructure: retried for as long as it takes, never dead-lettered.
-#: (FastStream's Kafka broker raises aiokafka's own errors, a refused commit or a failed publish: it has no type
-#: of its own for them, hence the one import from aiokafka here.)
-TRANSIENT = (
-    psycopg.OperationalError,
-    psycopg_pool.PoolTimeout,
-    KafkaError,
-    S3Error,
-    urllib3.exceptions.HTTPError,
-    OSError,
-    TimeoutError,
-)
 
 
 def make_broker(bootstrap_servers: str, client_id: str, graceful_timeout: float) -> KafkaBroker:
@@ -80,13 +66,30 @@ def make_broker(bootstrap_servers: str, client_id: str, graceful_timeout: float)
 class IngestConsumer:
     """The subscribers of one ingest process, and what they do with each message."""
 
-    def __init__(self, settings: IngestSettings, broker: KafkaBroker, publisher: Publisher) -> None:
+    def __init__(
+        self, settings: IngestSettings, broker: KafkaBroker, publisher: Publisher, stopping: asyncio.Event
+    ) -> None:
         self.settings = settings
         self.broker = broker
         self.publisher = publisher
         self.service: IngestService | None = None  # set once Postgres and MinIO are connected (on startup)
         self.handled = 0
+        #: Set once a record was abandoned (stopping while retrying): nothing is committed after it.
+        self._abandoned = False
         s = settings
+
+        def policy(name: str) -> ConsumerPolicy:
+            return ConsumerPolicy(
+                name,
+                group=s.group_id,
+                sink=faststream_sink(broker),
+                dead_letter_topic=s.dead_letter_topic,
+                classifier=CLASSIFIER,
+                max_unexpected=s.max_attempts,
+                stop=stopping,
+            )
+
+        self.policies = {s.uploads_topic: policy("ingest-uploads"), s.minio_topic: policy("ingest-minio")}
         options = {
             "group_id": s.group_id,
             "auto_offset_reset": "earliest",
@@ -106,6 +109,8 @@ class IngestConsumer:
         minio = broker.subscriber(Topic(s.minio_topic, declare=False), **options)
         minio(self.on_minio_message)
         self.subscribers: list[LogicSubscriber] = [uploads, minio]
+        for topic, sub in ((s.uploads_topic, uploads), (s.minio_topic, minio)):
+            self.policies[topic].watch(lambda sub=sub: getattr(sub, "consumer_subgroup", None) or [sub.consumer])
 
     # ------------------------------------------------------------ lifecycle
     async def stop(self) -> None:
@@ -155,19 +160,29 @@ class IngestConsumer:
         await self._consume(message, self._handle_notification)
 
     async def _consume(self, message: StreamKafkaMessage, handle: Callable[[ConsumerRecord], Awaitable[None]]) -> None:
-        """Handle one record to its durable effect, then ack it (commit).
+        """Handle one record to its durable effect (or dead-letter it), then ack it (commit).
 
-        A cancellation (shutdown past the graceful timeout) leaves the record unacknowledged: whoever owns
-        the partition next handles it again, idempotently. A handler whose partition moved to another member
-        in a rebalance runs on (leases keep the two from verifying at once); its commit is then refused.
+        A cancellation (shutdown past the graceful timeout), or a stop while a transient failure is being
+        retried, leaves the record unacknowledged, and nothing after it is acknowledged by this process:
+        whoever owns the partition next handles it again, idempotently. A handler whose partition moved to
+        another member in a rebalance runs on (leases keep the two from verifying at once); its commit is
+        then refused.
         """
         record: ConsumerRecord = message.raw_message  # type: ignore[assignment]
         try:
-            await self._handle_with_retries(record, handle)
+            outcome = await self.policies[record.topic].handle(record, handle)
         except asyncio.CancelledError:
+            self._abandoned = True
             # FastStream logs the cancellation as an error of the handler; this says what it means.
             log.warning("message abandoned unacknowledged (stopping)", extra={"fields": _where(record)})
             raise
+        finally:
+            correlation_id.set(None)
+        if outcome is Outcome.STOPPED:
+            self._abandoned = True
+            log.warning("message abandoned unacknowledged (stopping)", extra={"fields": _where(record)})
+        if self._abandoned:
+            return
         self.handled += 1
         try:
             await message.ack()
@@ -176,41 +191,12 @@ class IngestConsumer:
             # commit and finds the work done. A later ack of this consumer commits past the record anyway.
             log.warning("commit refused: %r", exc, extra={"fields": _where(record)})
 
-    async def _handle_with_retries(
-        self, record: ConsumerRecord, handle: Callable[[ConsumerRecord], Awaitable[None]]
-    ) -> None:
-        failures = 0
-        while True:
-            try:
-                await handle(record)
-                return
-            except PoisonMessage as exc:
-                await self._dead_letter(record, str(exc))
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                failures += 1
-                if not isinstance(exc, TRANSIENT) and failures >= self.settings.max_attempts:
-                    log.exception("giving up on message", extra={"fields": _where(record)})
-                    await self._dead_letter(record, f"failed {failures} times: {type(exc).__name__}: {exc}")
-                    return
-                log.exception("message failed; retrying", extra={"fields": {**_where(record), "failures": failures}})
-                await asyncio.sleep(min(30.0, 0.25 * 2**failures))
-            finally:
-                correlation_id.set(None)
-
     async def _handle_upload(self, record: ConsumerRecord) -> None:
         assert self.service is not None
-        if record.value is None:
-            raise PoisonMessage("empty message")
-        try:
-            event = decode_event(record.value)
-            payload = event.payload()
-        except (ValidationError, ValueError) as exc:
-            raise PoisonMessage(f"undecodable upload event: {exc}") from None
+        event, payload = decode_cloud_event(record.value)
         correlation_id.set(event.id)
-        await self.service.on_upload_event(event, payload)
+        with tracing.consuming(event.traceparent, f"ingest {event.type}", **{"messaging.message.id": event.id}):
+            await self.service.on_upload_event(event, payload)
 
     async def _handle_notification(self, record: ConsumerRecord) -> None:
         assert self.service is not None
@@ -225,18 +211,6 @@ class IngestConsumer:
         for n in notifications:
             correlation_id.set(n.correlation_id)
             await self.service.on_notification(n)
-
-    async def _dead_letter(self, record: ConsumerRecord, error: str) -> None:
-        log.error("dead-lettering message: %s", error, extra={"fields": _where(record)})
-        failures = 0
-        while True:
-            try:
-                await self.publisher.dead_letter(self.settings.dead_letter_topic, record, error, self.settings.group_id)
-                return
-            except KafkaError:
-                failures += 1
-                log.exception("dead-letter publish failed; retrying")
-                await asyncio.sleep(min(30.0, 0.25 * 2**failures))
 
 
 def _where(record: ConsumerRecord) -> dict[str, object]:

@@ -6,9 +6,9 @@ waits for Kafka's confirmation: a send returns only once all in-sync replicas ha
 
 from __future__ import annotations
 
-import time
+from faststream.kafka import KafkaBroker
 
-from faststream.kafka import ConsumerRecord, KafkaBroker
+from registry_shared import tracing
 
 #: Verdicts are CloudEvents in structured mode: the whole event, JSON, is the record's value.
 CLOUDEVENTS_JSON = "application/cloudevents+json"
@@ -29,20 +29,9 @@ class Publisher:
         correlation_id: str | None = None,
     ) -> None:
         """Produce one record and wait until Kafka acknowledged it."""
-        await self.broker.publish(value, topic, key=key, headers=headers, correlation_id=correlation_id)
+        with tracing.producing(f"publish {topic}", **{"messaging.destination.name": topic}):
+            await self.broker.publish(value, topic, key=key, headers=headers, correlation_id=correlation_id)
 
     async def send_event(self, topic: str, event: bytes, key: bytes, event_id: str) -> None:
         """Produce an encoded CloudEvent (the same bytes every time it is sent) and wait for the acknowledgement."""
         await self.send(topic, event, key, {"content-type": CLOUDEVENTS_JSON}, correlation_id=event_id)
-
-    async def dead_letter(self, topic: str, record: ConsumerRecord, error: str, group_id: str) -> None:
-        """Park an unprocessable record: its value and key unchanged, where it came from and why in headers."""
-        headers = {
-            "error": error[:4000],
-            "source_topic": record.topic,
-            "source_partition": str(record.partition),
-            "source_offset": str(record.offset),
-            "consumer_group": group_id,
-            "failed_at": str(int(time.time())),
-        }
-        await self.send(topic, record.value or b"", record.key, headers)

@@ -16,7 +16,10 @@ import logging
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+
+from minio.error import S3Error
 
 from registry_ingest.bucket import Bucket, ObjectMissing, OpenedObject
 from registry_ingest.notifications import ObjectNotification, owns_key
@@ -33,6 +36,10 @@ from registry_ingest.verify import (
     judge,
     stream_digest,
 )
+from registry_shared import tracing
+from registry_shared.background import BackgroundTask
+from registry_shared.backoff import Backoff
+from registry_shared.consumer_policy import DEFAULT_CLASSIFIER, Kind, PermanentError, describe
 from registry_shared.events import (
     CloudEvent,
     EventData,
@@ -45,17 +52,50 @@ from registry_shared.events import (
     make_event,
 )
 from registry_shared.logging import correlation_id
+from registry_shared.metrics import VERIFICATIONS, VERIFIED_BYTES
 from registry_shared.storage import quarantine_key
 
 log = logging.getLogger(__name__)
 
 
-class PoisonMessage(Exception):
+class PoisonMessage(PermanentError):
     """A message that can never be processed (undecodable, or outside the contract): it is dead-lettered."""
+
+
+#: S3 error codes about the object's name itself: asking again can never succeed.
+_BAD_NAME_CODES = frozenset(
+    {"KeyTooLongError", "XMinioInvalidObjectName", "InvalidObjectName", "XMinioObjectNameTooLong"}
+)
+
+#: Object keys longer than this (in UTF-8 bytes) cannot be stored by S3 or MinIO.
+MAX_KEY_BYTES = 1024
+
+
+class UnreadableObject(PermanentError):
+    """The store can never hold or return this object (e.g. a key longer than it allows)."""
+
+
+def _storage_rule(exc: BaseException) -> Kind | None:
+    if isinstance(exc, S3Error) and exc.code in _BAD_NAME_CODES:
+        return "permanent"
+    return None
+
+
+#: The shared classification, plus what ingest knows about object names.
+CLASSIFIER = DEFAULT_CLASSIFIER.extend(rule=_storage_rule)
 
 
 def _fields(**kw: object) -> dict[str, dict[str, object]]:
     return {"fields": kw}
+
+
+def _same_object(row: UploadRow, payload: UploadInitiated | UploadCompleted) -> None:
+    """An upload's events must name the object it was recorded with; one naming another contradicts the
+    recorded upload and can never be applied."""
+    if row.object_key != payload.object_key:
+        raise PoisonMessage(
+            f"upload {payload.upload_id} is recorded for object {row.object_key!r}, not {payload.object_key!r}"
+        )
 
 
 class IngestService:
@@ -69,8 +109,16 @@ class IngestService:
         self.bucket = bucket
         self.publisher = publisher
         self.owner = owner
+        # At most `max_concurrent_verifications` objects are streamed at once, each on a thread of this pool
+        # (never the event loop's default pool, which the storage calls share).
         self._slots = asyncio.Semaphore(settings.max_concurrent_verifications)
+        self._streams = ThreadPoolExecutor(settings.max_concurrent_verifications, thread_name_prefix="ingest-verify")
         self._sweeps: set[asyncio.Task[None]] = set()
+        #: Delays before a failed verification is tried again.
+        self.retry_backoff = Backoff(initial=1.0, factor=2.0, cap=60.0)
+        #: upload id → the traceparent of its completion, so a verification started later (by the object's
+        #: notification, or the sweeper) in this process continues the upload's trace (tracing on only).
+        self._traces: dict[int, str] = {}
 
     # ------------------------------------------------------------ facts from the topics
     async def on_upload_event(self, event: CloudEvent, payload: EventData) -> None:
@@ -80,10 +128,11 @@ class IngestService:
         ):
             raise PoisonMessage(f"object_key {payload.object_key!r} is outside {self.settings.upload_prefix!r}")
         if isinstance(payload, UploadInitiated):
-            await self.store.record_initiated(payload, event.id)
+            _same_object(await self.store.record_initiated(payload, event.id), payload)
             log.info("upload initiated", extra=_fields(upload_id=payload.upload_id, key=payload.object_key))
         elif isinstance(payload, UploadCompleted):
             row, recorded = await self.store.record_completed(payload, event.id, self.settings.object_grace_seconds)
+            _same_object(row, payload)
             if row.verdict is not None:
                 log.info(
                     "upload already judged; complete ignored",
@@ -95,6 +144,10 @@ class IngestService:
             if not recorded:
                 what = "complete redelivered" if row.completed_event_id == event.id else "another complete; first wins"
                 log.info(what, extra=_fields(upload_id=row.upload_id, first=row.completed_event_id))
+            if event.traceparent and tracing.ENABLED:  # verified later (object not there yet): same trace
+                self._traces[row.upload_id] = event.traceparent
+                while len(self._traces) > 10_000:
+                    self._traces.pop(next(iter(self._traces)))
             await self.verify_upload(row.upload_id)
         # Other types on the topic are not ingest's business.
 
@@ -117,7 +170,12 @@ class IngestService:
         if row is None:
             log.info("upload judged or being verified elsewhere", extra=_fields(upload_id=upload_id))
             return
-        await self._verify_leased(row)
+        stored = self._traces.pop(upload_id, None)
+        parent = None if tracing.in_span() else tracing.context_of(stored)
+        with tracing.tracer.start_as_current_span(
+            "ingest verify", context=parent, attributes={"registry.upload_id": upload_id}
+        ):
+            await self._verify_leased(row)
 
     async def _verify_leased(self, row: UploadRow) -> None:
         lost = threading.Event()
@@ -126,8 +184,14 @@ class IngestService:
         released = False
         try:
             async with self._slots:
+                if len(row.object_key.encode()) > MAX_KEY_BYTES:
+                    raise UnreadableObject(
+                        f"object key is {len(row.object_key.encode())} bytes (at most {MAX_KEY_BYTES})"
+                    )
                 try:
-                    opened = await asyncio.to_thread(self.bucket.open, row.object_key)
+                    opened = await asyncio.get_running_loop().run_in_executor(
+                        self._streams, self.bucket.open, row.object_key
+                    )
                 except ObjectMissing:
                     await self._object_absent(row)
                     released = True
@@ -158,18 +222,41 @@ class IngestService:
             released = await self._claim_and_finish(row, verdict, opened.etag, size, sha256)
         except VerificationCancelled:
             log.warning("lease lost during verification", extra=_fields(upload_id=row.upload_id))
-        except Exception:
-            # MinIO or Postgres trouble: the sweeper tries again later (the fact is durable in Postgres).
-            log.exception("verification failed; will retry", extra=_fields(upload_id=row.upload_id))
-            retry = min(60.0, 2.0 ** min(row.attempts, 6))
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self.store.release_upload(row.upload_id, self.owner, retry_in=retry))
-            released = True
+        except Exception as exc:
+            released = await self._verification_failed(row, exc)
         finally:
             keeper.cancel()
             if not released:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self.store.release_upload(row.upload_id, self.owner))
+
+    async def _verification_failed(self, row: UploadRow, exc: Exception) -> bool:
+        """A verification broke. Storage or Postgres away (transient): the sweeper tries again later, without
+        limit. The object unreadable for good (permanent), or failures of another kind for the
+        `max_verify_attempts`-th time: the upload is rejected as `unverifiable`. Otherwise: counted, tried
+        again after a backoff. True if the lease was given back (or the verdict claimed)."""
+        kind, error = CLASSIFIER(exc), describe(exc)
+        failures = row.failures + (kind != "transient")
+        if kind == "permanent" or (kind == "unexpected" and failures >= self.settings.max_verify_attempts):
+            detail = error if kind == "permanent" else f"verification failed {failures} times, last: {error}"
+            log.error("upload unverifiable", extra=_fields(upload_id=row.upload_id, error=detail[:500]))
+            verdict = Judgement(False, *file_format_of(row.rfilename), "unverifiable", detail[:2000])
+            with contextlib.suppress(Exception):
+                # Postgres or Kafka away now: the lease lapses and the next attempt decides again.
+                return await asyncio.shield(self._claim_and_finish(row, verdict))
+            return False
+        retry = self.retry_backoff.delay(failures if kind == "unexpected" else row.attempts)
+        log.warning(
+            "verification failed (%s); retrying in %.1f s",
+            kind,
+            retry,
+            exc_info=kind == "unexpected",
+            extra=_fields(upload_id=row.upload_id, failures=failures, error=error[:500]),
+        )
+        failed = error[:2000] if kind != "transient" else None
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self.store.release_upload(row.upload_id, self.owner, retry_in=retry, failed=failed))
+        return True
 
     async def _digest(
         self, opened: OpenedObject, rfilename: str, progress: Progress, stop: threading.Event
@@ -196,7 +283,7 @@ class IngestService:
                 opened.close(reuse=ok)
 
         try:
-            size, sha256 = await asyncio.get_running_loop().run_in_executor(None, run)
+            size, sha256 = await asyncio.get_running_loop().run_in_executor(self._streams, run)
         except asyncio.CancelledError:
             stop.set()
             raise
@@ -262,7 +349,7 @@ class IngestService:
             reason: RejectReason = verdict.reason or "object_missing"
             if reason == "expired":
                 action, action_etag = ("remove", etag) if etag else ("none", None)
-            elif reason != "object_missing":
+            elif reason not in ("object_missing", "unverifiable"):  # nothing that could be read to move
                 action, action_etag, qkey = "quarantine", etag, quarantine_key(row.object_key)
             payload = UploadRejected(**base, reason=reason, detail=verdict.detail, quarantine_key=qkey)
         event = make_event(payload, source=self.settings.event_source, subject=row.repo_id, id=event_id)
@@ -290,6 +377,9 @@ class IngestService:
         if claimed is None:
             log.info("verdict already claimed elsewhere", extra=_fields(upload_id=row.upload_id))
             return False
+        outcome = "verified" if verdict.verified else "rejected"
+        VERIFICATIONS.labels(outcome, verdict.reason or "ok").inc()
+        VERIFIED_BYTES.labels(outcome).inc(size or 0)
         await self.finish_verdict(claimed)
         return True
 
@@ -358,6 +448,7 @@ class IngestService:
             await self.store.settle_object(obj, self.owner, judged=False)
             return
         log.info("stray object", extra=_fields(key=obj.object_key, etag=obj.etag, verdict_id=event_id))
+        VERIFICATIONS.labels("quarantined", "stray_object").inc()
         await self.finish_verdict(claimed)
 
     async def _expire(self, row: UploadRow, ttl: float) -> None:
@@ -366,7 +457,12 @@ class IngestService:
             # also closes the door on a late complete (the api's S3 complete then fails: the upload is gone).
             await asyncio.to_thread(self.bucket.abort_multipart, row.object_key, row.multipart_upload_id)
             log.info("multipart upload aborted", extra=_fields(upload_id=row.upload_id, key=row.object_key))
-        now = await asyncio.to_thread(self.bucket.stat, row.object_key)
+        try:
+            now = await asyncio.to_thread(self.bucket.stat, row.object_key)
+        except Exception as exc:
+            if CLASSIFIER(exc) != "permanent":
+                raise
+            now = None  # a name the store cannot hold: there is no object to remove
         if now is not None and await self.store.other_pending_upload(row.object_key, row.upload_id):
             now = None  # the object belongs to a newer upload of the same file: leave it to that one
         detail = f"not completed within {ttl:g} s of being initiated"
@@ -405,16 +501,6 @@ class IngestService:
         self._sweeps.add(task)
         task.add_done_callback(self._sweeps.discard)
 
-    async def run_sweeper(self, stopping: asyncio.Event) -> None:
-        """Sweep every `sweep_interval_seconds` until `stopping` is set."""
-        while not stopping.is_set():
-            try:
-                await self.sweep_once()
-            except Exception:
-                log.exception("sweep failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), self.settings.sweep_interval_seconds)
-
     async def stop_sweeps(self, wait_seconds: float) -> None:
         """Let background work finish for up to `wait_seconds` seconds, then cancel it."""
         if self._sweeps:
@@ -422,3 +508,28 @@ class IngestService:
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+
+    def close(self) -> None:
+        """Once nothing verifies any more (the broker stopped): let the verification threads go."""
+        self._streams.shutdown(wait=False, cancel_futures=True)
+
+
+class Sweeper(BackgroundTask):
+    """Runs `IngestService.sweep_once` every `sweep_interval_seconds`, supervised (restarted if it dies); a
+    sweep that fails is tried again at the next interval, and the health says `retrying` meanwhile."""
+
+    name = "ingest-sweeper"
+
+    def __init__(self, service: IngestService) -> None:
+        self.service = service
+
+    async def run(self) -> None:
+        interval = self.service.settings.sweep_interval_seconds
+        while True:
+            try:
+                await self.service.sweep_once()
+                self.report_ok()
+            except Exception as exc:
+                self.report_retrying(exc)
+                log.warning("sweep failed: %s", describe(exc), exc_info=CLASSIFIER(exc) == "unexpected")
+            await asyncio.sleep(interval)

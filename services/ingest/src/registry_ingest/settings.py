@@ -59,7 +59,20 @@ class IngestSettings(BaseSettings):
 
     chunk_mib: int = Field(8, ge=1, le=256, description="Size of each read from MinIO while hashing.")
     read_buffers: int = Field(3, ge=2, le=16, description="Buffers in flight between the reader and hasher threads.")
-    max_concurrent_verifications: int = Field(2, ge=1, description="Objects streamed at once by one process.")
+    max_concurrent_verifications: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Objects streamed at once by one process, each on a thread of ingest's own pool of this size;"
+        " further verifications wait for a slot (their leases kept alive).",
+    )
+    max_verify_attempts: int = Field(
+        5,
+        ge=1,
+        description="Failed verifications of one upload (storage or Postgres outages not counted) before it is"
+        " rejected as `unverifiable`; an object the store can never hold (e.g. a key over 1,024 bytes) is"
+        " rejected at the first.",
+    )
     max_read_mbps: float = Field(0.0, ge=0, description="Cap on read throughput per object in MB/s (0 = none).")
     safetensors_max_header_mib: int = Field(100, ge=1, description="Larger safetensors headers are rejected.")
 
@@ -76,7 +89,10 @@ class IngestSettings(BaseSettings):
         " the group with partitions of its own, handled in order, so a long verification holds up only its own.",
     )
     max_attempts: int = Field(
-        5, ge=1, description="Unexpected (non-infrastructure) failures of one message before it is dead-lettered."
+        5,
+        ge=1,
+        description="Unexpected failures (neither infrastructure nor the message's own fault) of one message"
+        " before it is dead-lettered.",
     )
     db_pool_max: int = Field(5, ge=2, description="Postgres connections of one process.")
     shutdown_timeout_seconds: float = Field(10.0, description="How long shutdown waits for in-flight messages.")

@@ -10,6 +10,7 @@ can share the schema.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.resources
 import uuid
 from dataclasses import dataclass
@@ -21,8 +22,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from registry_ingest.notifications import ObjectNotification
 from registry_shared.events import UploadCompleted, UploadInitiated
+from registry_shared.migrations import apply_migrations
 
-#: Serializes concurrent migrations of processes starting together.
+#: Serializes concurrent migrations of processes starting together (the lock ingest has always used).
 _MIGRATION_LOCK = 0x1A6E57  # arbitrary, fixed
 
 
@@ -53,6 +55,8 @@ class UploadRow:
     verdict_event_id: uuid.UUID | None
     verdict_at: datetime | None
     created_at: datetime
+    failures: int
+    last_error: str | None
     db_now: datetime
     multipart_upload_id: str | None = None  # the S3 upload id of a multipart upload
 
@@ -125,30 +129,12 @@ class IngestStore:
         self.pool = pool
 
     # ------------------------------------------------------------ schema
-    async def migrate(self) -> list[str]:
-        """Create the schema and apply the migrations not applied yet, in name order; return those applied."""
-        files = sorted(
-            (f for f in importlib.resources.files("registry_ingest.migrations").iterdir() if f.name.endswith(".sql")),
-            key=lambda f: f.name,
+    async def migrate(self, database_url: str) -> list[str]:
+        """Apply ingest's pending migrations (schema `ingest`) with the shared runner; return those applied."""
+        folder = importlib.resources.files("registry_ingest") / "migrations"
+        return await asyncio.to_thread(
+            apply_migrations, database_url, folder, table="schema_migrations", schema="ingest", lock_id=_MIGRATION_LOCK
         )
-        applied: list[str] = []
-        async with self.pool.connection() as conn:
-            async with conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock(%s)", [_MIGRATION_LOCK])
-                await conn.execute("CREATE SCHEMA IF NOT EXISTS ingest")
-                await conn.execute(
-                    "CREATE TABLE IF NOT EXISTS ingest.schema_migrations"
-                    " (name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-                )
-                cur = await conn.execute("SELECT name FROM ingest.schema_migrations")
-                done = {r[0] for r in await cur.fetchall()}
-                for f in files:
-                    if f.name in done:
-                        continue
-                    await conn.execute(f.read_text())
-                    await conn.execute("INSERT INTO ingest.schema_migrations (name) VALUES (%s)", [f.name])
-                    applied.append(f.name)
-        return applied
 
     # ------------------------------------------------------------ facts
     async def record_initiated(self, p: UploadInitiated, event_id: str) -> UploadRow:
@@ -184,7 +170,8 @@ class IngestStore:
     async def record_completed(self, p: UploadCompleted, event_id: str, grace: float) -> tuple[UploadRow, bool]:
         """Remember an UploadCompleted; return the row and whether this event was the one recorded.
 
-        The first UploadCompleted of an upload wins; a duplicate or a late one (after a verdict) changes nothing.
+        The first UploadCompleted of an upload wins; a duplicate or a late one (after a verdict) changes nothing,
+        nor does one naming another object than the upload's (the caller refuses it).
         """
         async with self.pool.connection() as conn:
             cur = conn.cursor(row_factory=class_row(UploadRow))
@@ -199,6 +186,7 @@ class IngestStore:
                        declared_size = excluded.declared_size, declared_sha256 = excluded.declared_sha256,
                        due_at = excluded.due_at
                  WHERE ingest.uploads.completed_event_id IS NULL AND ingest.uploads.verdict IS NULL
+                   AND ingest.uploads.object_key = excluded.object_key
                 RETURNING *, now() AS db_now
                 """,
                 {
@@ -349,15 +337,20 @@ class IngestStore:
             )
             return await cur.fetchone() is not None
 
-    async def release_upload(self, upload_id: int, owner: str, retry_in: float | None = None) -> None:
-        """Give the lease back, optionally asking the sweeper to look again in `retry_in` seconds."""
+    async def release_upload(
+        self, upload_id: int, owner: str, retry_in: float | None = None, failed: str | None = None
+    ) -> None:
+        """Give the lease back, optionally asking the sweeper to look again in `retry_in` seconds; `failed`
+        (the error) counts a failed verification."""
         async with self.pool.connection() as conn:
             await conn.execute(
                 "UPDATE ingest.uploads SET lease_owner = NULL, lease_until = NULL,"
                 " due_at = CASE WHEN %(retry)s::float8 IS NULL THEN due_at"
-                "               ELSE now() + make_interval(secs => %(retry)s::float8) END"
+                "               ELSE now() + make_interval(secs => %(retry)s::float8) END,"
+                " failures = failures + (%(failed)s::text IS NOT NULL)::int,"
+                " last_error = coalesce(%(failed)s::text, last_error)"
                 " WHERE upload_id = %(id)s AND lease_owner = %(owner)s",
-                {"id": upload_id, "owner": owner, "retry": retry_in},
+                {"id": upload_id, "owner": owner, "retry": retry_in, "failed": failed},
             )
 
     async def mark_missing(self, upload_id: int, owner: str, grace: float) -> None:

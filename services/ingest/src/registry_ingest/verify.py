@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 FileFormat = Literal["safetensors", "pickle", "other"]
-RejectReason = Literal["size_mismatch", "sha256_mismatch", "object_missing", "bad_safetensors_header", "expired"]
+RejectReason = Literal[
+    "size_mismatch", "sha256_mismatch", "object_missing", "bad_safetensors_header", "expired", "unverifiable"
+]
 
 #: Extensions of formats that unpickle on load (arbitrary code execution): clients are warned.
 PICKLE_EXTENSIONS = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")

@@ -17,7 +17,7 @@ from psycopg_pool import AsyncConnectionPool
 from registry_ingest.bucket import Bucket
 from registry_ingest.consumer import IngestConsumer, make_broker
 from registry_ingest.publisher import Publisher
-from registry_ingest.service import IngestService
+from registry_ingest.service import IngestService, Sweeper
 from registry_ingest.settings import IngestSettings
 from registry_ingest.state import IngestStore
 from registry_shared.settings import KafkaSettings, MinioSettings, PostgresSettings
@@ -41,24 +41,23 @@ class IngestWorker:
             kafka.kafka_bootstrap_servers, f"{kafka.kafka_client_id}-ingest", s.shutdown_timeout_seconds
         )
         self.publisher = Publisher(self.broker)
-        self.consumer = IngestConsumer(s, self.broker, self.publisher)
+        self._stopping = asyncio.Event()
+        self.consumer = IngestConsumer(s, self.broker, self.publisher, self._stopping)
         self.pool: AsyncConnectionPool | None = None
         self.service: IngestService | None = None
-        self._stopping = asyncio.Event()
-        self._sweeper: asyncio.Task[None] | None = None
+        self._sweeper: Sweeper | None = None
         #: Set once started (the broker consumes, the sweeper runs); /healthz answers 503 until then.
         self.ready = False
 
     async def start(self) -> None:
         """Before the broker starts: connect Postgres (migrating the schema) and MinIO."""
         s = self.settings
-        minio = MinioSettings()
-        self.pool = AsyncConnectionPool(
-            PostgresSettings().database_url, min_size=1, max_size=s.db_pool_max, open=False, name="ingest"
-        )
+        minio = MinioSettings().for_service("ingest")  # INGEST_MINIO_ACCESS_KEY / INGEST_MINIO_SECRET_KEY
+        database_url = PostgresSettings().database_url
+        self.pool = AsyncConnectionPool(database_url, min_size=1, max_size=s.db_pool_max, open=False, name="ingest")
         await self.pool.open(wait=True, timeout=30)
         store = IngestStore(self.pool)
-        applied = await store.migrate()
+        applied = await store.migrate(database_url)
         if applied:
             log.info("ingest schema migrated", extra={"fields": {"applied": applied}})
         bucket = Bucket(minio_client(minio), minio.minio_bucket)
@@ -71,12 +70,15 @@ class IngestWorker:
         s = self.settings
         if self._stopping.is_set():  # shut down while the broker was still starting
             return
-        self._sweeper = asyncio.create_task(self.service.run_sweeper(self._stopping), name="ingest-sweeper")
+        self._sweeper = Sweeper(self.service)
+        self._sweeper.start()
         # FastStream's ASGI app serves HTTP while the broker starts; /healthz (the readiness signal of the stack
         # and the tests) says ok once this process is a settled member of the group (or that took too long).
         if not await self.consumer.wait_assigned(_SETTLE_SECONDS):
             log.warning("no partitions of some topic yet; starting anyway", extra={"fields": self.status()})
         self.ready = True
+        for policy in self.consumer.policies.values():
+            policy.health.ok()  # consuming: "starting" until now
         log.info(
             "ingest started",
             extra={
@@ -96,7 +98,7 @@ class IngestWorker:
         self.ready = False
         self._stopping.set()
         if self._sweeper is not None:
-            await self._sweeper
+            await self._sweeper.stop()
         sweeps = self.service.stop_sweeps(timeout) if self.service is not None else asyncio.sleep(0)
         await asyncio.gather(self.consumer.stop(), sweeps)
         if self.service is not None:
@@ -106,13 +108,15 @@ class IngestWorker:
                 log.exception("could not release leases; they lapse on their own")
 
     async def close(self) -> None:
-        """After the broker stopped: close the Postgres pool."""
+        """After the broker stopped: close the verification pool and the Postgres pool."""
+        if self.service is not None:
+            self.service.close()
         if self.pool is not None:
             await self.pool.close()
         log.info("ingest stopped", extra={"fields": {"owner": self.owner}})
 
     def status(self) -> dict[str, object]:
-        """What /healthz reports about the consumers."""
+        """What /healthz reports about the consumers (their health is in registry_shared.health.HEALTH)."""
         return {
             "owner": self.owner,
             "group": self.settings.group_id,

@@ -1,17 +1,23 @@
 """The notifier service's process: an HTTP face (health) around its Kafka consumer and its workers.
 
 Kafka events → (consumer) delivery and e-mail rows in Postgres → (delivery worker) signed webhooks,
-(mail worker) e-mails over SMTP. The tables belong to the api's schema (migration 0002); the
-notifier needs them to exist (the api applies its migrations at start-up).
+(mail worker) e-mails over SMTP. The notifier's tables (deliveries, attempts, e-mails) are its own
+migrations (`registry_notifier/migrations`), applied at start-up by the shared runner once the api's schema
+(the `webhooks` table they refer to) is there.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib import resources
 
+import psycopg
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -21,7 +27,38 @@ from registry_notifier.mailer import MailWorker
 from registry_notifier.retention import RetentionWorker
 from registry_notifier.routing import Router
 from registry_notifier.settings import NotifierSettings, get_settings
+from registry_shared.backoff import Backoff
+from registry_shared.consumer_policy import describe
+from registry_shared.health import HEALTH
+from registry_shared.metrics import HttpMetrics
+from registry_shared.migrations import apply_migrations
 from registry_shared.webhooks import TargetGuard, parse_networks
+
+log = logging.getLogger(__name__)
+
+
+#: Waits between attempts to migrate while Postgres, or the api's schema, is not there yet.
+_MIGRATE_BACKOFF = Backoff(initial=0.5, cap=10.0)
+
+
+async def migrate(database_url: str) -> list[str]:
+    """Apply the notifier's migrations (shared runner, `notifier_schema_migrations`), waiting with the shared
+    backoff while Postgres is unreachable or the api has not created `webhooks` yet (start order)."""
+    folder = resources.files("registry_notifier") / "migrations"
+    attempt = 0
+    while True:
+        try:
+            applied = await asyncio.to_thread(
+                apply_migrations, database_url, folder, table="notifier_schema_migrations"
+            )
+        except (psycopg.OperationalError, psycopg.errors.UndefinedTable) as exc:
+            attempt += 1
+            log.warning("notifier migrations wait: %s", describe(exc), extra={"fields": {"attempt": attempt}})
+            await _MIGRATE_BACKOFF.sleep(attempt)
+            continue
+        if applied:
+            log.info("notifier migrations applied", extra={"fields": {"applied": applied}})
+        return applied
 
 
 def create_app(settings: NotifierSettings | None = None) -> FastAPI:
@@ -39,6 +76,7 @@ def create_app(settings: NotifierSettings | None = None) -> FastAPI:
             timeout=30,
         )
         await pool.open(wait=False)
+        await migrate(settings.database_url)
         allowed = parse_networks(settings.webhook_allow_private_targets)
         guard = TargetGuard(allowed, dns_timeout=settings.notifier_dns_timeout_s, cache_s=settings.notifier_dns_cache_s)
         mailer = MailWorker(pool, settings) if settings.email_enabled else None
@@ -68,13 +106,16 @@ def create_app(settings: NotifierSettings | None = None) -> FastAPI:
             await pool.close()
 
     app = FastAPI(title="Model Registry notifier", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(HttpMetrics)  # serves /metrics
 
     @app.get("/healthz", summary="Liveness and progress")
-    async def healthz(request: Request) -> dict[str, object]:
-        """Liveness, whether the consumer has its partitions, and counters."""
+    async def healthz(request: Request) -> JSONResponse:
+        """Liveness, whether the consumer has its partitions, counters, and the state of the consumer and each
+        background worker (`consumers`); 503 while one of them is dead."""
         st = request.app.state
-        return {
-            "ok": True,
+        status, consumers = HEALTH.report()
+        body = {
+            "ok": status == 200,
             "service": "notifier",
             "time": int(time.time()),
             "consumer_ready": st.consumer.ready,
@@ -84,7 +125,10 @@ def create_app(settings: NotifierSettings | None = None) -> FastAPI:
             "failed_attempts": st.delivery.failed_attempts,
             "emails_sent": st.mailer.sent if st.mailer else 0,
             "email_enabled": st.mailer is not None,
+            "dead_lettered": st.consumer.policy.health.dead_lettered,
+            **consumers,
         }
+        return JSONResponse(body, status)
 
     return app
 

@@ -8,8 +8,11 @@ committed only once its rows are stored, so a crash re-reads it and the unique (
 where the consumer stands in each partition (past the records handed over, all stored now: the consume
 loop fetches the next batch only after the handler returns); `OffsetCommitter` commits those positions
 beside the consume loop, at most every COMMIT_INTERVAL_S, so reading and storing never wait for Kafka.
-A batch that cannot be stored (Postgres away) is tried again until it is: the consume loop waits
-meanwhile, so nothing past it is committed.
+Failures follow the shared consumer policy (`registry_shared.consumer_policy`): a record that is not a
+registry event (not JSON, a wrong schema, an id that is not a UUID) or refers to a row that does not exist
+goes to the dead-letter topic with the error, and the rest of its batch is stored; a batch that cannot be
+stored because Postgres is away is tried again, with the shared backoff, until it is (the consume loop waits
+meanwhile, so nothing past it is committed) and `/healthz` says `retrying` meanwhile.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
@@ -26,12 +30,21 @@ from faststream.kafka import KafkaBroker
 from faststream.message import StreamMessage
 from faststream.middlewares import AckPolicy
 from psycopg_pool import AsyncConnectionPool
-from pydantic import ValidationError
 
 from registry_notifier import repository
 from registry_notifier.routing import Incoming, Router
 from registry_notifier.settings import NotifierSettings
-from registry_shared.events import Topics, decode_event
+from registry_shared.background import BackgroundTask
+from registry_shared.backoff import Backoff
+from registry_shared.consumer_policy import (
+    ConsumerPolicy,
+    Outcome,
+    PermanentError,
+    decode_cloud_event,
+    describe,
+    faststream_sink,
+)
+from registry_shared.events import Topics
 from registry_shared.kafka import raw_batch
 from registry_shared.webhooks import SUBSCRIPTION_NAME_OF
 
@@ -47,8 +60,8 @@ POLL_MS = 20
 COMMIT_INTERVAL_S = 0.5
 #: On stop, how long a batch being stored may take to finish (its offsets are then committed).
 GRACEFUL_S = 5.0
-#: Pause before storing a batch again, or before starting the broker again.
-RETRY_S = 1.0
+#: Delays before starting the broker again while Kafka cannot be reached.
+START_BACKOFF = Backoff(initial=0.5, cap=10.0)
 
 ConsumerOf = Callable[[], AIOKafkaConsumer | None]
 
@@ -60,18 +73,19 @@ async def stored_positions(consumer: AIOKafkaConsumer) -> dict[TopicPartition, i
     return {tp: await consumer.position(tp) for tp in consumer.assignment()}
 
 
-class OffsetCommitter:
+class OffsetCommitter(BackgroundTask):
     """Commits positions noted as stored, in the background: one commit at a time and at most one every
     COMMIT_INTERVAL_S, the positions noted meanwhile going together in the next. The offsets are
     explicit, never "whatever has been fetched", so a batch fetched meanwhile is not committed before it
     is stored."""
+
+    name = "notifier-offsets"
 
     def __init__(self, consumer: ConsumerOf) -> None:
         self._consumer = consumer
         self._pending: dict[TopicPartition, int] = {}
         self._lock = asyncio.Lock()
         self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
     def stored(self, positions: dict[TopicPartition, int]) -> None:
         """Everything before these positions is stored: they may be committed."""
@@ -96,24 +110,17 @@ class OffsetCommitter:
             except KafkaError as exc:
                 log.warning("offsets not committed (those events will be read again): %s", exc)
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
+        """Commit in the background as records are stored."""
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
             await self.flush()
             await asyncio.sleep(COMMIT_INTERVAL_S)  # what is noted meanwhile goes in the next commit
 
-    def start(self) -> None:
-        """Commit in the background as records are stored."""
-        self._task = asyncio.create_task(self._run(), name="notifier-offsets")
-
     async def stop(self) -> None:
         """Stop committing in the background (after committing what is stored)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await super().stop()
         await self.flush()
 
 
@@ -159,27 +166,30 @@ class Partitions(ConsumerRebalanceListener):
         self.ready = True
 
 
-def decode_records(records: Iterable[ConsumerRecord[Any, bytes]]) -> list[Incoming]:
-    """The events of a batch that are for subscribers; unreadable ones are logged and skipped, and a
-    payload that does not match its type is refused here, not half-routed."""
-    items: list[Incoming] = []
+@dataclass
+class Decoded:
+    """A batch as decoded: the events for subscribers, and the records that are not registry events (with
+    why). Events nobody subscribes to are in neither: they are simply consumed."""
+
+    items: list[Incoming] = field(default_factory=list)
+    poison: list[tuple[ConsumerRecord[Any, bytes], str]] = field(default_factory=list)
+
+
+def decode_records(records: Iterable[ConsumerRecord[Any, bytes]]) -> Decoded:
+    """Split a batch: routable events, and records refused by the shared decoding (not JSON, a wrong schema,
+    an id that is not a UUID, a payload that does not match its type), which are dead-lettered."""
+    out = Decoded()
     for msg in records:
-        value = msg.value or b""
         try:
-            event = decode_event(value)
-            if event.type not in SUBSCRIPTION_NAME_OF:
-                continue  # nobody subscribes to it
-            event.payload()
-            items.append(Incoming(event, value.decode()))
-        except (ValidationError, ValueError, UnicodeDecodeError) as exc:
-            log.error(
-                "unreadable event skipped",
-                extra={"fields": {"topic": msg.topic, "offset": msg.offset, "error": str(exc)[:200]}},
-            )
-    return items
+            event, _ = decode_cloud_event(msg.value)
+            if event.type in SUBSCRIPTION_NAME_OF:
+                out.items.append(Incoming(event, (msg.value or b"").decode(), msg))
+        except (PermanentError, UnicodeDecodeError) as exc:
+            out.poison.append((msg, describe(exc)))
+    return out
 
 
-async def decode_batch(message: StreamMessage[tuple[ConsumerRecord[Any, bytes], ...]]) -> list[Incoming]:
+async def decode_batch(message: StreamMessage[tuple[ConsumerRecord[Any, bytes], ...]]) -> Decoded:
     """FastStream decoder of the subscriber: a batch's records → the events the handler stores."""
     return decode_records(message.raw_message)
 
@@ -200,7 +210,9 @@ class EventConsumer:
         self.broker = KafkaBroker(
             settings.kafka_bootstrap_servers,
             client_id=settings.kafka_client_id,
-            consumer_only=True,  # it only reads: no producer, no admin client (the stack creates the topics)
+            # Its producer publishes dead letters only (the stack creates the topics).
+            acks="all",
+            enable_idempotence=True,
             graceful_timeout=GRACEFUL_S,
             logger=logging.getLogger("registry_notifier.kafka"),
             log_level=logging.DEBUG,  # a line per batch only when debugging
@@ -223,27 +235,36 @@ class EventConsumer:
             decoder=decode_batch,
         )
         self._subscriber(self._handle)
+        self.policy = ConsumerPolicy(
+            "notifier-events",
+            group=settings.notifier_group_id,
+            sink=faststream_sink(self.broker),
+            stop=self._stopping,
+        )
+        self.policy.watch(lambda: [getattr(self._subscriber, "consumer", None)])
 
     @property
     def ready(self) -> bool:
         """True once partitions are assigned and their start positions known."""
         return self._partitions.ready
 
-    async def _handle(self, items: list[Incoming]) -> None:
-        """Store a batch's rows, then let its offsets be committed. A batch that cannot be stored (Postgres
-        away) is tried again in place until it is, or until the consumer stops: then its offsets are not
-        committed, and the next run reads it again."""
-        while True:
-            try:
-                queued = await self.store(items) if items else 0
-                break
-            except Exception as exc:
-                log.warning("events not stored, trying again: %s", exc)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), RETRY_S)
-                if self._stopping.is_set():
-                    return
-        self.events_seen += len(items)
+    async def _handle(self, batch: Decoded) -> None:
+        """Dead-letter a batch's poison, store its rows (a batch that fails for good is stored an event at a
+        time, so only the events referring to missing rows are dead-lettered; Postgres away is retried with
+        the shared backoff), then let its offsets be committed. Stopped meanwhile: nothing is committed, and
+        the next run reads the batch again."""
+        for record, error in batch.poison:
+            if await self.policy.dead_letter(record, error) is Outcome.STOPPED:
+                return
+        queued = 0
+
+        async def store(items: Sequence[Incoming]) -> None:
+            nonlocal queued
+            queued += await self.store(items)
+
+        if await self.policy.handle_batch(batch.items, store, lambda i: i.record) is Outcome.STOPPED:
+            return
+        self.events_seen += len(batch.items)
         self.deliveries_queued += queued
         if queued:
             self._on_stored()
@@ -256,30 +277,35 @@ class EventConsumer:
         if self._stopping.is_set():  # the last batch before the consumer stops: commit it now
             await self._committer.flush()
 
-    async def store(self, items: list[Incoming]) -> int:
-        """Queue the deliveries and e-mails of `items`; returns the deliveries planned.
+    async def store(self, items: Sequence[Incoming]) -> int:
+        """Queue the deliveries and e-mails of `items`; returns the deliveries planned. MissingReference if
+        an event refers to a row that does not exist (nothing of the batch is stored then).
 
         No transaction is needed: every insert is idempotent, and offsets are committed only after this
-        returns, so a failure half-way is repaired by reading the batch again."""
+        returns, so a failure half-way is repaired by storing the batch again."""
         async with self._pool.connection() as conn:
-            plan = await self._router.plan(conn, items)
+            plan = await self._router.plan(conn, list(items))
             await repository.insert_deliveries(conn, plan.deliveries)
             await repository.insert_emails(conn, plan.emails)
         return len(plan.deliveries)
 
     async def run(self) -> None:
-        """Start the broker; while Kafka cannot be reached, try again. Once started, FastStream's consume
-        loop outlives Kafka outages (it reconnects)."""
+        """Start the broker; while Kafka cannot be reached, try again (the shared backoff; `/healthz` says
+        `retrying`). Once started, FastStream's consume loop outlives Kafka outages (it reconnects)."""
+        attempt = 0
         while True:
             try:
                 await self.broker.start()
             except Exception as exc:
+                attempt += 1
+                self.policy.health.retrying(f"cannot start: {describe(exc)}")
                 log.warning("event consumer cannot start, trying again: %s", exc)
                 self._partitions.reset()
                 with contextlib.suppress(Exception):
                     await self.broker.stop()
-                await asyncio.sleep(RETRY_S)
+                await START_BACKOFF.sleep(attempt, self._stopping)
             else:
+                self.policy.health.ok()
                 log.info("consuming", extra={"fields": {"group": self._subscriber.group_id}})
                 return
 

@@ -23,12 +23,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import httpx
+from opentelemetry.trace import SpanKind
 from psycopg_pool import AsyncConnectionPool
 from standardwebhooks import Webhook
 
 from registry_notifier import repository
 from registry_notifier.settings import NotifierSettings
+from registry_shared import tracing
+from registry_shared.background import BackgroundTask
 from registry_shared.logging import correlation_id
+from registry_shared.metrics import WEBHOOK_DELIVERIES, WEBHOOK_GAVE_UP, WEBHOOK_RETRIES, WEBHOOKS_DISABLED
 from registry_shared.secretbox import SecretKeyError, is_sealed
 from registry_shared.webhooks import TargetGuard, TargetRefused
 
@@ -67,8 +71,10 @@ def sign(secret: str, message_id: str, timestamp: datetime, payload: str) -> str
     return Webhook(secret).sign(message_id, timestamp, payload)
 
 
-class DeliveryWorker:
-    """Delivers due webhooks with bounded concurrency."""
+class DeliveryWorker(BackgroundTask):
+    """Delivers due webhooks with bounded concurrency (supervised: restarted if its loop dies)."""
+
+    name = "notifier-delivery"
 
     def __init__(
         self,
@@ -92,7 +98,6 @@ class DeliveryWorker:
         self._tasks: set[asyncio.Task[None]] = set()
         #: Deliveries claimed by this process and not recorded yet (handed back on a graceful stop).
         self._claimed: set[int] = set()
-        self._task: asyncio.Task[None] | None = None
         self.wakeup = asyncio.Event()
         self.sent = 0
         self.failed_attempts = 0
@@ -200,6 +205,8 @@ class DeliveryWorker:
                             conn, webhook_id, s.notifier_max_consecutive_failures, error
                         )
                 follow = delay is None and not disabled
+                if delay is None:
+                    WEBHOOK_GAVE_UP.inc()
             if rest:
                 await repository.release(conn, rest)
             nxt = (
@@ -210,6 +217,7 @@ class DeliveryWorker:
         self.sent += len(done)
         self.failed_attempts += failed is not None
         if disabled:
+            WEBHOOKS_DISABLED.inc()
             log.warning("webhook disabled after repeated failures", extra={"fields": {"webhook_id": webhook_id}})
             self._on_disabled()
         return nxt
@@ -222,14 +230,22 @@ class DeliveryWorker:
             results: list[tuple[dict, Outcome]] = []
             for row in run:
                 token = correlation_id.set(str(row["event_id"]))
+                traceparent = tracing.traceparent_in(row["payload"]) if tracing.ENABLED else None
                 try:
-                    out = await self._withheld(row) or await self.attempt(row)
+                    with tracing.consuming(
+                        traceparent, "webhook deliver", SpanKind.CLIENT, **{"registry.delivery_id": row["id"]}
+                    ) as span:
+                        out = await self._withheld(row) or await self.attempt(row)
+                        span.set_attribute("registry.delivered", out.ok)
                 except Exception as exc:  # a URL httpx refuses, or a bug: a failed attempt, retried like any
                     log.exception("delivery attempt broke")
                     out = Outcome(False, None, None, f"{type(exc).__name__}: {exc}"[:500])
                 finally:
                     correlation_id.reset(token)
                 results.append((row, out))
+                WEBHOOK_DELIVERIES.labels("delivered" if out.ok else "failed").inc()
+                if row["attempts"]:
+                    WEBHOOK_RETRIES.inc()
                 if not out.ok:
                     log.info(
                         "delivery attempt failed",
@@ -264,7 +280,9 @@ class DeliveryWorker:
                         rows = await repository.claim_heads(
                             conn, s.notifier_deployment, free, s.notifier_lease_s, s.notifier_adopt_after_s
                         )
-                except Exception as exc:
+                    self.report_ok()
+                except Exception as exc:  # the database away: looked for again at the next poll
+                    self.report_retrying(exc)
                     log.warning("cannot claim deliveries: %s", exc)
                 for row in rows:
                     task = asyncio.create_task(self._pipeline([row]))
@@ -283,16 +301,9 @@ class DeliveryWorker:
         if full:  # a slot is free again: look for more at once (otherwise new work wakes us up)
             self.wakeup.set()
 
-    def start(self) -> None:
-        """Run in the background."""
-        self._task = asyncio.create_task(self.run(), name="delivery-worker")
-
     async def stop(self) -> None:
         """Stop claiming, let in-flight attempts finish briefly, hand back what was claimed but not sent."""
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await super().stop()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)
             for t in self._tasks:

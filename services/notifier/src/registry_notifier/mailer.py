@@ -11,19 +11,22 @@ from psycopg_pool import AsyncConnectionPool
 from registry_notifier import mail, repository
 from registry_notifier.delivery import retry_delay
 from registry_notifier.settings import NotifierSettings
+from registry_shared.background import BackgroundTask
+from registry_shared.metrics import EMAILS
 
 log = logging.getLogger(__name__)
 _BATCH = 20
 
 
-class MailWorker:
-    """Sends queued e-mails over SMTP (one thread per message), durable and retried."""
+class MailWorker(BackgroundTask):
+    """Sends queued e-mails over SMTP (one thread per message), durable and retried (supervised)."""
+
+    name = "notifier-mail"
 
     def __init__(self, pool: AsyncConnectionPool, settings: NotifierSettings) -> None:
         self._pool = pool
         self._s = settings
         self._mailer = mail.SmtpMailer(settings)
-        self._task: asyncio.Task[None] | None = None
         self.wakeup = asyncio.Event()
         self.sent = 0
 
@@ -54,6 +57,7 @@ class MailWorker:
                 await asyncio.to_thread(self._mailer.send, e["to_addr"], e["subject"], e["body"])
             except Exception as exc:  # relay down or refusing: retry on the schedule
                 delay = retry_delay(s.retry_delays, e["attempts"], s.notifier_retry_jitter)
+                EMAILS.labels("failed").inc()
                 log.warning("e-mail not sent: %s", exc, extra={"fields": {"email_id": e["id"], "kind": e["kind"]}})
                 async with self._pool.connection() as conn:
                     await repository.email_failed(conn, e["id"], f"{type(exc).__name__}: {exc}", delay)
@@ -61,6 +65,7 @@ class MailWorker:
             async with self._pool.connection() as conn:
                 await repository.email_sent(conn, e["id"])
             self.sent += 1
+            EMAILS.labels("sent").inc()
         return len(claimed)
 
     async def run(self) -> None:
@@ -71,20 +76,11 @@ class MailWorker:
             try:
                 await self.queue_disabled_notices()
                 claimed = await self.send_due()
-            except Exception as exc:
+                self.report_ok()
+            except Exception as exc:  # the database away: tried again at the next poll
+                self.report_retrying(exc)
                 log.warning("mail worker paused: %s", exc)
             if claimed == _BATCH:
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wakeup.wait(), timeout=max(self._s.notifier_poll_interval_s, 1.0))
-
-    def start(self) -> None:
-        """Run in the background."""
-        self._task = asyncio.create_task(self.run(), name="mail-worker")
-
-    async def stop(self) -> None:
-        """Stop (claimed but unsent e-mails return to the queue when their lease ends)."""
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task

@@ -58,8 +58,10 @@ class RetentionWorker(BackgroundTask):
         while True:
             try:
                 gone = await self.prune()
+                self.report_ok()
                 if any(gone.values()):
                     log.info("finished deliveries and e-mails pruned", extra={"fields": gone})
             except Exception as exc:  # the database briefly away: next time
+                self.report_retrying(exc)
                 log.warning("retention not applied: %s", exc)
             await asyncio.sleep(self._interval)

@@ -15,10 +15,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import psycopg
 
 from registry_notifier import mail, repository
+from registry_shared.consumer_policy import MissingReference
 from registry_shared.events import CloudEvent
 from registry_shared.webhooks import SUBSCRIPTION_NAME_OF, IPNetwork, statically_allowed
 
@@ -27,10 +29,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Incoming:
-    """An event as consumed: the parsed envelope and the exact JSON to deliver."""
+    """An event as consumed: the parsed envelope, the exact JSON to deliver, and the Kafka record it came in
+    (what a dead letter of it carries)."""
 
     event: CloudEvent
     raw: str
+    record: Any = None
 
 
 @dataclass
@@ -39,6 +43,33 @@ class Plan:
 
     deliveries: list[tuple] = field(default_factory=list)
     emails: list[tuple] = field(default_factory=list)
+
+
+#: The field naming the account an event is about, for the event types routed to an account.
+_USER_FIELD = {
+    "registry.grant.created.v1": "platform_user_id",
+    "registry.grant.updated.v1": "platform_user_id",
+    "registry.grant.revoked.v1": "platform_user_id",
+    "registry.user.key_rotated.v1": "user_id",
+}
+
+
+def _check_references(
+    batch: list[Incoming], uploads: dict[int, dict], users: dict[int, str], models: dict[str, dict]
+) -> None:
+    """MissingReference for the first event referring to an upload, account or model that does not exist.
+
+    Every one of them is created before its event is written (the api's outbox, in the same transaction) and
+    never deleted, so a missing row is the event's fault, not a matter of time: it is dead-lettered."""
+    for item in batch:
+        ev, d = item.event, item.event.data
+        if ev.type.startswith("registry.upload.") and int(d["upload_id"]) not in uploads:
+            raise MissingReference(f"{ev.type} {ev.id}: upload {d['upload_id']} does not exist")
+        field = _USER_FIELD.get(ev.type)
+        if field and int(d[field]) not in users:
+            raise MissingReference(f"{ev.type} {ev.id}: user {d[field]} does not exist")
+        if ev.type == "registry.version.created.v1" and d["repo_id"] not in models:
+            raise MissingReference(f"{ev.type} {ev.id}: model {d['repo_id']!r} does not exist")
 
 
 class Router:
@@ -72,12 +103,11 @@ class Router:
                 by_repo.setdefault(h["repo_id"], []).append(h)
         upload_ids = [int(i.event.data["upload_id"]) for i in routable if i.event.type.startswith("registry.upload.")]
         uploads = await repository.upload_developers(conn, upload_ids)
-        grant_users = [
-            int(i.event.data["platform_user_id"]) for i in routable if i.event.type.startswith("registry.grant.")
-        ]
-        emails = await repository.user_emails(conn, grant_users) if self._email else {}
+        account_users = [int(i.event.data[field]) for i in routable if (field := _USER_FIELD.get(i.event.type))]
+        emails = await repository.user_emails(conn, account_users)
         version_repos = [i.event.data["repo_id"] for i in routable if i.event.type == "registry.version.created.v1"]
         models = await repository.model_audiences(conn, version_repos, int(time.time()))
+        _check_references(routable, uploads, emails, models)
         for item in routable:
             ev, name = item.event, SUBSCRIPTION_NAME_OF[item.event.type]
             owners, anyone_filtering = self._audience(ev, name, uploads, models)

@@ -7,9 +7,9 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Request, status
 
 from registry_api.admin import repository, service
-from registry_api.admin.schemas import AdminUserIn, GrantIn, GrantList, GrantOut, GrantUpdate, UserList, UserOut
+from registry_api.admin.schemas import AdminUserIn, GrantIn, GrantList, GrantOut, GrantUpdate, KeyIn, UserList, UserOut
 from registry_api.auth import Admin
-from registry_api.kit.schemas import errors
+from registry_api.kit.schemas import BIGINT_MAX, Offset, RowId, errors
 from registry_api.users import service as users_service
 from registry_api.users.schemas import ApiKeyOut
 
@@ -22,12 +22,29 @@ _ERR = errors(401, 404, 409, 422, 503)
     response_model=ApiKeyOut,
     status_code=status.HTTP_200_OK,
     summary="Create a user with a role",
-    description="Creates a developer, platform or admin user and returns its API key (shown once).",
+    description="Creates a developer, platform or admin user and returns its API key (shown once). The key may "
+    "carry an expiry (`key_expires_ts`) and a `read-only` scope (a platform that only downloads).",
     responses=_ERR,
 )
 async def create_user(body: AdminUserIn, request: Request, _: Admin) -> ApiKeyOut:
     async with request.app.state.pool.connection() as conn:
-        user_id, key = await users_service.create_user(conn, body.email, body.name, body.role)
+        user_id, key = await users_service.create_user(
+            conn, body.email, body.name, body.role, body.key_scope, body.key_expires_ts
+        )
+    return ApiKeyOut(user_id=user_id, api_key=key)
+
+
+@router.post(
+    "/users/{user_id}/keys",
+    response_model=ApiKeyOut,
+    summary="Issue a user a new key",
+    description="Replaces the user's keys with a new one (shown once), with the scope and expiry given: the "
+    "previous keys stop working at once. For a leaked key, or to give a key a lifetime or a read-only scope.",
+    responses=_ERR,
+)
+async def issue_key(user_id: RowId, body: KeyIn, request: Request, _: Admin) -> ApiKeyOut:
+    async with request.app.state.pool.connection() as conn:
+        key = await users_service.reissue_key(conn, user_id, body.key_scope, body.key_expires_ts)
     return ApiKeyOut(user_id=user_id, api_key=key)
 
 
@@ -38,7 +55,7 @@ async def list_users(
     role: Literal["developer", "platform", "admin"] | None = None,
     email: Annotated[str | None, Query(max_length=254)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> UserList:
     async with request.app.state.pool.connection() as conn:
         rows = await repository.list_users(conn, role, email, limit, offset)
@@ -62,11 +79,11 @@ async def create_grant(body: GrantIn, request: Request, _: Admin) -> GrantOut:
 async def list_grants(
     request: Request,
     _: Admin,
-    platform_user_id: Annotated[int | None, Query(ge=1)] = None,
+    platform_user_id: Annotated[int | None, Query(ge=1, le=BIGINT_MAX)] = None,
     repo_id: Annotated[str | None, Query(max_length=193)] = None,
     active: Annotated[bool | None, Query(description="Only grants in force now (true) or not (false)")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> GrantList:
     async with request.app.state.pool.connection() as conn:
         rows = await repository.list_grants(conn, platform_user_id, repo_id, active, limit, offset)
@@ -74,13 +91,13 @@ async def list_grants(
 
 
 @router.get("/grants/{grant_id}", response_model=GrantOut, summary="Get a grant", responses=_ERR)
-async def get_grant(grant_id: int, request: Request, _: Admin) -> GrantOut:
+async def get_grant(grant_id: RowId, request: Request, _: Admin) -> GrantOut:
     async with request.app.state.pool.connection() as conn:
         return GrantOut(**await service.get_grant(conn, grant_id))
 
 
 @router.patch("/grants/{grant_id}", response_model=GrantOut, summary="Change a grant's window", responses=_ERR)
-async def update_grant(grant_id: int, body: GrantUpdate, request: Request, _: Admin) -> GrantOut:
+async def update_grant(grant_id: RowId, body: GrantUpdate, request: Request, _: Admin) -> GrantOut:
     async with request.app.state.pool.connection() as conn:
         return GrantOut(**await service.update_grant(conn, grant_id, body))
 
@@ -92,6 +109,6 @@ async def update_grant(grant_id: int, body: GrantUpdate, request: Request, _: Ad
     description="The platform user loses access at once. The grant is kept (revoked_ts set) for audit.",
     responses=_ERR,
 )
-async def revoke_grant(grant_id: int, request: Request, _: Admin) -> GrantOut:
+async def revoke_grant(grant_id: RowId, request: Request, _: Admin) -> GrantOut:
     async with request.app.state.pool.connection() as conn:
         return GrantOut(**await service.revoke_grant(conn, grant_id))

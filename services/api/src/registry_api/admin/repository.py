@@ -31,19 +31,49 @@ async def user_role(conn: psycopg.AsyncConnection, user_id: int) -> str | None:
 
 
 async def model_id(conn: psycopg.AsyncConnection, repo_id: str) -> int | None:
-    cur = await conn.execute("select id from models where repo_id = %s", [repo_id])
+    """The id of the model `repo_id` (in any case)."""
+    cur = await conn.execute("select id from models where lower(repo_id) = lower(%s)", [repo_id])
     row = await cur.fetchone()
     return row["id"] if row else None
 
 
-async def insert_grant(
+async def upsert_grant(
     conn: psycopg.AsyncConnection, user_id: int, model: int, from_ts: int, until_ts: int | None
-) -> int:
+) -> tuple[int, str]:
+    """The one unrevoked grant of (user, model) with this window: created, or updated in place.
+
+    Returns (grant id, "created" | "updated" | "unchanged"). The unique index grants_one_unrevoked makes
+    concurrent calls for one pair meet on one row (ON CONFLICT waits for the other transaction).
+    """
     cur = await conn.execute(
-        "insert into grants (platform_user_id, model_id, permitted_from_ts, permitted_until_ts) values (%s, %s, %s, %s) returning id",
-        [user_id, model, from_ts, until_ts],
+        "insert into grants (platform_user_id, model_id, permitted_from_ts, permitted_until_ts)"
+        " values (%(uid)s, %(model)s, %(from)s, %(until)s)"
+        " on conflict (platform_user_id, model_id) where revoked_ts is null do update"
+        " set permitted_from_ts = excluded.permitted_from_ts, permitted_until_ts = excluded.permitted_until_ts,"
+        "     updated_ts = extract(epoch from now())::bigint"
+        " where (grants.permitted_from_ts, grants.permitted_until_ts)"
+        "       is distinct from (excluded.permitted_from_ts, excluded.permitted_until_ts)"
+        " returning id, xmax = 0 as created",
+        {"uid": user_id, "model": model, "from": from_ts, "until": until_ts},
     )
-    return (await cur.fetchone())["id"]
+    row = await cur.fetchone()
+    if row is not None:
+        return row["id"], "created" if row["created"] else "updated"
+    # Same window as the grant in force: ON CONFLICT locked it without changing it.
+    cur = await conn.execute(
+        "select id from grants where platform_user_id = %s and model_id = %s and revoked_ts is null", [user_id, model]
+    )
+    return (await cur.fetchone())["id"], "unchanged"
+
+
+async def active_grant(conn: psycopg.AsyncConnection, user_id: int, model: int) -> dict | None:
+    """The unrevoked grant of (user, model), if any (the audit log's `before`)."""
+    cur = await conn.execute(
+        f"select {GRANT_COLUMNS} from grants g join models m on m.id = g.model_id"
+        " where g.platform_user_id = %(uid)s and g.model_id = %(model)s and g.revoked_ts is null",
+        {"uid": user_id, "model": model, "now": int(time.time())},
+    )
+    return await cur.fetchone()
 
 
 async def get_grant(conn: psycopg.AsyncConnection, grant_id: int, for_update: bool = False) -> dict | None:
@@ -66,7 +96,7 @@ async def list_grants(
     cur = await conn.execute(
         f"select * from (select {GRANT_COLUMNS} from grants g join models m on m.id = g.model_id"
         " where (%(uid)s::bigint is null or g.platform_user_id = %(uid)s)"
-        " and (%(repo)s::text is null or m.repo_id = %(repo)s)) x"
+        " and (%(repo)s::text is null or lower(m.repo_id) = lower(%(repo)s))) x"
         " where (%(active)s::boolean is null or x.active = %(active)s)"
         " order by grant_id limit %(limit)s offset %(offset)s",
         {

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from registry_api.kit.schemas import Email, RequestBody
+from registry_api.kit.schemas import BIGINT_MAX, EPOCH_MAX, Email, PatchBody, RequestBody
 from registry_api.kit.validate import REPO_ID_PATTERN
 
 
@@ -16,6 +16,29 @@ class AdminUserIn(RequestBody):
     email: Email = Field(examples=["plat@partner.com"])
     name: str = Field(min_length=1, max_length=200, examples=["Plat"])
     role: Literal["developer", "platform", "admin"] = Field(examples=["platform"])
+    key_scope: Literal["full", "read-only"] = Field(
+        "full", description="`read-only`: the key may only read (GET); anything else answers 403."
+    )
+    key_expires_ts: int | None = Field(
+        None,
+        ge=0,
+        le=EPOCH_MAX,
+        description="When the key stops working (epoch s, in the future); then it answers 401 `api key expired`.",
+    )
+
+
+class KeyIn(RequestBody):
+    """A new key for a user, replacing its current keys."""
+
+    key_scope: Literal["full", "read-only"] = Field(
+        "full", description="`read-only`: the key may only read (GET); anything else answers 403."
+    )
+    key_expires_ts: int | None = Field(
+        None,
+        ge=0,
+        le=EPOCH_MAX,
+        description="When the key stops working (epoch s, in the future); then it answers 401 `api key expired`.",
+    )
 
 
 class UserOut(BaseModel):
@@ -33,10 +56,10 @@ class UserList(BaseModel):
 class GrantIn(RequestBody):
     """Grant a platform user a model from a point in time (optionally until another)."""
 
-    platform_user_id: int = Field(ge=1, examples=[43])
+    platform_user_id: int = Field(ge=1, le=BIGINT_MAX, examples=[43])
     repo_id: str = Field(pattern=REPO_ID_PATTERN, examples=["acme/finetune-bert"])
-    permitted_from_ts: int = Field(ge=0, le=2**40, examples=[1711972800])
-    permitted_until_ts: int | None = Field(None, ge=0, le=2**40, examples=[None])
+    permitted_from_ts: int = Field(ge=0, le=EPOCH_MAX, examples=[1711972800])
+    permitted_until_ts: int | None = Field(None, ge=0, le=EPOCH_MAX, examples=[None])
 
     @model_validator(mode="after")
     def _window(self) -> GrantIn:
@@ -45,11 +68,11 @@ class GrantIn(RequestBody):
         return self
 
 
-class GrantUpdate(RequestBody):
-    """Change a grant's window."""
+class GrantUpdate(PatchBody):
+    """Change a grant's window. `permitted_until_ts: null` removes its end; `permitted_from_ts` cannot be null."""
 
-    permitted_from_ts: int | None = Field(None, ge=0, le=2**40)
-    permitted_until_ts: int | None = Field(None, ge=0, le=2**40)
+    permitted_from_ts: int = Field(None, ge=0, le=EPOCH_MAX)
+    permitted_until_ts: int | None = Field(None, ge=0, le=EPOCH_MAX)
 
 
 class GrantOut(BaseModel):

@@ -5,52 +5,21 @@ round trip per request. Every write that can change the answer (grants, files, v
 `NOTIFY registry_catalog_changed` in its transaction; every api process clears its cache when it hears
 it (and when its listener reconnects). A generation counter keeps a lookup that raced with a change
 from being stored. Entries also expire at the end of the grant window that allowed them, and after
-CACHE_TTL seconds at most.
+CACHE_TTL seconds at most; while Postgres is away they are served past CACHE_TTL (never past the grant's
+end): see kit.cache for what an entry may be trusted for.
 """
 
 from __future__ import annotations
 
-import time
-
 import psycopg
+
+from registry_api.kit.cache import InvalidatedCache
 
 CATALOG_CHANNEL = "registry_catalog_changed"
 CACHE_TTL = 30.0
 
-
-class DownloadCache:
-    """(user, role, repo, file, version) → (row, expires at epoch seconds)."""
-
-    def __init__(self) -> None:
-        self._items: dict[tuple, tuple[dict, float]] = {}
-        self.generation = 0
-
-    def get(self, key: tuple) -> dict | None:
-        item = self._items.get(key)
-        if item is None:
-            return None
-        if item[1] <= time.time():
-            self._items.pop(key, None)
-            return None
-        return item[0]
-
-    def put(self, key: tuple, row: dict, access_until: int | None, generation: int) -> None:
-        """Store unless the catalog changed since the lookup began (`generation`)."""
-        if generation != self.generation:
-            return
-        if len(self._items) > 200_000:
-            self._items.clear()
-        expires = time.time() + CACHE_TTL
-        if access_until is not None:
-            expires = min(expires, float(access_until))
-        self._items[key] = (row, expires)
-
-    def clear(self) -> None:
-        self.generation += 1
-        self._items.clear()
-
-
-download_cache = DownloadCache()
+#: (user, role, file path, version) → the download row (with `access_until`).
+download_cache: InvalidatedCache[dict] = InvalidatedCache(ttl=CACHE_TTL, max_items=200_000)
 
 
 async def notify_catalog_changed(conn: psycopg.AsyncConnection, repo_id: str) -> None:

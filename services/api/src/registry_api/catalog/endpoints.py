@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import time
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from registry_api.auth import CatalogReader, Principal
 from registry_api.catalog import repository
-from registry_api.catalog.cache import download_cache
 from registry_api.catalog.schemas import (
     ChangeItem,
     ChangeList,
@@ -22,12 +20,12 @@ from registry_api.catalog.schemas import (
     ModelItem,
     ModelList,
 )
+from registry_api.catalog.service import download_answer, record_access
 from registry_api.catalog.visibility import visibility_params
 from registry_api.errors import NotFound
 from registry_api.kit.presign import EXPIRES_DEFAULT, EXPIRES_MAX, EXPIRES_MIN
-from registry_api.kit.schemas import errors
-from registry_api.kit.validate import check_repo_id, check_rfilename, check_version
-from registry_shared.events import AccessKind, FileAccessed
+from registry_api.kit.schemas import EPOCH_MAX, ErrorOut, errors
+from registry_api.kit.validate import RepoIdPath, check_repo_id
 
 router = APIRouter(tags=["Catalog"])
 
@@ -35,11 +33,6 @@ Expires = Annotated[
     int, Query(ge=EXPIRES_MIN, le=EXPIRES_MAX, description="Lifetime of presigned URLs in seconds (60–86400).")
 ]
 Presign = Annotated[bool, Query(description="Include presigned GET URLs.")]
-
-
-def record_access(request: Request, principal: Principal, kind: AccessKind, **fields: object) -> None:
-    """Count a read for the usage endpoints (buffered, written to the outbox in batches)."""
-    request.app.state.access.record(FileAccessed(user_id=principal.user_id, kind=kind, ts=time.time(), **fields))
 
 
 async def _visible_model(request: Request, principal: Principal, repo_id: str) -> dict:
@@ -62,7 +55,9 @@ async def list_models(
     request: Request,
     principal: CatalogReader,
     q: Annotated[str | None, Query(max_length=200, description="Substring of repo_id, model_name or author")] = None,
-    updated_since: Annotated[int | None, Query(ge=0, description="Only models changed after (epoch s)")] = None,
+    updated_since: Annotated[
+        int | None, Query(ge=0, le=EPOCH_MAX, description="Only models changed after (epoch s)")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> ModelList:
@@ -79,15 +74,15 @@ async def list_models(
     responses=errors(401, 404, 422),
 )
 async def list_files(
-    repo_id: str,
+    repo_id: RepoIdPath,
     request: Request,
     principal: CatalogReader,
     presign: Presign = False,
     expires: Expires = EXPIRES_DEFAULT,
 ) -> FileList:
-    _, rows = await _current_files(request, principal, repo_id, presign, expires)
-    record_access(request, principal, "files_list", repo_id=repo_id)
-    return FileList(repo_id=repo_id, items=[FileItem(**r) for r in rows])
+    model, rows = await _current_files(request, principal, repo_id, presign, expires)
+    record_access(request.app, principal, "files_list", repo_id=model["repo_id"])
+    return FileList(repo_id=model["repo_id"], items=[FileItem(**r) for r in rows])
 
 
 @router.get(
@@ -96,7 +91,7 @@ async def list_files(
     summary="Get a model",
     responses=errors(401, 404, 422),
 )
-async def get_model(repo_id: str, request: Request, principal: CatalogReader) -> ModelItem:
+async def get_model(repo_id: RepoIdPath, request: Request, principal: CatalogReader) -> ModelItem:
     return ModelItem.from_row(await _visible_model(request, principal, repo_id))
 
 
@@ -113,51 +108,6 @@ async def _current_files(
     return model, rows
 
 
-def _split_file_path(path: str) -> tuple[str, str]:
-    parts = path.split("/", 2)
-    if len(parts) < 3:
-        raise NotFound("file not found")
-    return check_repo_id(f"{parts[0]}/{parts[1]}"), check_rfilename(parts[2])
-
-
-async def download_answer(
-    app: Any, principal: Principal, file_path: str, expires: int, version: str | None
-) -> dict[str, object]:
-    """The download rule: visible file → presigned GET + a counted access event.
-
-    The hottest path of the registry: lookups are cached (catalog.cache), the URL is signed locally
-    (and reused within the second it was signed in), and the access event is buffered.
-    """
-    state = app.state
-    cache_key = (principal.user_id, principal.role, file_path, version)
-    row = download_cache.get(cache_key)
-    if row is None:
-        repo_id, rfilename = _split_file_path(file_path)
-        if version is not None:
-            check_version(version)
-        generation = download_cache.generation
-        async with state.pool.connection() as conn:
-            row = await repository.find_download(conn, visibility_params(principal), repo_id, rfilename, version)
-        if row is None:
-            raise NotFound("file not found")
-        download_cache.put(cache_key, row, row["access_until"], generation)
-    try:
-        url = state.presigner.get_url(row["object_key"], expires)
-    except Exception as exc:
-        raise NotFound(f"object not accessible: {row['object_key']}") from exc
-    state.access.record_download(principal.user_id, row["repo_id"], row["version"], row["rfilename"], row["size"])
-    return {
-        "repo_id": row["repo_id"],
-        "rfilename": row["rfilename"],
-        "version": row["version"],
-        "size": row["size"],
-        "sha256": row["sha256"],
-        "object_key": row["object_key"],
-        "url": url,
-        "expires_in": expires,
-    }
-
-
 DOWNLOAD_PATH = "/v1/files/{file_path:path}/download"
 
 
@@ -166,8 +116,19 @@ DOWNLOAD_PATH = "/v1/files/{file_path:path}/download"
     response_model=DownloadOut,
     summary="Presigned URL for one file",
     description="`file_path` is `{repo_id}/{rfilename}`: repo_id is namespace/name, the rest is the file name "
-    "(it may contain '/'). Without `version`, the newest version that has the file is served.",
-    responses=errors(401, 404, 422),
+    "(it may contain '/'). Without `version`, the newest version that has the file is served.\n\n"
+    "While the database is away, a download this api process answered recently (same key, same file) is "
+    "still answered, and counted once the database is back; any other answers 503 `database unavailable` "
+    "with `Retry-After`.",
+    responses={
+        **errors(401, 404, 422),
+        503: {
+            "model": ErrorOut,
+            "description": "`database unavailable` (the answer is not in this process's cache) or "
+            "`access log unavailable` (too many downloads waiting to be counted); retry after `Retry-After` s",
+            "headers": {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}},
+        },
+    },
 )
 async def download(
     file_path: str,
@@ -188,7 +149,7 @@ async def download(
     responses=errors(401, 404, 422),
 )
 async def manifest(
-    repo_id: str,
+    repo_id: RepoIdPath,
     request: Request,
     principal: CatalogReader,
     presign: Presign = False,
@@ -196,8 +157,8 @@ async def manifest(
 ) -> Manifest:
     model, rows = await _current_files(request, principal, repo_id, presign, expires)
     files = [ManifestFile(**{k: r[k] for k in ManifestFile.model_fields}) for r in rows]
-    record_access(request, principal, "manifest", repo_id=repo_id)
-    return Manifest(repo_id=repo_id, updated_ts=model["last_update_ts"], files=files)
+    record_access(request.app, principal, "manifest", repo_id=model["repo_id"])
+    return Manifest(repo_id=model["repo_id"], updated_ts=model["last_update_ts"], files=files)
 
 
 @router.get(
@@ -211,7 +172,7 @@ async def manifest(
 async def changes(
     request: Request,
     principal: CatalogReader,
-    since: Annotated[int, Query(ge=0, description="Epoch seconds (required)")],
+    since: Annotated[int, Query(ge=0, le=EPOCH_MAX, description="Epoch seconds (required)")],
     limit: Annotated[int, Query(ge=1, le=2000)] = 500,
 ) -> ChangeList:
     async with request.app.state.pool.connection() as conn:

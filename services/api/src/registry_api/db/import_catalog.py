@@ -19,7 +19,7 @@ import psycopg
 from pydantic import BaseModel, Field
 
 from registry_api.catalog.cache import CATALOG_CHANNEL
-from registry_api.consumers import refresh_model_files
+from registry_api.catalog.service import refresh_model_files
 from registry_api.kit.validate import check_repo_id, check_rfilename
 from registry_api.settings import get_settings
 from registry_shared.storage import legacy_object_key

@@ -1,53 +1,36 @@
-"""Ordered SQL migrations: `registry-api-migrate` applies the pending ones (also run at api start-up).
+"""The api's migrations: `registry-api-migrate` applies the pending ones (also run at api start-up).
 
-Files in db/migrations/ are named NNNN_description.sql and never edited once released; each runs in
-its own transaction, recorded in schema_migrations. A Postgres advisory lock makes concurrent runs
-(several api processes starting at once) safe.
+Files in db/migrations/ are named NNNN_description.sql and never edited once released; the runner is
+the project's one (`registry_shared.migrations`): each file in its own transaction, recorded in
+`schema_migrations` (with its checksum), under an advisory lock.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 from importlib import resources
-
-import psycopg
+from importlib.resources.abc import Traversable
 
 from registry_api.settings import get_settings
+from registry_shared import migrations
 
-log = logging.getLogger(__name__)
+#: The table and lock the api has always used: databases migrated before keep their records.
+TABLE = "schema_migrations"
 _LOCK_ID = 0x6D6F64656C  # "model"
 
 
+def _folder() -> Traversable:
+    return resources.files("registry_api.db") / "migrations"
+
+
 def migration_files() -> list[tuple[str, str]]:
-    """(name, sql) of every migration, in order."""
-    folder = resources.files("registry_api.db") / "migrations"
-    files = sorted(f.name for f in folder.iterdir() if f.name.endswith(".sql"))
-    return [(name, (folder / name).read_text()) for name in files]
+    """(name, sql) of every api migration, in order."""
+    return migrations.migration_files(_folder())
 
 
 def apply_migrations(database_url: str) -> list[str]:
-    """Apply pending migrations; returns the names applied."""
-    applied: list[str] = []
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("select pg_advisory_lock(%s)", [_LOCK_ID])
-        try:
-            conn.execute(
-                "create table if not exists schema_migrations ("
-                " name text primary key, applied_at timestamptz not null default now())"
-            )
-            done = {r[0] for r in conn.execute("select name from schema_migrations")}
-            for name, sql in migration_files():
-                if name in done:
-                    continue
-                with conn.transaction():
-                    conn.execute(sql)
-                    conn.execute("insert into schema_migrations (name) values (%s)", [name])
-                applied.append(name)
-                log.info("migration applied", extra={"fields": {"migration": name}})
-        finally:
-            conn.execute("select pg_advisory_unlock(%s)", [_LOCK_ID])
-    return applied
+    """Apply the api's pending migrations; returns the names applied."""
+    return migrations.apply_migrations(database_url, _folder(), table=TABLE, lock_id=_LOCK_ID)
 
 
 def main() -> None:

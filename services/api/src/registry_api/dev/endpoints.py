@@ -21,7 +21,14 @@ from registry_api.dev.schemas import (
     VersionOut,
 )
 from registry_api.kit.presign import EXPIRES_DEFAULT, EXPIRES_MAX, EXPIRES_MIN
-from registry_api.kit.schemas import errors
+from registry_api.kit.schemas import RowId, errors
+from registry_api.kit.validate import (
+    MAX_KEY_SEGMENT_BYTES,
+    MAX_OBJECT_KEY_BYTES,
+    MAX_UPLOAD_KEY_BYTES,
+    RepoIdPath,
+    VersionPath,
+)
 
 router = APIRouter(prefix="/v1/dev", tags=["Developer"])
 _DEV_ERRORS = errors(401, 403, 404, 409, 422)
@@ -51,12 +58,15 @@ async def my_models(request: Request, principal: Developer) -> ModelList:
     "/models/{repo_id:path}/versions/{version}/uploads/initiate",
     response_model=InitiateOut,
     summary="Start an upload",
-    description="Returns a presigned PUT URL; send the file's bytes there directly, then call `complete`.",
+    description="Returns a presigned PUT URL; send the file's bytes there directly, then call `complete`. "
+    "The file's object key (`uploads/{repo_id}/{version}/{filename}`) must fit the store: at most "
+    f"{MAX_UPLOAD_KEY_BYTES} bytes in UTF-8 (S3's {MAX_OBJECT_KEY_BYTES} less the quarantine prefix) and no path "
+    f"segment longer than {MAX_KEY_SEGMENT_BYTES} bytes; else 422.",
     responses=_DEV_ERRORS,
 )
 async def initiate_upload(
-    repo_id: str,
-    version: str,
+    repo_id: RepoIdPath,
+    version: VersionPath,
     request: Request,
     principal: Developer,
     filename: Annotated[str, Query(min_length=1, max_length=1024, description="rfilename, may contain '/'")],
@@ -77,7 +87,7 @@ async def initiate_upload(
     responses=_DEV_ERRORS,
 )
 async def complete_upload(
-    repo_id: str, version: str, body: CompleteIn, request: Request, principal: Developer
+    repo_id: RepoIdPath, version: VersionPath, body: CompleteIn, request: Request, principal: Developer
 ) -> UploadOut:
     async with request.app.state.pool.connection() as conn:
         return UploadOut(**await service.complete_upload(conn, principal, repo_id, version, body))
@@ -90,7 +100,7 @@ async def complete_upload(
     description="Every upload of the version with its status and, if rejected, the reason.",
     responses=_DEV_ERRORS,
 )
-async def list_uploads(repo_id: str, version: str, request: Request, principal: Developer) -> UploadList:
+async def list_uploads(repo_id: RepoIdPath, version: VersionPath, request: Request, principal: Developer) -> UploadList:
     async with request.app.state.pool.connection() as conn:
         rows = await service.list_uploads(conn, principal, repo_id, version)
     return UploadList(items=[UploadOut(**r) for r in rows])
@@ -103,7 +113,7 @@ async def list_uploads(repo_id: str, version: str, request: Request, principal: 
     summary="Create a version",
     responses=_DEV_ERRORS,
 )
-async def create_version(repo_id: str, body: VersionIn, request: Request, principal: Developer) -> VersionOut:
+async def create_version(repo_id: RepoIdPath, body: VersionIn, request: Request, principal: Developer) -> VersionOut:
     async with request.app.state.pool.connection() as conn:
         return VersionOut(**await service.create_version(conn, principal, repo_id, body.version))
 
@@ -111,7 +121,7 @@ async def create_version(repo_id: str, body: VersionIn, request: Request, princi
 @router.get(
     "/models/{repo_id:path}/versions", response_model=VersionList, summary="Versions of a model", responses=_DEV_ERRORS
 )
-async def list_versions(repo_id: str, request: Request, principal: Developer) -> VersionList:
+async def list_versions(repo_id: RepoIdPath, request: Request, principal: Developer) -> VersionList:
     async with request.app.state.pool.connection() as conn:
         return VersionList(items=[VersionOut(**v) for v in await service.list_versions(conn, principal, repo_id)])
 
@@ -119,12 +129,12 @@ async def list_versions(repo_id: str, request: Request, principal: Developer) ->
 @router.patch(
     "/models/{repo_id:path}", response_model=ModelItem, summary="Change a model's metadata", responses=_DEV_ERRORS
 )
-async def update_model(repo_id: str, body: ModelUpdate, request: Request, principal: Developer) -> ModelItem:
+async def update_model(repo_id: RepoIdPath, body: ModelUpdate, request: Request, principal: Developer) -> ModelItem:
     async with request.app.state.pool.connection() as conn:
         return ModelItem.from_row(await service.update_model(conn, principal, repo_id, body))
 
 
 @router.get("/uploads/{upload_id}", response_model=UploadOut, summary="One upload's status", responses=_DEV_ERRORS)
-async def get_upload(upload_id: int, request: Request, principal: Developer) -> UploadOut:
+async def get_upload(upload_id: RowId, request: Request, principal: Developer) -> UploadOut:
     async with request.app.state.pool.connection() as conn:
         return UploadOut(**await service.get_upload(conn, principal, upload_id))

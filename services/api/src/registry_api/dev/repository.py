@@ -11,32 +11,39 @@ UPLOAD_COLUMNS = """u.id as upload_id, m.repo_id, v.version, u.rfilename, u.obje
     u.verdict_ts, u.developer_id, u.model_id, u.version_id, u.expires_ts"""
 
 
-async def namespace_owner(conn: psycopg.AsyncConnection, namespace: str) -> int | None:
-    """The developer who owns a namespace (first to create a model in it), if any."""
-    cur = await conn.execute(
-        "select owner_id from models where repo_id like %s escape '\\' and owner_id is not null order by id limit 1",
-        [namespace.replace("_", "\\_").replace("%", "\\%") + "/%"],
+async def claim_namespace(conn: psycopg.AsyncConnection, namespace: str, user_id: int) -> int:
+    """The owner of `namespace` (case-insensitive): the caller if it was free, who claimed it first otherwise.
+
+    Inside the caller's transaction: a concurrent claim of the same namespace waits for this one to commit
+    or roll back (the primary key on lower(name)), so exactly one developer ever owns it.
+    """
+    await conn.execute(
+        "insert into namespaces (name_key, name, owner_id) values (lower(%(ns)s), %(ns)s, %(uid)s)"
+        " on conflict (name_key) do nothing",
+        {"ns": namespace, "uid": user_id},
     )
-    row = await cur.fetchone()
-    return row["owner_id"] if row else None
+    cur = await conn.execute("select owner_id from namespaces where name_key = lower(%s)", [namespace])
+    return (await cur.fetchone())["owner_id"]
 
 
 async def insert_model(conn: psycopg.AsyncConnection, owner_id: int, fields: dict) -> dict | None:
-    """Insert a model; None if the repo_id exists."""
+    """Insert a model; None if its repo_id exists in any case."""
     cols = ", ".join(fields)
     vals = ", ".join(f"%({k})s" for k in fields)
     cur = await conn.execute(
         f"insert into models (owner_id, {cols}) values (%(owner_id)s, {vals})"
-        f" on conflict (repo_id) do nothing returning {MODEL_COLUMNS.replace('m.', '')}",
+        f" on conflict do nothing returning {MODEL_COLUMNS.replace('m.', '')}",
         {**fields, "owner_id": owner_id},
     )
     return await cur.fetchone()
 
 
 async def owned_model(conn: psycopg.AsyncConnection, repo_id: str, for_update: bool = False) -> dict | None:
-    """The model row (any owner)."""
+    """The model row (any owner); `repo_id` in any case."""
     lock = " for update" if for_update else ""
-    cur = await conn.execute(f"select {MODEL_COLUMNS} from models m where m.repo_id = %s{lock}", [repo_id])
+    cur = await conn.execute(
+        f"select {MODEL_COLUMNS} from models m where lower(m.repo_id) = lower(%s){lock}", [repo_id]
+    )
     return await cur.fetchone()
 
 

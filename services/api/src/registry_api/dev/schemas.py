@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from registry_api.kit.schemas import RequestBody
+from registry_api.kit.schemas import PatchBody, RequestBody
 from registry_api.kit.validate import REPO_ID_PATTERN, VERSION_PATTERN
 
 
@@ -25,11 +25,12 @@ class ModelIn(RequestBody):
     tags: str | None = Field(None, max_length=2000, examples=["bert, finetune"])
 
 
-class ModelUpdate(RequestBody):
-    """Metadata a developer may change on their model."""
+class ModelUpdate(PatchBody):
+    """Metadata a developer may change on their model. Omitted fields stay; `null` clears the optional ones
+    (model_name and visibility cannot be null)."""
 
-    model_name: str | None = Field(None, min_length=1, max_length=200)
-    visibility: Literal["private", "public"] | None = None
+    model_name: str = Field(None, min_length=1, max_length=200)
+    visibility: Literal["private", "public"] = Field(None)
     canonical_url: str | None = Field(None, max_length=2000)
     pipeline_tag: str | None = Field(None, max_length=100)
     license: str | None = Field(None, max_length=100)

@@ -6,27 +6,32 @@ import time
 
 import psycopg
 
+from registry_api.audit import service as audit
 from registry_api.auth import Principal
 from registry_api.catalog.cache import download_cache, notify_catalog_changed
 from registry_api.dev import repository
 from registry_api.dev.schemas import CompleteIn, ModelIn, ModelUpdate
 from registry_api.errors import Conflict, Forbidden, NotFound
-from registry_api.kit.validate import check_repo_id, check_rfilename, check_version
-from registry_api.outbox import write_event
+from registry_api.kit.outbox import write_event
+from registry_api.kit.validate import check_object_key, check_repo_id, check_rfilename, check_version
 from registry_api.uploads import repository as uploads_repository
 from registry_shared.events import ModelCreated, UploadCompleted, UploadInitiated, VersionCreated
 from registry_shared.storage import upload_object_key
 
 
 async def create_model(conn: psycopg.AsyncConnection, principal: Principal, body: ModelIn) -> dict:
-    """Create a model owned by the caller; the namespace must be free or theirs."""
+    """Create a model owned by the caller; the namespace must be free or theirs.
+
+    Namespaces and repo ids are case-insensitive: `Acme/x` is refused beside someone else's `acme/y`, and
+    beside `acme/x` of anyone. The model keeps the case it is created with.
+    """
     check_repo_id(body.repo_id)
     namespace = body.repo_id.split("/", 1)[0]
     fields = body.model_dump()
     fields["author"] = fields["author"] or namespace
     async with conn.transaction():
-        owner = await repository.namespace_owner(conn, namespace)
-        if owner is not None and owner != principal.user_id and not principal.sees_everything:
+        owner = await repository.claim_namespace(conn, namespace, principal.user_id)
+        if owner != principal.user_id and not principal.sees_everything:
             raise Forbidden(f"namespace '{namespace}' belongs to another developer")
         row = await repository.insert_model(conn, principal.user_id, fields)
         if row is None:
@@ -34,11 +39,13 @@ async def create_model(conn: psycopg.AsyncConnection, principal: Principal, body
         await write_event(
             conn, ModelCreated(repo_id=body.repo_id, owner_id=principal.user_id, visibility=body.visibility)
         )
+        await audit.record(conn, "model.create", "model", row["repo_id"], repo_id=row["repo_id"], after=row)
     return row
 
 
 async def own_model(conn: psycopg.AsyncConnection, principal: Principal, repo_id: str, lock: bool = False) -> dict:
-    """The caller's model: 404 if they cannot see it, 403 if they can but do not own it."""
+    """The caller's model (`repo_id` in any case; the row has its own spelling): 404 if they cannot see it,
+    403 if they can but do not own it."""
     check_repo_id(repo_id)
     row = await repository.owned_model(conn, repo_id, for_update=lock)
     if row is None:
@@ -58,7 +65,10 @@ async def update_model(conn: psycopg.AsyncConnection, principal: Principal, repo
         if not fields:
             return model
         row = await repository.update_model(conn, model["id"], fields)
-        await notify_catalog_changed(conn, repo_id)
+        await notify_catalog_changed(conn, model["repo_id"])
+        await audit.record(
+            conn, "model.update", "model", model["repo_id"], repo_id=model["repo_id"], before=model, after=row
+        )
     download_cache.clear()
     return row
 
@@ -72,8 +82,11 @@ async def create_version(conn: psycopg.AsyncConnection, principal: Principal, re
         if row is None:
             raise Conflict("version already exists")
         await repository.touch_model(conn, model["id"])
-        await write_event(conn, VersionCreated(repo_id=repo_id, version=version, owner_id=model["owner_id"] or 0))
-    return {"repo_id": repo_id, "version": row["version"], "created_ts": row["created_ts"]}
+        await write_event(
+            conn, VersionCreated(repo_id=model["repo_id"], version=version, owner_id=model["owner_id"] or 0)
+        )
+        await audit.record(conn, "version.create", "version", f"{model['repo_id']}@{version}", repo_id=model["repo_id"])
+    return {"repo_id": model["repo_id"], "version": row["version"], "created_ts": row["created_ts"]}
 
 
 async def _version(conn: psycopg.AsyncConnection, model: dict, version: str) -> dict:
@@ -87,7 +100,7 @@ async def _version(conn: psycopg.AsyncConnection, model: dict, version: str) -> 
 async def list_versions(conn: psycopg.AsyncConnection, principal: Principal, repo_id: str) -> list[dict]:
     model = await own_model(conn, principal, repo_id)
     return [
-        {"repo_id": repo_id, "version": v["version"], "created_ts": v["created_ts"]}
+        {"repo_id": model["repo_id"], "version": v["version"], "created_ts": v["created_ts"]}
         for v in await repository.list_versions(conn, model["id"])
     ]
 
@@ -102,7 +115,8 @@ async def initiate_upload(
         ver = await _version(conn, model, version)
         if await repository.file_exists(conn, ver["id"], filename):
             raise Conflict("file already published in this version; create a new version to change it")
-        object_key = upload_object_key(repo_id, version, filename)
+        repo_id = model["repo_id"]
+        object_key = check_object_key(upload_object_key(repo_id, version, filename))
         expires_ts = int(time.time()) + expires
         row = await repository.insert_upload(
             conn, model["id"], ver["id"], filename, object_key, principal.user_id, expires_ts
@@ -145,6 +159,7 @@ async def complete_upload(
         if await uploads_repository.is_multipart(conn, upload["upload_id"]):
             raise Conflict(f"upload {upload['upload_id']} is multipart: POST /v1/dev/uploads/{{upload_id}}/complete")
         now = int(time.time())
+        repo_id = model["repo_id"]
         await repository.mark_completed(conn, upload["upload_id"], body.size, sha256, now)
         await write_event(
             conn,
@@ -158,6 +173,16 @@ async def complete_upload(
                 size=body.size,
                 sha256=sha256,
             ),
+        )
+        after = {"status": "pending_verification", "rfilename": body.rfilename, "size": body.size, "sha256": sha256}
+        await audit.record(
+            conn,
+            "upload.complete",
+            "upload",
+            upload["upload_id"],
+            repo_id=repo_id,
+            before={"status": upload["status"]},
+            after=after,
         )
     return {**upload, "status": "pending_verification", "size": body.size, "sha256": sha256, "completed_ts": now}
 

@@ -39,8 +39,7 @@ class Presigner:
         self._host = endpoint
         self._scheme = "https" if settings.minio_secure else "http"
         self._region = settings.minio_region
-        self._access = settings.minio_root_user
-        self._secret = settings.minio_root_password.get_secret_value()
+        self._access, self._secret = settings.credentials()  # the api's own restricted user
         self._day = ""
         self._signing_key = b""
         self._second = 0

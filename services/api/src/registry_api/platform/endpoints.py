@@ -9,8 +9,9 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel
 
 from registry_api.auth import Platform
-from registry_api.catalog.endpoints import record_access
+from registry_api.catalog import repository
 from registry_api.catalog.schemas import ManifestFile
+from registry_api.catalog.service import record_access
 from registry_api.kit.presign import EXPIRES_DEFAULT, EXPIRES_MAX, EXPIRES_MIN
 from registry_api.kit.schemas import errors
 
@@ -39,28 +40,6 @@ class PlatformManifest(BaseModel):
     items: list[PlatformModel]
 
 
-_SQL = """
-with granted as (
-    select g.model_id, min(g.permitted_from_ts) as permitted_from_ts,
-           case when bool_or(g.permitted_until_ts is null) then null else max(g.permitted_until_ts) end
-             as permitted_until_ts
-    from grants g
-    where g.platform_user_id = %(uid)s and g.revoked_ts is null and g.permitted_from_ts <= %(now)s
-      and (g.permitted_until_ts is null or g.permitted_until_ts > %(now)s)
-    group by g.model_id
-)
-select m.repo_id, m.model_name, m.author, m.pipeline_tag, m.license, m.last_update_ts,
-       gr.permitted_from_ts, gr.permitted_until_ts,
-       v.version, v.created_ts as version_created_ts,
-       f.rfilename, f.size, f.sha256, f.object_key
-from granted gr
-join models m on m.id = gr.model_id
-left join versions v on v.model_id = m.id
-left join files f on f.version_id = v.id
-order by m.repo_id, v.id, f.rfilename
-"""
-
-
 @router.get(
     "/manifest",
     response_model=PlatformManifest,
@@ -76,8 +55,7 @@ async def platform_manifest(
     expires: Annotated[int, Query(ge=EXPIRES_MIN, le=EXPIRES_MAX)] = EXPIRES_DEFAULT,
 ) -> PlatformManifest:
     async with request.app.state.pool.connection() as conn:
-        cur = await conn.execute(_SQL, {"uid": principal.user_id, "now": int(time.time())})
-        rows = await cur.fetchall()
+        rows = await repository.granted_files(conn, principal.user_id, int(time.time()))
     signer = request.app.state.presigner
     models: dict[str, PlatformModel] = {}
     for r in rows:
@@ -101,5 +79,5 @@ async def platform_manifest(
                     presigned_url=signer.get_url(r["object_key"], expires) if presign else None,
                 )
             )
-    record_access(request, principal, "platform_manifest")
+    record_access(request.app, principal, "platform_manifest")
     return PlatformManifest(items=list(models.values()))

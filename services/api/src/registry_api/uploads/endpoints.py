@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, status
 
 from registry_api.auth import Developer
-from registry_api.kit.schemas import errors
+from registry_api.kit.schemas import RowId, errors
+from registry_api.kit.validate import RepoIdPath, VersionPath
 from registry_api.uploads import service
 from registry_api.uploads.schemas import MultipartCompleteIn, MultipartIn, MultipartOut, PartsOut, SignIn, SignOut
 from registry_api.uploads.storage import MultipartStorage
@@ -36,7 +37,7 @@ def storage_of(request: Request) -> MultipartStorage:
     responses=_ERRORS,
 )
 async def initiate_multipart(
-    repo_id: str, version: str, body: MultipartIn, request: Request, principal: Developer
+    repo_id: RepoIdPath, version: VersionPath, body: MultipartIn, request: Request, principal: Developer
 ) -> MultipartOut:
     async with request.app.state.pool.connection() as conn:
         out = await service.initiate_multipart(
@@ -54,7 +55,7 @@ async def initiate_multipart(
     "re-uploading a part replaces it.",
     responses=_ERRORS,
 )
-async def sign_parts(upload_id: int, body: SignIn, request: Request, principal: Developer) -> SignOut:
+async def sign_parts(upload_id: RowId, body: SignIn, request: Request, principal: Developer) -> SignOut:
     async with request.app.state.pool.connection() as conn:
         out = await service.sign_parts(
             conn, request.app.state.presigner, principal, upload_id, body.part_numbers, body.expires
@@ -70,7 +71,7 @@ async def sign_parts(upload_id: int, body: SignIn, request: Request, principal: 
     "only the others. Empty once the upload is no longer `initiated`.",
     responses=_ERRORS,
 )
-async def list_parts(upload_id: int, request: Request, principal: Developer) -> PartsOut:
+async def list_parts(upload_id: RowId, request: Request, principal: Developer) -> PartsOut:
     async with request.app.state.pool.connection() as conn:
         return PartsOut(**await service.list_parts(conn, storage_of(request), principal, upload_id))
 
@@ -86,7 +87,7 @@ async def list_parts(upload_id: int, request: Request, principal: Developer) -> 
     responses=_ERRORS,
 )
 async def complete_multipart(
-    upload_id: int, body: MultipartCompleteIn, request: Request, principal: Developer
+    upload_id: RowId, body: MultipartCompleteIn, request: Request, principal: Developer
 ) -> MultipartOut:
     parts = [(p.part_number, p.etag) for p in body.parts]
     async with request.app.state.pool.connection() as conn:
@@ -104,6 +105,6 @@ async def complete_multipart(
     "be aborted.",
     responses=_ERRORS,
 )
-async def abort_multipart(upload_id: int, request: Request, principal: Developer) -> MultipartOut:
+async def abort_multipart(upload_id: RowId, request: Request, principal: Developer) -> MultipartOut:
     async with request.app.state.pool.connection() as conn:
         return MultipartOut(**await service.abort_multipart(conn, storage_of(request), principal, upload_id))

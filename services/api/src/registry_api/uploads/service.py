@@ -19,13 +19,14 @@ import time
 
 import psycopg
 
+from registry_api.audit import service as audit
 from registry_api.auth import Principal
 from registry_api.dev import repository as dev_repository
 from registry_api.dev.service import own_model
 from registry_api.errors import Conflict, NotFound, Unprocessable
+from registry_api.kit.outbox import write_event
 from registry_api.kit.presign import Presigner
 from registry_api.kit.validate import check_rfilename, check_version
-from registry_api.outbox import write_event
 from registry_api.uploads import repository
 from registry_api.uploads.schemas import MIB, OBJECT_SIZE_MAX, PART_SIZE_MAX, PART_SIZE_MIN, PARTS_MAX
 from registry_api.uploads.storage import MultipartStorage, PartsRejected, UploadGone, multipart_etag, normalize_etag
@@ -299,6 +300,16 @@ async def complete_multipart(
                 size=size,
                 sha256=sha256,
             ),
+        )
+        after = {"status": "pending_verification", "rfilename": row["rfilename"], "size": size, "sha256": sha256}
+        await audit.record(
+            conn,
+            "upload.complete",
+            "upload",
+            upload_id,
+            repo_id=row["repo_id"],
+            before={"status": row["status"]},
+            after=after,
         )
     return describe({**row, "status": "pending_verification"})
 

@@ -11,10 +11,10 @@ from fastapi.responses import JSONResponse
 
 from registry_api.auth import Admin, CurrentUser
 from registry_api.errors import Unavailable, Unprocessable
-from registry_api.kit.schemas import errors
+from registry_api.kit.schemas import BIGINT_MAX, EPOCH_MAX, errors
 
 router = APIRouter(tags=["Usage & Analytics"])
-Epoch = Annotated[int | None, Query(ge=0, le=2**40, description="Epoch seconds")]
+Epoch = Annotated[int | None, Query(ge=0, le=EPOCH_MAX, description="Epoch seconds")]
 
 _ME_EXAMPLE = {
     "window": {"since": 1710800000, "until": 1713400000},
@@ -72,7 +72,7 @@ async def admin_usage(
     until: Epoch = None,
     top_users_limit: Annotated[int, Query(ge=1, le=500)] = 50,
     top_models_limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    filter_user_id: Annotated[int | None, Query(ge=0)] = None,
+    filter_user_id: Annotated[int | None, Query(ge=0, le=BIGINT_MAX)] = None,
     filter_email: Annotated[str | None, Query(max_length=254)] = None,
 ) -> JSONResponse:
     return await _forward(

@@ -22,13 +22,23 @@ async def insert_user(conn: psycopg.AsyncConnection, email: str, name: str, role
     return (await cur.fetchone())["id"]
 
 
-async def issue_key(conn: psycopg.AsyncConnection, user_id: int) -> tuple[str, str]:
-    """Give `user_id` a new key; returns (key, prefix)."""
+async def issue_key(
+    conn: psycopg.AsyncConnection, user_id: int, scope: str = "full", expires_ts: int | None = None
+) -> tuple[str, str]:
+    """Give `user_id` a new key (optionally read-only, optionally expiring); returns (key, prefix)."""
     key, prefix, digest = new_api_key()
     await conn.execute(
-        "insert into api_keys (user_id, prefix, key_hash) values (%s, %s, %s)", [user_id, prefix, digest]
+        "insert into api_keys (user_id, prefix, key_hash, scope, expires_ts) values (%s, %s, %s, %s, %s)",
+        [user_id, prefix, digest, scope, expires_ts],
     )
     return key, prefix
+
+
+async def lock_user(conn: psycopg.AsyncConnection, user_id: int) -> bool:
+    """Hold the user's row until the transaction ends: key changes of one user happen one at a time.
+    False if there is no such user."""
+    cur = await conn.execute("select id from users where id = %s for update", [user_id])
+    return await cur.fetchone() is not None
 
 
 async def revoke_keys(conn: psycopg.AsyncConnection, user_id: int) -> list[str]:

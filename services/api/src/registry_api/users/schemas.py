@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 from registry_api.kit.schemas import Email, RequestBody
@@ -28,3 +30,10 @@ class MeOut(BaseModel):
     email: str = Field(examples=["you@example.com"])
     name: str = Field(examples=["You"])
     role: str = Field(examples=["developer"])
+    key_scope: Literal["full", "read-only"] = Field(
+        description="`read-only`: this key may only read (GET); any other call answers 403.", examples=["full"]
+    )
+    key_expires_ts: int | None = Field(
+        description="When this key stops working (epoch s; then 401 `api key expired`); null: never.",
+        examples=[None],
+    )

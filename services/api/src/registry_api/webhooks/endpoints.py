@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Request, Response, status
 
 from registry_api.auth import CurrentUser
-from registry_api.kit.schemas import errors
+from registry_api.kit.schemas import Offset, RowId, errors
 from registry_api.webhooks import service
 from registry_api.webhooks.schemas import (
     DeliveryDetail,
@@ -74,7 +74,7 @@ async def list_webhooks(request: Request, principal: CurrentUser) -> WebhookList
 
 
 @router.get("/{webhook_id}", response_model=WebhookOut, summary="One of your webhooks", responses=_ERR)
-async def get_webhook(webhook_id: int, request: Request, principal: CurrentUser) -> WebhookOut:
+async def get_webhook(webhook_id: RowId, request: Request, principal: CurrentUser) -> WebhookOut:
     async with request.app.state.pool.connection() as conn:
         return WebhookOut(**await service.get_webhook(conn, principal, webhook_id))
 
@@ -87,7 +87,9 @@ async def get_webhook(webhook_id: int, request: Request, principal: CurrentUser)
     "disabled after failures and resets its failure count; its pending deliveries then resume.",
     responses=_ERR,
 )
-async def update_webhook(webhook_id: int, body: WebhookUpdate, request: Request, principal: CurrentUser) -> WebhookOut:
+async def update_webhook(
+    webhook_id: RowId, body: WebhookUpdate, request: Request, principal: CurrentUser
+) -> WebhookOut:
     async with request.app.state.pool.connection() as conn:
         return WebhookOut(**await service.update_webhook(conn, principal, webhook_id, body))
 
@@ -100,7 +102,7 @@ async def update_webhook(webhook_id: int, body: WebhookUpdate, request: Request,
     description="Stops deliveries at once and deletes the delivery log.",
     responses=_ERR,
 )
-async def delete_webhook(webhook_id: int, request: Request, principal: CurrentUser) -> Response:
+async def delete_webhook(webhook_id: RowId, request: Request, principal: CurrentUser) -> Response:
     async with request.app.state.pool.connection() as conn:
         await service.delete_webhook(conn, principal, webhook_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
@@ -114,12 +116,12 @@ async def delete_webhook(webhook_id: int, request: Request, principal: CurrentUs
     responses=_ERR,
 )
 async def list_deliveries(
-    webhook_id: int,
+    webhook_id: RowId,
     request: Request,
     principal: CurrentUser,
     status_filter: Annotated[Literal["pending", "sending", "delivered", "failed"] | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> DeliveryList:
     async with request.app.state.pool.connection() as conn:
         rows = await service.list_deliveries(conn, principal, webhook_id, status_filter, limit, offset)
@@ -132,7 +134,9 @@ async def list_deliveries(
     summary="One delivery with every attempt",
     responses=_ERR,
 )
-async def get_delivery(webhook_id: int, delivery_id: int, request: Request, principal: CurrentUser) -> DeliveryDetail:
+async def get_delivery(
+    webhook_id: RowId, delivery_id: RowId, request: Request, principal: CurrentUser
+) -> DeliveryDetail:
     async with request.app.state.pool.connection() as conn:
         return DeliveryDetail(**await service.get_delivery(conn, principal, webhook_id, delivery_id))
 
@@ -146,6 +150,6 @@ async def get_delivery(webhook_id: int, delivery_id: int, request: Request, prin
     "(receivers de-duplicate on it). 409 while it is still pending or the webhook is disabled.",
     responses=_ERR,
 )
-async def redeliver(webhook_id: int, delivery_id: int, request: Request, principal: CurrentUser) -> DeliveryOut:
+async def redeliver(webhook_id: RowId, delivery_id: RowId, request: Request, principal: CurrentUser) -> DeliveryOut:
     async with request.app.state.pool.connection() as conn:
         return DeliveryOut(**await service.redeliver(conn, principal, webhook_id, delivery_id))

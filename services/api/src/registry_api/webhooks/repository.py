@@ -5,6 +5,7 @@ from __future__ import annotations
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from registry_api.catalog.visibility import VISIBLE
 from registry_shared.secretbox import SecretBox
 
 _WEBHOOK = """id, url, description, event_types, repo_id, enabled, consecutive_failures, disabled_reason,
@@ -14,6 +15,16 @@ _DELIVERY = """id, webhook_id, event_id::text as event_id, event_type, message_i
     case when status in ('pending', 'sending') then extract(epoch from next_attempt_at)::float8 end as next_attempt_ts,
     last_status_code, last_latency_ms, last_error, extract(epoch from delivered_at)::float8 as delivered_ts,
     extract(epoch from created_at)::float8 as created_ts"""
+
+
+async def visible_spelling(conn: psycopg.AsyncConnection, vis: dict, repo_id: str) -> str | None:
+    """The stored spelling of `repo_id` (any case) if the caller may see that model, else None."""
+    cur = await conn.execute(
+        f"select m.repo_id from models m where lower(m.repo_id) = lower(%(repo_id)s) and {VISIBLE}",
+        {**vis, "repo_id": repo_id},
+    )
+    row = await cur.fetchone()
+    return row["repo_id"] if row else None
 
 
 async def count_of(conn: psycopg.AsyncConnection, owner_id: int) -> int:

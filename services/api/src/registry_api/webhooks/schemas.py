@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from registry_api.kit.schemas import RequestBody
+from registry_api.kit.schemas import PatchBody, RequestBody
 from registry_api.kit.validate import REPO_ID_PATTERN
 from registry_shared.webhooks import SUBSCRIBABLE_EVENTS, SubscriptionName
 
@@ -38,19 +38,17 @@ class WebhookIn(RequestBody):
     _types = field_validator("event_types")(_unique)
 
 
-class WebhookUpdate(RequestBody):
-    """Change a subscription. Enabling it again resets its failure count."""
+class WebhookUpdate(PatchBody):
+    """Change a subscription. Enabling it again resets its failure count. `repo_id: null` subscribes to
+    every model; the other fields cannot be null."""
 
-    url: str | None = Field(None, min_length=8, max_length=2000, examples=[_URL_EXAMPLE])
-    event_types: list[EventTypeName] | None = Field(None, min_length=1, max_length=len(SUBSCRIBABLE_EVENTS))
+    url: str = Field(None, min_length=8, max_length=2000, examples=[_URL_EXAMPLE])
+    event_types: list[EventTypeName] = Field(None, min_length=1, max_length=len(SUBSCRIBABLE_EVENTS))
     repo_id: str | None = Field(None, pattern=REPO_ID_PATTERN, max_length=193)
-    description: str | None = Field(None, max_length=500)
-    enabled: bool | None = Field(None, examples=[True])
+    description: str = Field(None, max_length=500)
+    enabled: bool = Field(None, examples=[True])
 
-    @field_validator("event_types")
-    @classmethod
-    def _types(cls, v: list[str] | None) -> list[str] | None:
-        return None if v is None else _unique(v)
+    _types = field_validator("event_types")(_unique)
 
 
 class WebhookOut(BaseModel):

@@ -7,7 +7,9 @@ import secrets
 
 import psycopg
 
+from registry_api.audit import service as audit
 from registry_api.auth import Principal
+from registry_api.catalog.visibility import visibility_params
 from registry_api.errors import Conflict, NotFound, Unavailable, Unprocessable
 from registry_api.webhooks import repository
 from registry_api.webhooks.schemas import WebhookIn, WebhookUpdate
@@ -30,6 +32,14 @@ async def check_url(url: str) -> None:
         raise Unprocessable(f"webhook url refused: {exc}") from exc
 
 
+async def _canonical_repo_id(conn: psycopg.AsyncConnection, principal: Principal, repo_id: str | None) -> str | None:
+    """Repo ids are case-insensitive: a filter naming a model the caller may see takes the model's spelling
+    (events carry it). A model the caller may not see (or that does not exist yet) is kept as given."""
+    if repo_id is None:
+        return None
+    return await repository.visible_spelling(conn, visibility_params(principal), repo_id) or repo_id
+
+
 async def create_webhook(
     conn: psycopg.AsyncConnection, principal: Principal, body: WebhookIn, box: SecretBox | None
 ) -> dict:
@@ -40,6 +50,7 @@ async def create_webhook(
     await check_url(body.url)
     secret = new_secret()
     async with conn.transaction():
+        repo_id = await _canonical_repo_id(conn, principal, body.repo_id)
         if await repository.count_of(conn, principal.user_id) >= MAX_WEBHOOKS_PER_USER:
             raise Conflict(f"at most {MAX_WEBHOOKS_PER_USER} webhooks per user")
         row = await repository.insert_webhook(
@@ -48,10 +59,11 @@ async def create_webhook(
             body.url,
             body.description,
             list(body.event_types),
-            body.repo_id,
+            repo_id,
             box.seal(secret),
             body.enabled,
         )
+        await audit.record(conn, "webhook.create", "webhook", row["id"], repo_id=repo_id, after=row)
     return {**row, "secret": secret}
 
 
@@ -73,21 +85,27 @@ async def update_webhook(
 ) -> dict:
     """Change the caller's subscription; a new URL is checked like at creation."""
     changes = body.model_dump(exclude_unset=True)
-    for field in ("url", "event_types", "description", "enabled"):
-        if field in changes and changes[field] is None:
-            raise Unprocessable(f"{field} cannot be null")
     if "url" in changes:
         await check_url(changes["url"])
     async with conn.transaction():
-        if await repository.get_webhook(conn, principal.user_id, webhook_id, for_update=True) is None:
+        before = await repository.get_webhook(conn, principal.user_id, webhook_id, for_update=True)
+        if before is None:
             raise NotFound("webhook not found")
-        return await repository.update_webhook(conn, webhook_id, changes)
+        if "repo_id" in changes:
+            changes["repo_id"] = await _canonical_repo_id(conn, principal, changes["repo_id"])
+        row = await repository.update_webhook(conn, webhook_id, changes)
+        await audit.record(
+            conn, "webhook.update", "webhook", webhook_id, repo_id=row["repo_id"], before=before, after=row
+        )
+        return row
 
 
 async def delete_webhook(conn: psycopg.AsyncConnection, principal: Principal, webhook_id: int) -> None:
     """Delete the caller's subscription and its delivery log."""
-    if not await repository.delete_webhook(conn, principal.user_id, webhook_id):
-        raise NotFound("webhook not found")
+    async with conn.transaction():
+        if not await repository.delete_webhook(conn, principal.user_id, webhook_id):
+            raise NotFound("webhook not found")
+        await audit.record(conn, "webhook.delete", "webhook", webhook_id)
 
 
 async def list_deliveries(

@@ -4,9 +4,9 @@ A FastStream app: a `KafkaBroker` with one batch subscriber on the access and us
 FastStream never commits (`AckPolicy.MANUAL`); the loader commits them once a batch is stored.
 
 No message is parsed by Python on the way: the raw values go to the ClickHouse engine, which parses, checks
-and deduplicates them (store.STAGE_SELECT); Python decodes only what the engine refuses.
+and deduplicates them (store.STAGE_SELECT); Python decodes only what the engine refuses (decode.py).
 
-How a batch becomes exactly-once:
+How a batch (batching.RawBatch) becomes exactly-once:
 
 1. Records are collected per partition (up to `batch_max_events`, or `flush_interval_ms` after the first).
 2. Their values are staged in (topic, partition, offset) order, row n = the n-th message, in the group's
@@ -26,165 +26,66 @@ starts: the same messages staged again minus the manifest's offsets give the sam
 token, so ClickHouse drops every part the interrupted attempt had committed and writes only the missing
 ones. A batch whose offsets were committed is not replayed; redelivered messages of any other batch are
 found by the store look-up (step 3).
+
+When a step fails (the project's consumer policy, registry_shared.consumers):
+
+- a transient failure (the store unreachable, out of memory, too busy: store.transient) is retried with the
+  shared bounded backoff, logged, and shown as `retrying` in `/healthz`; the batch is not committed meanwhile;
+- any other failure is permanent for that batch: it is split in two halves, stored one after the other (each
+  a batch of its own: manifest, token, commit), down to the single message that fails, which is dead-lettered
+  with the error; the rest of the batch is stored and the partition moves on;
+- a message the decoder refuses is dead-lettered with its error (step 2); a dead letter Kafka refuses is
+  retried like a transient failure, and the batch's offsets are committed only once its dead letters are out.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import math
 import time
-import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, get_args
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.message import KafkaMessage
-from orjson import loads as _json_loads
 
+from registry_analytics.batching import RawBatch, new_token
+from registry_analytics.decode import AccessRow, InvalidEvent, UserRow, decode_message
 from registry_analytics.queries import ClosedPeriods
 from registry_analytics.settings import AnalyticsSettings
-from registry_analytics.store import Manifest, Store, stage_name
-from registry_shared.events import AccessKind, FileAccessed, UserRegistered, decode_event
+from registry_analytics.store import Manifest, Store, failure_kind, stage_name
+from registry_shared.background import BackgroundTask, supervise
+from registry_shared.backoff import Backoff, sleep_or_stop
+from registry_shared.consumer_policy import DEFAULT_CLASSIFIER, ConsumerPolicy, Stopped, describe, faststream_sink
+from registry_shared.health import HEALTH, HealthRegistry
 from registry_shared.kafka import raw_batch
 from registry_shared.logging import correlation_id
+from registry_shared.metrics import ANALYTICS_LAST_LOAD, ANALYTICS_NEWEST_EVENT, ANALYTICS_ROWS
 from registry_shared.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-ACCESS_TYPE = FileAccessed.event_type
-USER_TYPE = UserRegistered.event_type
-_KINDS = frozenset(get_args(AccessKind))
-_ACCESS_KEYS = frozenset(FileAccessed.model_fields)
-_OPT_STR = (str, type(None))
-
-
-class InvalidEvent(ValueError):
-    """A message that is not a valid CloudEvent of a type the loader reads."""
+#: The component of /healthz that reports the loader (and names it in dead letters).
+COMPONENT = "analytics-loader"
+#: The shared classification, plus the store's errors (store.failure_kind).
+CLASSIFIER = DEFAULT_CLASSIFIER.extend(rule=failure_kind)
 
 
-# ---------------------------------------------------------------- decoding (the messages the engine refuses)
-#: An access event as a row: (event_id, ts in ms, user_id, kind, repo_id, version, rfilename, bytes).
-AccessRow = tuple[str, int, int, str, str, str, str, int]
-UserRow = tuple[int, str, str, str, int]  # user_id, email, name, role, updated_at_ms
-_MAX_INT = 2**63
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message the loader gives up on, and why."""
 
-
-def decode_message(value: bytes | None) -> tuple[str, AccessRow | UserRow | None]:
-    """Decode one Kafka message value: ("access", row), ("user", row) or ("other", None).
-
-    The loader calls this only for the messages the engine's own parse (store.STAGE_SELECT) refused. A
-    well-formed registry.file.accessed.v1 event takes a fast path of plain type checks (the same checks the
-    engine makes); anything else goes through the shared pydantic models, which have the last word. Raises
-    InvalidEvent for anything that is not a valid CloudEvent.
-    """
-    try:
-        doc = _json_loads(value)  # type: ignore[arg-type]
-    except Exception as exc:
-        raise InvalidEvent(f"not JSON: {exc}") from exc
-    if type(doc) is dict and doc.get("type") == ACCESS_TYPE and doc.get("specversion") == "1.0":
-        data, eid = doc.get("data"), doc.get("id")
-        if (
-            type(data) is dict
-            and type(eid) is str
-            and eid
-            and type(doc.get("source")) is str
-            and doc.get("datacontenttype", "application/json") == "application/json"
-            and data.keys() <= _ACCESS_KEYS
-        ):
-            uid, kind, ts, nbytes = data.get("user_id"), data.get("kind"), data.get("ts"), data.get("bytes", 0)
-            repo, version, rfilename = data.get("repo_id"), data.get("version"), data.get("rfilename")
-            if (
-                type(uid) is int
-                and 0 <= uid < _MAX_INT
-                and kind in _KINDS
-                and type(ts) in (float, int)
-                and 0 <= ts < 1e11
-                and type(nbytes) is int
-                and 0 <= nbytes < _MAX_INT
-                and type(repo) in _OPT_STR
-                and type(version) in _OPT_STR
-                and type(rfilename) in _OPT_STR
-            ):
-                row = (eid, math.floor(ts * 1000), uid, kind, repo or "", version or "", rfilename or "", nbytes)
-                return "access", row
-    return _decode_slow(value)
-
-
-def _decode_slow(value: bytes | None) -> tuple[str, AccessRow | UserRow | None]:
-    try:
-        event = decode_event(value)  # type: ignore[arg-type]
-        if event.type not in (ACCESS_TYPE, USER_TYPE):
-            return "other", None
-        payload = event.payload()
-    except (ValueError, TypeError) as exc:  # pydantic.ValidationError is a ValueError
-        raise InvalidEvent(str(exc).splitlines()[0]) from exc
-    if isinstance(payload, FileAccessed):
-        if not (0 <= payload.user_id < _MAX_INT and 0 <= payload.bytes < _MAX_INT and 0 <= payload.ts < 1e11):
-            raise InvalidEvent("user_id, bytes and ts must be non-negative and in range")
-        p = payload
-        row = (
-            event.id,
-            math.floor(p.ts * 1000),
-            p.user_id,
-            p.kind,
-            p.repo_id or "",
-            p.version or "",
-            p.rfilename or "",
-        )
-        return "access", (*row, p.bytes)
-    if isinstance(payload, UserRegistered):
-        if not 0 <= payload.user_id < _MAX_INT:
-            raise InvalidEvent("user_id out of range")
-        updated = math.floor(event.time.timestamp() * 1000)
-        return "user", (payload.user_id, payload.email, payload.name, payload.role, updated)
-    return "other", None
-
-
-# ---------------------------------------------------------------- batches
-def _partition_of(record: ConsumerRecord) -> tuple[str, int]:
-    return record.topic, record.partition
+    record: ConsumerRecord
+    error: str
 
 
 @dataclass
-class RawBatch:
-    """The records collected for one flush, per partition (each partition's in offset order)."""
-
-    parts: dict[tuple[str, int], list[ConsumerRecord]] = field(default_factory=dict)
-    count: int = 0
-    started: float = 0.0
-
-    def add(self, records: Sequence[ConsumerRecord]) -> None:
-        """Append fetched records (of any partitions; those of one partition in offset order)."""
-        if not records:
-            return
-        if not self.count:
-            self.started = time.monotonic()
-        parts = self.parts
-        for key, recs in itertools.groupby(records, key=_partition_of):
-            part = parts.get(key)
-            if part is None:
-                parts[key] = list(recs)
-            else:
-                part.extend(recs)
-        self.count += len(records)
-
-    def records(self) -> list[ConsumerRecord]:
-        """Every record in (topic, partition, offset) order: the batch's rows, whatever the arrival order."""
-        return [r for key in sorted(self.parts) for r in self.parts[key]]
-
-    def ranges(self) -> list[list[Any]]:
-        """[[topic, partition, first_offset, last_offset], ...] sorted."""
-        return [[t, p, recs[0].offset, recs[-1].offset] for (t, p), recs in sorted(self.parts.items())]
-
-
-@dataclass
-class _Staged:
+class Staged:
     """A batch parsed into a staging table, and what Python made of the messages the engine refused."""
 
     raw: RawBatch
@@ -192,17 +93,16 @@ class _Staged:
     records: list[ConsumerRecord]
     refused: int
     users: list[UserRow] = field(default_factory=list)
-    invalid: list[tuple[str, int, int, bytes, str]] = field(default_factory=list)
+    invalid: list[DeadLetter] = field(default_factory=list)
     prepare_ms: float = 0.0
     stage_ms: float = 0.0
 
 
-def new_token() -> str:
-    """The insert deduplication token of a new batch (kept in its manifest, reused by its replays)."""
-    return f"access-{uuid.uuid4().hex}"
+class _Permanent(Exception):
+    """A step failed in a way retrying cannot fix (the cause is chained)."""
 
 
-# ---------------------------------------------------------------- the loader
+# ---------------------------------------------------------------- the FastStream wiring
 def _decode_records(msg: KafkaMessage) -> tuple[ConsumerRecord, ...]:
     """FastStream decoder: the handler gets the ConsumerRecords themselves (values stay bytes)."""
     return msg.raw_message  # type: ignore[return-value]
@@ -235,11 +135,14 @@ class AccessLoader:
         settings: AnalyticsSettings,
         kafka: KafkaSettings | None = None,
         closed_periods: ClosedPeriods | None = None,
+        registry: HealthRegistry = HEALTH,
+        backoff: Backoff | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.closed_periods = closed_periods  # told when a batch holds late events (before the current hour)
         self.kafka = kafka or KafkaSettings()
+        self.backoff = backoff or Backoff(initial=0.5, cap=10.0)
         s = settings
         self._assigned = asyncio.Event()
         self.broker = KafkaBroker(
@@ -273,8 +176,24 @@ class AccessLoader:
             decoder=_decode_records,
         )
         self.subscriber(self._on_records)
+        self._stop = asyncio.Event()
+        #: The project's consumer policy: retries of transient failures (bounded backoff, logged, in /healthz),
+        #: dead letters (the error in their headers), the loader's health.
+        self.policy = ConsumerPolicy(
+            COMPONENT,
+            group=s.group_id,
+            sink=faststream_sink(self.broker),
+            dead_letter_topic=s.dead_letter_topic,
+            classifier=CLASSIFIER,
+            backoff=self.backoff,
+            registry=registry,
+            stop=self._stop,
+        )
+        self.health = self.policy.health
+        self.policy.watch(lambda: [getattr(self.subscriber, "consumer", None)])
         self._task: asyncio.Task | None = None
-        self._ticker: asyncio.Task | None = None
+        self._ticker: BackgroundTask | None = None
+        self._registry = registry
         self._seq = 0
         self._pending = RawBatch()
         self._wake = asyncio.Event()
@@ -283,7 +202,8 @@ class AccessLoader:
         self._older: asyncio.Task | None = None  # the batch dispatched before it
         self._dispatched = 0
         self._seq_written: Manifest | None = None
-        self._stopping = False
+        #: Set when a batch failed in a way the loader does not handle (a bug): nothing is committed after it.
+        self._broken: str | None = None
         #: Two staging tables: a batch is parsed into one while the one before is deduplicated and inserted.
         self.stages = (stage_name(settings.group_id) + "_0", stage_name(settings.group_id) + "_1")
         self.stats: dict[str, int | str] = {
@@ -291,6 +211,8 @@ class AccessLoader:
             "stored": 0,
             "duplicates": 0,
             "invalid": 0,
+            "failed": 0,
+            "split": 0,
             "replayed": 0,
             "phase": "starting",
         }
@@ -300,39 +222,64 @@ class AccessLoader:
     async def start(self) -> None:
         """Replay an interrupted batch, then start the broker, in the background (returns at once)."""
         self._task = asyncio.create_task(self._start(), name="access-loader")
+        self._task.add_done_callback(self._died)
+
+    def _died(self, task: asyncio.Task) -> None:
+        """The start-up task failed in a way it does not retry: /healthz fails (the loader would never load)."""
+        if task.cancelled() or self._stop.is_set() or task.exception() is None:
+            return
+        exc = task.exception()
+        log.error("analytics loader start-up died: %s", describe(exc), exc_info=exc)
+        self.health.dead(f"start-up: {describe(exc)}")
 
     async def _start(self) -> None:
-        delay = 1.0
-        while True:
-            try:
-                for stage in self.stages:
-                    await asyncio.to_thread(self.store.create_stage, stage)
-                manifest = await asyncio.to_thread(self.store.last_manifest, self.settings.group_id)
-                self._seq = manifest.seq if manifest else 0
-                if manifest:
-                    await self._replay(manifest)
-                break
-            except Exception:
-                log.exception("loader start-up failed; retrying in %.0f s", delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10)
-        self._ticker = asyncio.create_task(self._tick(), name="access-loader-flush")
-        await self.broker.start()
+        async def prepare() -> None:
+            for stage in self.stages:
+                await asyncio.to_thread(self.store.create_stage, stage)
+            manifest = await asyncio.to_thread(self.store.last_manifest, self.settings.group_id)
+            self._seq = manifest.seq if manifest else 0
+            if manifest:
+                await self._replay(manifest)
+
+        await self._until_done("start-up", prepare)
+        # The flusher runs supervised (registry_shared.background): restarted if it dies, in /healthz.
+        self._ticker = supervise(f"{COMPONENT}-flush", self._tick, self._registry)
+        await self._until_done("starting the Kafka broker", self.broker.start)
         await self._assigned.wait()
         self.stats["phase"] = "idle"
+        self.health.ok()
         self.ready.set()
 
+    async def _until_done(self, what: str, op: Callable[[], Awaitable[object]]) -> None:
+        """Start-up steps: retried with the shared backoff, whatever fails (the store or Kafka not there yet)."""
+        attempt = 0
+        while True:
+            try:
+                await op()
+                return
+            except Exception as exc:
+                attempt += 1
+                delay = self.backoff.delay(attempt)
+                log.warning("%s failed (%s); retrying in %.1f s", what, describe(exc), delay)
+                self.health.retrying(f"{what}: {describe(exc)}")
+                if await sleep_or_stop(delay, self._stop):
+                    raise Stopped from exc
+
     async def stop(self) -> None:
-        """Stop consuming: a batch being stored is finished and committed, a collected one is dropped (re-read)."""
-        self._stopping = True
+        """Stop consuming: a batch being stored is finished and committed, a collected one is dropped (re-read).
+
+        A batch whose step is waiting to be retried (the store away) is abandoned uncommitted: re-read later.
+        """
+        self._stop.set()
         self.ready.clear()
-        for task in (self._task, self._ticker):
-            if task is not None and not task.done():
-                task.cancel()
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Stopped):
+                pass
+        if self._ticker is not None:
+            await self._ticker.stop()
         for task in (self._older, self._flushing):
             if task is not None:
                 try:
@@ -390,7 +337,7 @@ class AccessLoader:
     # ------------------------------------------------------------ batches
     async def _on_records(self, records: tuple[ConsumerRecord, ...]) -> None:
         """The FastStream handler: one fetch (records of several partitions, each in offset order)."""
-        if self._stopping or not records:
+        if self._stop.is_set() or not records:
             return  # not committed: re-read by the next run
         self._pending.add(records)
         self._wake.set()
@@ -416,12 +363,12 @@ class AccessLoader:
                 return
             previous = self._flushing
             if previous is not None and self._older is not None:
-                await self._older  # the batch before `previous` must be done: its staging table is reused
+                await asyncio.wait([self._older])  # the batch before `previous` must be done: its table is reused
             self._older = previous
             self._pending = RawBatch()
             stage = self.stages[self._dispatched % 2]
             self._dispatched += 1
-            self._flushing = asyncio.create_task(self._flush(raw, stage, previous))
+            self._flushing = asyncio.create_task(self._flush(raw, stage, previous), name="access-loader-batch")
 
     async def _tick(self) -> None:
         """Flush a collected batch once it is due, even when no more messages arrive."""
@@ -451,34 +398,107 @@ class AccessLoader:
     ) -> None:
         """Stage one batch, then (once the batch before it is stored) deduplicate, store and commit it.
 
-        Each step is retried until it succeeds; commits happen in batch order.
+        Transient failures are retried (bounded backoff); a permanent one splits the batch (see `_isolate`).
+        Commits happen in batch order. Never raises but on cancellation: a failure the loader does not
+        handle marks it broken (nothing is committed any more, /healthz fails).
         """
-        delay = 0.5
-        while True:
+        try:
+            staged: Staged | None = None
+            failure: BaseException | None = None
             try:
-                staged = await asyncio.to_thread(self._stage_batch, raw, stage)
-                break
-            except Exception:
-                log.exception("staging a batch failed; retrying in %.1f s", delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10)
-        if previous is not None:
-            await asyncio.wait([previous])  # batches are stored and committed in order
-        delay = 0.5
-        while True:
-            try:
-                await asyncio.to_thread(self._store_batch, staged, replay)
-                break
-            except Exception:
-                log.exception("storing a batch failed; retrying in %.1f s", delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10)
-                if replay is None and self._seq_written:
-                    # The manifest is in the store: a retry must rebuild exactly that batch.
-                    replay = self._seq_written
+                staged = await self._retrying("staging a batch", self._stage_batch, raw, stage)
+            except _Permanent as exc:
+                failure = exc.__cause__
+            if previous is not None:
+                await asyncio.wait([previous])  # batches are stored and committed in order
+            if staged is not None:
+                try:
+                    await self._store(staged, replay)
+                except _Permanent as exc:
+                    failure = exc.__cause__
+            if failure is None:
+                assert staged is not None
+                await self._finish(raw, staged.invalid if replay is None else [], commit=commit)
+            elif replay is not None:
+                # The interrupted batch cannot be rebuilt as it was: the subscriber re-reads its messages from
+                # the committed offsets and stores them as new batches (what the store holds is found there).
+                log.error("replaying batch %s failed for good (%s); left to the consumer", replay.seq, failure)
+            else:
+                await self._isolate(raw, stage, failure)
+        except Stopped:
+            log.info("loader stopping: a batch of %s messages is left uncommitted (re-read next time)", raw.count)
+        except Exception as exc:
+            self._broken = describe(exc)
+            self.health.dead(f"storing a batch: {self._broken}")
+            log.exception("the loader failed; nothing is committed any more")
+        finally:
+            self.stats["batches"] += 1
+            if not self._busy() or self._flushing is asyncio.current_task():
+                self.stats["phase"] = "idle"
+
+    async def _load(self, raw: RawBatch, stage: str) -> None:
+        """Stage, store and commit one batch on its own (a half of a batch that failed); isolates failures."""
+        try:
+            staged = await self._retrying("staging a batch", self._stage_batch, raw, stage)
+            await self._store(staged, None)
+        except _Permanent as exc:
+            assert exc.__cause__ is not None
+            await self._isolate(raw, stage, exc.__cause__)
+            return
+        await self._finish(raw, staged.invalid, commit=True)
+
+    async def _isolate(self, raw: RawBatch, stage: str, failure: BaseException) -> None:
+        """A batch failed for good: store its halves one after the other, down to the message that fails,
+        which is dead-lettered with the error (and committed past)."""
+        self._seq_written = None  # a manifest written for the failed batch is never replayed: its halves have theirs
+        if raw.count == 1:
+            (r,) = raw.records()
+            error = f"the analytics store refused it: {describe(failure)}"
+            log.error("message at %s/%s@%s cannot be stored: %s", r.topic, r.partition, r.offset, error)
+            self.stats["failed"] += 1
+            await self._finish(raw, [DeadLetter(r, error)], commit=True)
+            return
+        log.warning("a batch of %s messages failed for good (%s): storing its halves apart", raw.count, failure)
+        self.stats["split"] += 1
+        for half in raw.split():
+            await self._load(half, stage)
+
+    async def _retrying(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` in a worker thread under the policy: transient failures retried (bounded backoff),
+        unexpected ones a few times. Raises _Permanent (from the cause) when it fails for good, Stopped if the
+        loader stops meanwhile."""
+        try:
+            return await self.policy.retry(lambda: asyncio.to_thread(fn, *args))
+        except Stopped:
+            raise
+        except Exception as exc:
+            raise _Permanent(what) from exc
+
+    async def _store(self, staged: Staged, replay: Manifest | None) -> None:
+        """Deduplicate and insert a staged batch, retrying transient failures; _Permanent on any other."""
         self._seq_written = None
-        if replay is None and staged.invalid:
-            await self._dead_letter(staged.invalid)
+
+        async def attempt() -> None:
+            nonlocal replay
+            if replay is None and self._seq_written:
+                # The manifest of an earlier attempt is in the store: a retry must rebuild exactly that batch.
+                replay = self._seq_written
+            await asyncio.to_thread(self._store_batch, staged, replay)
+
+        try:
+            await self.policy.retry(attempt)
+        except Stopped:
+            raise
+        except Exception as exc:
+            raise _Permanent("storing a batch") from exc
+        self._seq_written = None
+
+    async def _finish(self, raw: RawBatch, dead: list[DeadLetter], commit: bool) -> None:
+        """A stored batch: its dead letters out first, then its offsets committed."""
+        if dead:
+            await self._dead_letter(dead)
+        if self._broken is not None:
+            return  # a batch before this one was lost: committing past it would lose it for good
         consumer = self.subscriber.consumer
         if commit and consumer is not None:
             offsets = {TopicPartition(t, p): last + 1 for t, p, _, last in raw.ranges()}
@@ -486,25 +506,26 @@ class AccessLoader:
                 await consumer.commit(offsets)
             except Exception:  # a rebalance: the next owner re-reads the batch and drops its ids as duplicates
                 log.warning("offset commit failed after storing a batch", exc_info=True)
-        self.stats["batches"] += 1
-        if not self._busy() or self._flushing is asyncio.current_task():
-            self.stats["phase"] = "idle"
+        self.health.handled += raw.count
+        for topic, partition, _, last in raw.ranges():
+            self.policy.positions[(topic, partition)] = last + 1
+        self.health.ok()
 
-    def _stage_batch(self, raw: RawBatch, stage: str) -> _Staged:
+    def _stage_batch(self, raw: RawBatch, stage: str) -> Staged:
         """Parse a batch into its staging table (worker thread; the engine releases the GIL)."""
         t0 = time.perf_counter()
         records = raw.records()
         values = [r.value for r in records]
         t_prep = time.perf_counter()
         refused = self.store.stage_values(stage, values)
-        staged = _Staged(raw, stage, records, len(refused))
+        staged = Staged(raw, stage, records, len(refused))
         fixed: list[tuple[int, AccessRow]] = []
         for n in refused:  # what the engine would not parse: Python decides (user events land here too)
             try:
                 kind, row = decode_message(records[n].value)
             except InvalidEvent as exc:
                 r = records[n]
-                staged.invalid.append((r.topic, r.partition, r.offset, r.value or b"", str(exc)))
+                staged.invalid.append(DeadLetter(r, str(exc)))
                 continue
             if kind == "access":
                 fixed.append((n, row))  # type: ignore[arg-type]
@@ -515,7 +536,7 @@ class AccessLoader:
         staged.stage_ms = (time.perf_counter() - t_prep) * 1000
         return staged
 
-    def _store_batch(self, staged: _Staged, replay: Manifest | None) -> None:
+    def _store_batch(self, staged: Staged, replay: Manifest | None) -> None:
         """Deduplicate and insert a staged batch (worker thread), after the batch before it is stored."""
         t0 = time.perf_counter()
         store, stage, records, raw = self.store, staged.stage, staged.records, staged.raw
@@ -545,6 +566,10 @@ class AccessLoader:
                 self.closed_periods.invalidate()  # after the insert: see queries.ClosedPeriods
         self.stats["phase"] = "committing"
         self.stats["stored"] += rows
+        ANALYTICS_ROWS.inc(rows)
+        ANALYTICS_LAST_LOAD.set(time.time())
+        if records:
+            ANALYTICS_NEWEST_EVENT.set(max(r.timestamp for r in records) / 1000)
         self.stats["invalid"] += len(staged.invalid)
         self.stats["duplicates"] += duplicates
         t_end = time.perf_counter()
@@ -568,18 +593,8 @@ class AccessLoader:
             },
         )
 
-    async def _dead_letter(self, invalid: list[tuple[str, int, int, bytes, str]]) -> None:
-        for topic, part, offset, value, error in invalid:
-            log.warning("invalid event at %s/%s@%s: %s", topic, part, offset, error)
-            try:
-                await self.broker.publish(
-                    value or b"",
-                    topic=self.settings.dead_letter_topic,
-                    headers={
-                        "x-origin": f"{topic}/{part}@{offset}",
-                        "x-error": error[:1000],
-                        "x-consumer": "analytics",
-                    },
-                )
-            except Exception:
-                log.warning("could not publish to the dead-letter topic", exc_info=True)
+    async def _dead_letter(self, dead: list[DeadLetter]) -> None:
+        """Publish each message given up on to the dead-letter topic with its error (Kafka away: retried)."""
+        for d in dead:
+            if not (await self.policy.dead_letter(d.record, d.error)).committable:
+                raise Stopped
