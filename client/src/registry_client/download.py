@@ -12,6 +12,7 @@ import hashlib
 import http.client
 import json
 import os
+import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -29,7 +30,9 @@ if TYPE_CHECKING:
     from registry_client.client import RegistryClient
 
 MiB = 1024 * 1024
-CHUNK = MiB
+CHUNK = MiB  # the receive buffer of a segment
+STREAM_CHUNK = 8 * MiB  # the receive buffers of one stream, hashed in a thread of their own
+STREAM_BUFFERS = 4
 READ_CHUNK = 8 * 1024 * 1024
 RETRIES = 5
 READ_TIMEOUT = 120.0  # seconds without a byte before a connection counts as dropped
@@ -102,6 +105,42 @@ def range_get(url: str, start: int, end: int | None) -> Iterator[http.client.HTT
         yield response
     finally:
         conn.close()
+
+
+class _StreamHasher:
+    """The sha256 of a stream, computed in a thread of its own straight from the receive buffers.
+
+    The receiving thread takes a free buffer, `readinto`s it, writes it to the file and hands it over; the
+    hashing thread updates the sha256 from it (hashlib releases the GIL for large buffers) and gives it back. A
+    few large buffers are reused: no copy and no read-back of the file, and little Python work per byte.
+    """
+
+    def __init__(self, sha: Any, buffers: int = STREAM_BUFFERS, size: int = STREAM_CHUNK) -> None:
+        self.sha = sha
+        self.free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        for _ in range(buffers):
+            self.free.put(bytearray(size))
+        self.full: queue.SimpleQueue[tuple[bytearray, int] | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.full.get()) is not None:
+            buf, n = item
+            self.sha.update(memoryview(buf)[:n])
+            self.free.put(buf)
+
+    def take(self) -> bytearray:
+        return self.free.get()
+
+    def give(self, buf: bytearray, n: int) -> None:
+        self.full.put((buf, n))
+
+    def finish(self) -> Any:
+        """Wait for the bytes handed over to be hashed; the sha256 object."""
+        self.full.put(None)
+        self.thread.join()
+        return self.sha
 
 
 class Downloader:
@@ -251,18 +290,27 @@ class Downloader:
                         if response.status in (403, 500, 502, 503, 504):
                             continue  # expired URL or a busy server: a new URL and again
                         break
-                    buf = bytearray(CHUNK)
-                    view = memoryview(buf)
-                    with part.open("r+b" if offset else "wb", buffering=0) as out:
-                        out.truncate(offset)
-                        while n := response.readinto(buf):
-                            if self.stop.is_set():
-                                raise KeyboardInterrupt
-                            _pwrite_all(out.fileno(), view[:n], offset)
-                            sha.update(view[:n])
-                            offset += n
-                            self.limiter.consume(n)
-                            self.reporter.advance(task, n)
+                    hasher = _StreamHasher(sha)
+                    try:
+                        with part.open("r+b" if offset else "wb", buffering=0) as out:
+                            out.truncate(offset)
+                            fd = out.fileno()
+                            # Under --limit-rate, small reads: the bytes come evenly rather than in bursts.
+                            step = CHUNK if self.limiter.rate else STREAM_CHUNK
+                            while True:
+                                buf = hasher.take()
+                                n = response.readinto(memoryview(buf)[:step])
+                                if not n:
+                                    break
+                                if self.stop.is_set():
+                                    raise KeyboardInterrupt
+                                _pwrite_all(fd, memoryview(buf)[:n], offset)
+                                hasher.give(buf, n)
+                                offset += n
+                                self.limiter.consume(n)
+                                self.reporter.advance(task, n)
+                    finally:
+                        hasher.finish()
             except TRANSFER_ERRORS as exc:  # dropped: keep what arrived, ask for the rest
                 last = str(exc) or type(exc).__name__
                 continue
