@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 
 MiB = 1024 * 1024
 CHUNK = MiB  # the receive buffer of a segment
-STREAM_CHUNK = 8 * MiB  # the receive buffers of one stream, hashed in a thread of their own
-STREAM_BUFFERS = 4
+STREAM_CHUNK = MiB // 2  # the receive buffers of one stream (small enough to stay in the CPU cache between recv, pwrite
+STREAM_BUFFERS = 16  # and sha256), hashed in a thread of their own
 READ_CHUNK = 8 * 1024 * 1024
 RETRIES = 5
 READ_TIMEOUT = 120.0  # seconds without a byte before a connection counts as dropped
