@@ -5,7 +5,9 @@ The same bytes (4 GiB by default; `BENCH_CLI_BYTES` for another size) against th
 1. Upload: `registry upload` (multipart, parts in parallel, sha256 computed in the same pass) against
    `curl --upload-file` of the file to one presigned PUT (no hashing at all). Target: ≥ 0.9x curl's rate.
 2. Download: `registry download` (sha256 verified before the file is renamed into place) against `curl` of the
-   file's presigned URL to a file (no verification). Target: ≥ 0.9x curl's rate.
+   file's presigned URL to a file (no verification). Target: ≥ 0.9x curl's rate. curl writes its file into the
+   same folder (the same disk) as the CLI writes its own, not to /dev/null: that is the fair comparison, both
+   paying for the page cache and the disk.
 
 Every measure is the wall time of the command, process start-up included; the rounds alternate, and each
 figure is the best of its rounds (`BENCH_CLI_ROUNDS`, default 2).

@@ -204,6 +204,12 @@ def test_publish_grant_download_byte_identical(
     assert by_version["files"][0]["path"] == str(cached) or cached.is_file()
     assert sha256_of(cached) == big["sha256"]
 
+    until = int(time.time()) + 3600
+    updated = cli.json("grants", "update", str(grant["grant_id"]), "--until", str(until),
+                       REGISTRY_ADMIN_TOKEN=ADMIN_TOKEN)  # fmt: skip
+    assert (updated["permitted_until_ts"], updated["active"]) == (until, True)
+    assert set(cli.json("usage", key=plat["api_key"])["totals"]) >= {"events", "downloads"}
+
     # Revoked: the platform user no longer sees it; the command says so in one line.
     cli.json("grants", "revoke", str(grant["grant_id"]), REGISTRY_ADMIN_TOKEN=ADMIN_TOKEN)
     gone = cli.run("download", repo_id, "--local-dir", str(tmp_path / "again"), key=plat["api_key"])
@@ -300,11 +306,13 @@ def test_bytes_changed_after_hashing_are_rejected_with_the_reason(
 
 
 def segments_done(part: Path) -> int:
-    """Bytes a segmented download recorded as written (its `<file>.part.json`), 0 if none yet."""
+    """Bytes of the blocks a segmented download recorded as written (its `<file>.part.json`), 0 if none yet."""
     try:
-        return sum(done for _, _, done in json.loads(part.with_name(part.name + ".json").read_text())["segments"])
+        state = json.loads(part.with_name(part.name + ".json").read_text())
     except (OSError, ValueError):
         return 0
+    block, size = state["block"], state["size"]
+    return sum(min(block, size - i * block) for i in state["done"])
 
 
 @pytest.mark.parametrize("mode", ["one-stream", "segments"])
@@ -317,7 +325,7 @@ def test_download_interrupted_halfway_resumes(cli: Cli, registry: Registry, tmp_
     registry.grant(plat, repo_id)
     target = tmp_path / "dl"
     part = target / "weights.bin.part"
-    # One stream into the .part (a Range from its size on resume), or 3 ranges at once (each resumed).
+    # One stream into the .part (a Range from its size on resume), or blocks 3 at a time (those done are kept).
     opts = {"REGISTRY_SEGMENT_THRESHOLD": "64M" if mode == "one-stream" else "4M"}
     fetched = (lambda: part.stat().st_size if part.is_file() else 0) if mode == "one-stream" else (
         lambda: segments_done(part))  # fmt: skip

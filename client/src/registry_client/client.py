@@ -6,6 +6,7 @@ Every method returns the API's JSON (dicts and lists, as documented in /openapi.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -70,13 +71,25 @@ class RegistryClient:
         self.api_key = api_key
         self.admin_token = admin_token
         self.http = httpx.Client(base_url=self.base_url, timeout=timeout, headers={"user-agent": "registry-client"})
-        # Presigned URLs of the storage: a separate pool, no API headers.
-        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-        self.transfer = httpx.Client(timeout=transfer_timeout, limits=limits, follow_redirects=True)
+        self._transfer_args = (transfer_timeout, max_connections)
+        self._transfer: httpx.Client | None = None
+        self._transfer_lock = threading.Lock()
+
+    @property
+    def transfer(self) -> httpx.Client:
+        """The client for presigned URLs of the storage: a separate pool, no API headers. Made on first use (its
+        TLS context costs a tenth of a second of start-up, and downloads do not use it)."""
+        with self._transfer_lock:
+            if self._transfer is None:
+                timeout, n = self._transfer_args
+                limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+                self._transfer = httpx.Client(timeout=timeout, limits=limits, follow_redirects=True)
+            return self._transfer
 
     def close(self) -> None:
         self.http.close()
-        self.transfer.close()
+        if self._transfer is not None:
+            self._transfer.close()
 
     def __enter__(self) -> RegistryClient:
         return self

@@ -1,7 +1,7 @@
 """Where the client keeps its login and its cache, and how the environment overrides them.
 
 - login: `<config>/config.json` (mode 0600), `<config>` = `$XDG_CONFIG_HOME/registry` (~/.config/registry);
-- cache: `$REGISTRY_CACHE_DIR`, else `$XDG_CACHE_HOME/registry` (~/.cache/registry): upload resume states
+- cache: `$REGISTRY_CLIENT_CACHE_DIR`, else `$XDG_CACHE_HOME/registry` (~/.cache/registry): upload resume states
   and the default download folders;
 - `REGISTRY_URL` and `REGISTRY_API_KEY` win over the stored login; `REGISTRY_ADMIN_TOKEN` is the admin token
   (never stored).
@@ -24,7 +24,7 @@ def config_dir() -> Path:
 
 
 def cache_dir() -> Path:
-    explicit = os.environ.get("REGISTRY_CACHE_DIR")
+    explicit = os.environ.get("REGISTRY_CLIENT_CACHE_DIR")
     return Path(explicit) if explicit else Path(platformdirs.user_cache_dir("registry", appauthor=False))
 
 

@@ -12,6 +12,7 @@ import hashlib
 import http.client
 import json
 import os
+import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -28,7 +29,10 @@ from registry_client.progress import NullReporter, RateLimiter, Reporter
 if TYPE_CHECKING:
     from registry_client.client import RegistryClient
 
-CHUNK = 1024 * 1024
+MiB = 1024 * 1024
+CHUNK = MiB  # the receive buffer of a segment
+STREAM_CHUNK = MiB // 2  # the receive buffers of one stream (small enough to stay in the CPU cache between recv, pwrite
+STREAM_BUFFERS = 16  # and sha256), hashed in a thread of their own
 READ_CHUNK = 8 * 1024 * 1024
 RETRIES = 5
 READ_TIMEOUT = 120.0  # seconds without a byte before a connection counts as dropped
@@ -101,6 +105,42 @@ def range_get(url: str, start: int, end: int | None) -> Iterator[http.client.HTT
         yield response
     finally:
         conn.close()
+
+
+class _StreamHasher:
+    """The sha256 of a stream, computed in a thread of its own straight from the receive buffers.
+
+    The receiving thread takes a free buffer, `readinto`s it, writes it to the file and hands it over; the
+    hashing thread updates the sha256 from it (hashlib releases the GIL for large buffers) and gives it back. A
+    few large buffers are reused: no copy and no read-back of the file, and little Python work per byte.
+    """
+
+    def __init__(self, sha: Any, buffers: int = STREAM_BUFFERS, size: int = STREAM_CHUNK) -> None:
+        self.sha = sha
+        self.free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        for _ in range(buffers):
+            self.free.put(bytearray(size))
+        self.full: queue.SimpleQueue[tuple[bytearray, int] | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.full.get()) is not None:
+            buf, n = item
+            self.sha.update(memoryview(buf)[:n])
+            self.free.put(buf)
+
+    def take(self) -> bytearray:
+        return self.free.get()
+
+    def give(self, buf: bytearray, n: int) -> None:
+        self.full.put((buf, n))
+
+    def finish(self) -> Any:
+        """Wait for the bytes handed over to be hashed; the sha256 object."""
+        self.full.put(None)
+        self.thread.join()
+        return self.sha
 
 
 class Downloader:
@@ -250,18 +290,27 @@ class Downloader:
                         if response.status in (403, 500, 502, 503, 504):
                             continue  # expired URL or a busy server: a new URL and again
                         break
-                    buf = bytearray(CHUNK)
-                    view = memoryview(buf)
-                    with part.open("r+b" if offset else "wb", buffering=0) as out:
-                        out.truncate(offset)
-                        while n := response.readinto(buf):
-                            if self.stop.is_set():
-                                raise KeyboardInterrupt
-                            _pwrite_all(out.fileno(), view[:n], offset)
-                            sha.update(view[:n])
-                            offset += n
-                            self.limiter.consume(n)
-                            self.reporter.advance(task, n)
+                    hasher = _StreamHasher(sha)
+                    try:
+                        with part.open("r+b" if offset else "wb", buffering=0) as out:
+                            out.truncate(offset)
+                            fd = out.fileno()
+                            # Under --limit-rate, small reads: the bytes come evenly rather than in bursts.
+                            step = CHUNK if self.limiter.rate else STREAM_CHUNK
+                            while True:
+                                buf = hasher.take()
+                                n = response.readinto(memoryview(buf)[:step])
+                                if not n:
+                                    break
+                                if self.stop.is_set():
+                                    raise KeyboardInterrupt
+                                _pwrite_all(fd, memoryview(buf)[:n], offset)
+                                hasher.give(buf, n)
+                                offset += n
+                                self.limiter.consume(n)
+                                self.reporter.advance(task, n)
+                    finally:
+                        hasher.finish()
             except TRANSFER_ERRORS as exc:  # dropped: keep what arrived, ask for the rest
                 last = str(exc) or type(exc).__name__
                 continue
@@ -272,40 +321,47 @@ class Downloader:
     def _fetch_segments(
         self, repo_id: str, version: str | None, rfilename: str, part: Path, size: int, sha256: str, task: int
     ) -> tuple[int, Any, int]:
-        """A large file as `segments` ranges fetched at once, each written in place into `part`; their progress
-        is kept in `<part>.json` so a new run resumes each one. The sha256 follows the written bytes in order
-        (read back from the page cache) in a thread of its own. Returns (bytes, sha, bytes there before)."""
+        """A large file as blocks fetched `segments` at a time (in file order, each an HTTP range), written in
+        place into `part`. The blocks done are kept in `<part>.json`, so a new run fetches only the others. The
+        sha256 follows the contiguous prefix of done blocks in a thread of its own (read back from the page
+        cache), close behind the downloads. Returns (bytes, sha, bytes there before)."""
+        block = min(16 * MiB, max(MiB, size // (self.opts.segments * 8)))
+        count = -(-size // block)
         state_path = _segments_path(part)
-        segs: list[list[int]] | None = None  # [start, end, done]
+        done: set[int] = set()
         try:
             state = json.loads(state_path.read_text())
-            if state["size"] == size and state["sha256"] == sha256 and part.stat().st_size == size:
-                segs = state["segments"]
-        except (OSError, ValueError, KeyError):
-            segs = None
-        if segs is None:
-            n = self.opts.segments
-            bounds = [size * i // n for i in range(n + 1)]
-            segs = [[bounds[i], bounds[i + 1], 0] for i in range(n)]
-        before = sum(done for _, _, done in segs)
+            if (state["size"], state["sha256"], state["block"]) == (
+                size,
+                sha256,
+                block,
+            ) and part.stat().st_size == size:
+                done = {int(i) for i in state["done"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            done = set()
+
+        def length(i: int) -> int:
+            return min(block, size - i * block)
+
+        before = sum(length(i) for i in done)
         self.reporter.advance(task, before)
+        todo = [i for i in range(count) if i not in done]
         fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
         cv = threading.Condition()
         failed: list[BaseException] = []
         url: list[str] = []
         sha = hashlib.sha256()
-
         save_lock = threading.Lock()
-        saved = [time.monotonic()]
+        saved = [0.0]
 
         def save(every: float = 0.0) -> None:
-            """Record the segments' progress (at most every `every` seconds): a killed run resumes from it."""
+            """Record the blocks done (at most every `every` seconds): a killed run resumes from them."""
             if every and time.monotonic() - saved[0] < every:
                 return
             with save_lock:
                 saved[0] = time.monotonic()
                 with cv:
-                    data = json.dumps({"size": size, "sha256": sha256, "segments": segs})
+                    data = json.dumps({"size": size, "sha256": sha256, "block": block, "done": sorted(done)})
                 tmp = state_path.with_name(state_path.name + ".tmp")
                 tmp.write_text(data)
                 os.replace(tmp, state_path)
@@ -319,51 +375,62 @@ class Downloader:
                     url[:] = [answer["url"]]
                 return url[0]
 
-        def fetch(seg: list[int]) -> None:
-            last = ""
-            for attempt in range(RETRIES):
-                if seg[0] + seg[2] >= seg[1]:
-                    return
-                try:
-                    with range_get(get_url(attempt > 0), seg[0] + seg[2], seg[1]) as response:
-                        if response.status != 206:
-                            last = f"storage answered {response.status}"
-                            if response.status in (403, 500, 502, 503, 504):
-                                continue
-                            break
-                        buf = bytearray(CHUNK)
-                        view = memoryview(buf)
-                        while n := response.readinto(buf):
-                            if self.stop.is_set() or failed:
-                                raise KeyboardInterrupt
-                            _pwrite_all(fd, view[:n], seg[0] + seg[2])
-                            with cv:
-                                seg[2] += n
-                                cv.notify_all()
-                            save(every=0.5)
-                            self.limiter.consume(n)
-                            self.reporter.advance(task, n)
-                except TRANSFER_ERRORS as exc:
-                    last = str(exc) or type(exc).__name__
-                    continue
-            if seg[0] + seg[2] < seg[1]:
-                raise RegistryError(f"{rfilename}: download failed: {last}; run again to resume")
+        def worker() -> None:
+            buf = bytearray(CHUNK)
+            view = memoryview(buf)
+            while True:
+                with cv:
+                    if not todo or failed:
+                        return
+                    i = todo.pop(0)
+                start, end = i * block, i * block + length(i)
+                last = ""
+                for attempt in range(RETRIES):
+                    pos = start
+                    try:
+                        with range_get(get_url(attempt > 0), start, end) as response:
+                            if response.status != 206:
+                                last = f"storage answered {response.status}"
+                                if response.status in (403, 500, 502, 503, 504):
+                                    continue
+                                break
+                            while n := response.readinto(buf):
+                                if self.stop.is_set() or failed:
+                                    raise KeyboardInterrupt
+                                _pwrite_all(fd, view[:n], pos)
+                                pos += n
+                                self.limiter.consume(n)
+                                self.reporter.advance(task, n)
+                    except TRANSFER_ERRORS as exc:
+                        last = str(exc) or type(exc).__name__
+                        self.reporter.advance(task, start - pos)
+                        continue
+                    if pos == end:
+                        break
+                    self.reporter.advance(task, start - pos)
+                    last = f"short answer ({pos - start} of {end - start} bytes)"
+                else:
+                    pos = start
+                if pos != end:
+                    raise RegistryError(f"{rfilename}: download failed: {last}; run again to resume")
+                with cv:
+                    done.add(i)
+                    cv.notify_all()
+                save(every=0.5)
 
         def hash_in_order() -> None:
             view = memoryview(bytearray(READ_CHUNK))
-            hashed = 0
-            for seg in segs:
-                while hashed < seg[1]:
-                    with cv:
-                        while seg[0] + seg[2] <= hashed and not failed:
-                            cv.wait(0.5)
-                        if failed:
-                            return
-                        upto = seg[0] + seg[2]
-                    while hashed < upto:
-                        n = os.preadv(fd, [view[: min(READ_CHUNK, upto - hashed)]], hashed)
-                        sha.update(view[:n])
-                        hashed += n
+            for i in range(count):
+                with cv:
+                    while i not in done and not failed:
+                        cv.wait(0.5)
+                    if failed:
+                        return
+                hashed, end = i * block, i * block + length(i)
+                while hashed < end:
+                    n = os.preadv(fd, [view[: min(READ_CHUNK, end - hashed)]], hashed)
+                    sha.update(view[:n])
+                    hashed += n
 
         try:
             if os.fstat(fd).st_size != size:
@@ -371,8 +438,8 @@ class Downloader:
             save()
             hasher = threading.Thread(target=hash_in_order, daemon=True)
             hasher.start()
-            with ThreadPoolExecutor(len(segs), thread_name_prefix="segment") as pool:
-                futures = [pool.submit(fetch, seg) for seg in segs]
+            with ThreadPoolExecutor(self.opts.segments, thread_name_prefix="segment") as pool:
+                futures = [pool.submit(worker) for _ in range(self.opts.segments)]
                 try:
                     for fut in futures:
                         fut.result()
@@ -385,7 +452,7 @@ class Downloader:
         finally:
             save()
             os.close(fd)
-        return sum(done for _, _, done in segs), sha, before
+        return sum(length(i) for i in done), sha, before
 
     def _write_meta(self, meta_path: Path, target: Path, sha256: str, size: int) -> None:
         meta_path.parent.mkdir(parents=True, exist_ok=True)
