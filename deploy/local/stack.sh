@@ -6,7 +6,8 @@
 #   stack.sh logs [component]       tail the logs
 #   stack.sh reset                  stop everything and wipe all data under .local/
 # Components, in start order: postgres kafka minio|seaweedfs (STORAGE_BACKEND) [jaeger] api ingest analytics
-# notifier [prometheus] (jaeger and prometheus with OBSERVABILITY=1)
+# notifier [prometheus] (jaeger and prometheus with OBSERVABILITY=1). API_REPLICAS, INGEST_REPLICAS and
+# NOTIFIER_REPLICAS (1 each) run more processes of those services: replica k as `api.k` on API_PORT + 10*k.
 set -euo pipefail
 # shellcheck source=deploy/local/env.sh
 . "$(dirname "${BASH_SOURCE[0]}")/env.sh"
@@ -303,18 +304,66 @@ up_prometheus() {
 }
 
 # ---------------------------------------------------------------- services
+# Replicas: API_REPLICAS, INGEST_REPLICAS and NOTIFIER_REPLICAS processes of each (1 by default, at most
+# MAX_REPLICAS). Replica 0 is `api` (api.pid, api.log, API_PORT); replica k is the instance `api.k` (api.k.pid,
+# api.k.log) on API_PORT + 10*k, with the same environment otherwise: the same Postgres, Kafka consumer groups
+# (Kafka splits the partitions between them) and store. Analytics stays one process (its in-process engine
+# belongs to one process; README "Scaling").
+REPLICA_PORT_STEP=10
+MAX_REPLICAS=10
 service_port() { case $1 in api) echo "$API_PORT";; ingest) echo "$INGEST_PORT";;
   analytics) echo "$ANALYTICS_PORT";; notifier) echo "$NOTIFIER_PORT";; esac; }
-up_service() {
-  local name=$1 port; port=$(service_port "$1")
+port_var() { case $1 in api) echo API_PORT;; ingest) echo INGEST_PORT;; analytics) echo ANALYTICS_PORT;;
+  notifier) echo NOTIFIER_PORT;; esac; }
+replicas_of() { # replicas_of SERVICE : how many processes `up` runs
+  local n
+  case $1 in api) n=${API_REPLICAS:-1};; ingest) n=${INGEST_REPLICAS:-1};; notifier) n=${NOTIFIER_REPLICAS:-1};;
+    *) n=1;; esac
+  [[ $n =~ ^[0-9]+$ ]] && (( n >= 1 && n <= MAX_REPLICAS )) \
+    || die "${1^^}_REPLICAS must be a number from 1 to $MAX_REPLICAS, not '$n'"
+  echo "$n"
+}
+instance_index() { if [[ $1 == *.* ]]; then echo "${1#*.}"; else echo 0; fi; }
+instance_port() { echo $(( $(service_port "${1%%.*}") + REPLICA_PORT_STEP * $(instance_index "$1") )); }
+is_instance() { # api, ingest.3 ... : a service process this script runs
+  [[ $1 =~ ^(api|ingest|analytics|notifier)(\.([1-9]))?$ ]] || return 1
+  [ -z "${BASH_REMATCH[3]}" ] || [ "${BASH_REMATCH[1]}" != analytics ]
+}
+wanted_instances() { # the processes `up` runs for SERVICE
+  local n k; n=$(replicas_of "$1"); echo "$1"
+  for (( k=1; k<n; k++ )); do echo "$1.$k"; done
+}
+known_instances() { # the wanted ones and any other replica with a pid file (started with more replicas)
+  local n k; n=$(replicas_of "$1"); echo "$1"
+  for (( k=1; k<MAX_REPLICAS; k++ )); do
+    if (( k < n )) || [ -f "$RUN_DIR/$1.$k.pid" ]; then echo "$1.$k"; fi
+  done
+}
+for _svc in api ingest notifier; do replicas_of "$_svc" >/dev/null; done  # a wrong count stops here
+healthy() { curl -fsS -m 2 -o /dev/null "http://127.0.0.1:$(instance_port "$1")/healthz" 2>/dev/null; }
+up_service() { # up_service INSTANCE : start it unless it runs, wait for its /healthz
+  local name=$1 svc=${1%%.*} port; port=$(instance_port "$1")
   if ! is_running "$name"; then
     log "$name: starting on 127.0.0.1:$port"
-    (cd "$ROOT_DIR" && start_bg "$name" uv run --no-sync "registry-$name")
+    (cd "$ROOT_DIR" && export "$(port_var "$svc")=$port" && start_bg "$name" uv run --no-sync "registry-$svc")
   fi
   wait_until 90 "$name" curl -fsS -o /dev/null "http://127.0.0.1:$port/healthz"
 }
 
 # ---------------------------------------------------------------- commands
+# Components on the command line: postgres, kafka, ... as below; a service (api, ingest, analytics, notifier)
+# means its replicas (`up`: API_REPLICAS of them; down/status/logs: also any other replica still running); one
+# replica is named by its instance (api.1).
+expand() { # expand up|known COMPONENT... : one instance a line
+  local how=$1 c; shift
+  for c in "$@"; do
+    case $c in
+      api|ingest|analytics|notifier) "${how}_instances" "$c";;
+      *) if is_instance "$c" || [[ $c =~ ^(postgres|kafka|minio|seaweedfs|jaeger|prometheus)$ ]]; then echo "$c"
+         else die "unknown component: $c"; fi;;
+    esac
+  done
+}
 status_line() {
   local c=$1 where state
   case $c in
@@ -323,36 +372,52 @@ status_line() {
     prometheus) where="http://127.0.0.1:$PROMETHEUS_PORT";;
     jaeger) where="http://127.0.0.1:$JAEGER_UI_PORT (OTLP :$JAEGER_OTLP_PORT)";;
     seaweedfs) where="http://127.0.0.1:$SEAWEEDFS_PORT (S3)";;
-    *) where="http://127.0.0.1:$(service_port "$c")";;
+    *) where="http://127.0.0.1:$(instance_port "$c")";;
   esac
-  if is_running "$c"; then state="up (pid $(pid_of "$c"))"; else state="down"; fi
-  printf '  %-10s %-28s %s\n' "$c" "$state" "$where"
+  if is_running "$c"; then
+    state="up (pid $(pid_of "$c"))"
+    if is_instance "$c" && ! healthy "$c"; then state="$state, /healthz failing"; fi
+  else state="down"; fi
+  printf '  %-12s %-28s %s\n' "$c" "$state" "$where"
 }
 
 cmd_up() {
-  local t0=$SECONDS comps=("$@"); [ ${#comps[@]} -gt 0 ] || comps=("${ALL[@]}")
+  local t0=$SECONDS comps c out; [ $# -gt 0 ] || set -- "${ALL[@]}"
+  out=$(expand wanted "$@") || exit 1; mapfile -t comps <<<"$out"
   ensure_uv
   for c in "${comps[@]}"; do
-    case $c in postgres|kafka|minio|seaweedfs|jaeger|prometheus) "up_$c";; api|ingest|analytics|notifier) up_service "$c";;
-      *) die "unknown component: $c";; esac
+    case $c in postgres|kafka|minio|seaweedfs|jaeger|prometheus) "up_$c";; *) up_service "$c";; esac
   done
   log "ready in $((SECONDS - t0)) s"
   for c in "${comps[@]}"; do status_line "$c"; done
   printf '  data, logs, pids under %s\n' "$LOCAL_DIR"
 }
 cmd_down() {
-  local comps=("$@") i; [ ${#comps[@]} -gt 0 ] || comps=("${ALL[@]}" "$OTHER_STORAGE")
+  local comps i out; [ $# -gt 0 ] || set -- "${ALL[@]}" "$OTHER_STORAGE"
+  out=$(expand known "$@") || exit 1; mapfile -t comps <<<"$out"
   for (( i=${#comps[@]}-1; i>=0; i-- )); do
     case ${comps[$i]} in postgres) down_postgres;; *) stop_pid_file "${comps[$i]}";; esac
   done
 }
 cmd_status() {
-  local c; for c in "${ALL[@]}"; do status_line "$c"; done
+  local c
+  for c in $(expand known "${ALL[@]}"); do
+    if is_running "$c" || ! [[ $c == *.* ]] || (( $(instance_index "$c") < $(replicas_of "${c%%.*}") )); then
+      status_line "$c"
+    fi
+  done
   if is_running "$OTHER_STORAGE"; then status_line "$OTHER_STORAGE"; fi
 }
-cmd_running() { local c; for c in "${ALL[@]}" "$OTHER_STORAGE"; do if is_running "$c"; then echo "$c"; fi; done; }
+cmd_running() {
+  local c; for c in $(expand known "${ALL[@]}" "$OTHER_STORAGE"); do if is_running "$c"; then echo "$c"; fi; done
+}
 cmd_logs() {
-  if [ $# -gt 0 ]; then tail -n 100 -F "$LOG_DIR/$1.log"; else tail -n 20 -F "$LOG_DIR"/*.log; fi
+  local files=() c out
+  if [ $# -eq 0 ]; then tail -n 20 -F "$LOG_DIR"/*.log; return; fi
+  out=$(expand known "$@") || exit 1
+  for c in $out; do [ -f "$LOG_DIR/$c.log" ] && files+=("$LOG_DIR/$c.log"); done
+  [ ${#files[@]} -gt 0 ] || die "no log of $* under $LOG_DIR"
+  tail -n 100 -F "${files[@]}"
 }
 cmd_reset() {
   cmd_down
@@ -367,5 +432,5 @@ case "${1:-}" in
   running) cmd_running;;
   logs) shift; cmd_logs "$@";;
   reset) cmd_reset;;
-  *) sed -n '2,9p' "$0"; exit 2;;
+  *) sed -n '2,10p' "$0"; exit 2;;
 esac
