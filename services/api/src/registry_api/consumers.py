@@ -4,7 +4,8 @@
   one keeps its reason for the developer. Each event applies once (consumed_events); offsets are
   committed to Kafka after each partition's messages are handled.
 - Access events (`registry.access.v1`): the catalog's `downloads` counter, eventually consistent.
-  Offsets live in Postgres next to the counters, so a restart neither loses nor double-counts.
+  Offsets live in Postgres next to the counters, so a restart neither loses nor double-counts; several api
+  processes split the partitions (one consumer group) and never count a record twice (DownloadCounter).
 
 Both follow the project's consumer policy (registry_shared.consumer_policy): a message that can never be
 applied (not JSON, a wrong schema, an event id that is not a UUID, an upload or model that does not exist)
@@ -16,12 +17,11 @@ fails if it keeps dying.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from psycopg_pool import AsyncConnectionPool
 
 from registry_api.catalog import repository, service
@@ -129,8 +129,20 @@ class VerdictConsumer(_KafkaLoop):
             correlation_id.reset(token)
 
 
-class DownloadCounter(_KafkaLoop):
-    """Adds real downloads to models.downloads, exactly once, with offsets stored beside the counts."""
+class _Fenced(Exception):
+    """Another consumer stored past where this one stands in a partition: the batch is dropped."""
+
+
+class DownloadCounter(_KafkaLoop, ConsumerRebalanceListener):
+    """Adds real downloads to models.downloads, exactly once, with offsets stored beside the counts.
+
+    Every api process runs one, in consumer group DOWNLOADS_GROUP: Kafka splits the partitions of the access
+    topic between the processes. The offsets of record are the ones in Postgres: a partition assigned to this
+    process is read from there. Storing them is a compare-and-set on the offset this process last read or
+    stored: during a rebalance two processes can hold the same records for a moment; only the first to store
+    counts them, the other finds the offset moved, drops its batch and reads on from the stored offset. Records
+    before the stored offset (read again after a seek) are never counted twice.
+    """
 
     name = "download-counter"
     group = DOWNLOADS_GROUP
@@ -143,38 +155,65 @@ class DownloadCounter(_KafkaLoop):
         dead_letter_topic: str = Topics.DEAD_LETTER,
     ) -> None:
         super().__init__(pool, bootstrap, topic, dead_letter_topic)
+        #: partition → the offset stored in Postgres as this process last saw it (None: nothing stored yet),
+        #: for each partition assigned and positioned; the others' records are not counted.
+        self._stored: dict[int, int | None] = {}
+        self._to_seek: set[int] = set()
+
+    # ConsumerRebalanceListener: called by aiokafka around a rebalance (between two getmany of the loop, or
+    # while one waits); the seeks themselves are made by the loop, before its next fetch.
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        for tp in revoked:
+            self._stored.pop(tp.partition, None)
+            self._to_seek.discard(tp.partition)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        for tp in assigned:
+            self._stored.pop(tp.partition, None)
+            self._to_seek.add(tp.partition)
 
     async def _seek_stored(self, consumer: AIOKafkaConsumer) -> None:
+        """Position the partitions assigned since the last fetch at their stored offsets."""
+
         async def read() -> dict[int, int]:
             async with self._pool.connection() as conn:
                 return await repository.stored_offsets(conn, DOWNLOADS_GROUP, self._topic)
 
         stored = await self.policy.retry(read)
-        for tp in consumer.assignment():
-            if tp.partition in stored:
-                consumer.seek(tp, stored[tp.partition])
+        owned = {tp.partition for tp in consumer.assignment()}
+        for partition in sorted(self._to_seek & owned):
+            tp = TopicPartition(self._topic, partition)
+            if partition in stored:
+                consumer.seek(tp, stored[partition])
             else:
                 await consumer.seek_to_beginning(tp)
+            self._stored[partition] = stored.get(partition)
+        self._to_seek.clear()
 
     async def run(self) -> None:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self._bootstrap, group_id=DOWNLOADS_GROUP, enable_auto_commit=False
         )
+        self._stored.clear()
+        self._to_seek.clear()
         await consumer.start()
         self._consumer = consumer
         try:
-            # Manual assignment of every partition: the offsets of record are in Postgres.
-            partitions = consumer.partitions_for_topic(self._topic)
-            while not partitions:
-                await consumer._client.force_metadata_update()
-                partitions = consumer.partitions_for_topic(self._topic)
-                await asyncio.sleep(0.5)
-            consumer.assign([TopicPartition(self._topic, p) for p in sorted(partitions)])
+            consumer.subscribe([self._topic], listener=self)
             async with self._producer_started():
-                await self._seek_stored(consumer)
                 while True:
+                    if self._to_seek:
+                        await self._seek_stored(consumer)
                     batch = await consumer.getmany(timeout_ms=1000, max_records=5000)
-                    records = [r for recs in batch.values() for r in recs]
+                    # Only partitions positioned at their stored offsets, and only records past them.
+                    records = [
+                        r
+                        for recs in batch.values()
+                        for r in recs
+                        if r.partition in self._stored
+                        and r.partition not in self._to_seek
+                        and r.offset >= (self._stored[r.partition] or 0)
+                    ]
                     if records:
                         await self._handle(records)
                     self.policy.health.ok()
@@ -215,12 +254,20 @@ class DownloadCounter(_KafkaLoop):
             async with self._pool.connection() as conn, conn.transaction():
                 await service.add_downloads(conn, counts)
                 for partition, next_offset in sorted(offsets.items()):
-                    await repository.store_offset(conn, DOWNLOADS_GROUP, self._topic, partition, next_offset)
+                    if partition not in self._stored or not await repository.advance_offset(
+                        conn, DOWNLOADS_GROUP, self._topic, partition, self._stored[partition], next_offset
+                    ):
+                        raise _Fenced(partition)
 
         try:
             await self.policy.retry(store)
+            self._stored.update({p: o for p, o in offsets.items() if p in self._stored})
         except Stopped:
             raise
+        except _Fenced as fenced:
+            # Another process counted these (a rebalance moved the partition): read on from where it stored.
+            log.info("downloads of partition %s were stored by another consumer: reading from there", fenced)
+            self._to_seek.update(p for p in offsets if p in self._stored)
         except Exception as exc:
             if not counted:
                 raise  # only offsets: nothing to isolate (the supervisor restarts the loop)

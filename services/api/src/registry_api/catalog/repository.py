@@ -202,14 +202,24 @@ async def stored_offsets(conn: psycopg.AsyncConnection, group_id: str, topic: st
     return {r["partition"]: r["next_offset"] for r in await cur.fetchall()}
 
 
-async def store_offset(
-    conn: psycopg.AsyncConnection, group_id: str, topic: str, partition: int, next_offset: int
-) -> None:
-    await conn.execute(
-        "insert into consumer_offsets (group_id, topic, partition, next_offset) values (%s, %s, %s, %s)"
-        " on conflict (group_id, topic, partition) do update set next_offset = excluded.next_offset",
-        [group_id, topic, partition, next_offset],
-    )
+async def advance_offset(
+    conn: psycopg.AsyncConnection, group_id: str, topic: str, partition: int, expected: int | None, next_offset: int
+) -> bool:
+    """Store `next_offset` for a partition if the stored one is still `expected` (None: none stored yet);
+    False if another consumer of the group moved it meanwhile (nothing is changed then)."""
+    if expected is None:
+        cur = await conn.execute(
+            "insert into consumer_offsets (group_id, topic, partition, next_offset) values (%s, %s, %s, %s)"
+            " on conflict (group_id, topic, partition) do nothing",
+            [group_id, topic, partition, next_offset],
+        )
+    else:
+        cur = await conn.execute(
+            "update consumer_offsets set next_offset = %s"
+            " where group_id = %s and topic = %s and partition = %s and next_offset = %s",
+            [next_offset, group_id, topic, partition, expected],
+        )
+    return cur.rowcount == 1
 
 
 # What is granted to a platform user and in force at `now`: one row per (model, version, file).
