@@ -250,24 +250,25 @@ class DownloadCounter(_KafkaLoop, ConsumerRebalanceListener):
         for r in read:
             offsets[r.partition] = max(offsets.get(r.partition, 0), r.offset + 1)
 
+        fenced: list[int] = []
+
         async def store() -> None:
-            async with self._pool.connection() as conn, conn.transaction():
-                await service.add_downloads(conn, counts)
-                for partition, next_offset in sorted(offsets.items()):
-                    if partition not in self._stored or not await repository.advance_offset(
-                        conn, DOWNLOADS_GROUP, self._topic, partition, self._stored[partition], next_offset
-                    ):
-                        raise _Fenced(partition)
+            fenced.clear()
+            try:
+                async with self._pool.connection() as conn, conn.transaction():
+                    await service.add_downloads(conn, counts)
+                    for partition, next_offset in sorted(offsets.items()):
+                        if partition not in self._stored or not await repository.advance_offset(
+                            conn, DOWNLOADS_GROUP, self._topic, partition, self._stored[partition], next_offset
+                        ):
+                            raise _Fenced(partition)
+            except _Fenced as exc:  # rolled back: nothing counted, nothing stored
+                fenced.append(exc.args[0])
 
         try:
             await self.policy.retry(store)
-            self._stored.update({p: o for p, o in offsets.items() if p in self._stored})
         except Stopped:
             raise
-        except _Fenced as fenced:
-            # Another process counted these (a rebalance moved the partition): read on from where it stored.
-            log.info("downloads of partition %s were stored by another consumer: reading from there", fenced)
-            self._to_seek.update(p for p in offsets if p in self._stored)
         except Exception as exc:
             if not counted:
                 raise  # only offsets: nothing to isolate (the supervisor restarts the loop)
@@ -282,3 +283,10 @@ class DownloadCounter(_KafkaLoop, ConsumerRebalanceListener):
             first, second = counted[:half], counted[half:]
             await self._store(first, first)
             await self._store(second, read)
+            return
+        if fenced:
+            # Another process counted these (a rebalance moved the partition): read on from where it stored.
+            log.info("downloads of partition %s were stored by another consumer: reading from there", fenced[0])
+            self._to_seek.update(p for p in offsets if p in self._stored)
+        else:
+            self._stored.update({p: o for p, o in offsets.items() if p in self._stored})
