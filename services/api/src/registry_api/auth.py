@@ -10,11 +10,14 @@ be rotated meanwhile): see kit.cache.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
 import secrets
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -103,6 +106,41 @@ def lookup_prefix(key: str) -> str | None:
 key_cache: InvalidatedCache[tuple[bytes, Principal]] = InvalidatedCache(ttl=_CACHE_TTL, max_items=100_000)
 
 
+#: prefix → events set when this process's listener hears that key revoked (revocation_heard).
+_revocation_waiters: dict[str, list[asyncio.Event]] = {}
+#: How long a rotation waits to hear its own NOTIFY back before answering.
+REVOCATION_ECHO_WAIT_S = 2.0
+
+
+def _key_revoked(prefix: str) -> None:
+    key_cache.evict(prefix)
+    for event in _revocation_waiters.pop(prefix, []):
+        event.set()
+
+
+@contextlib.asynccontextmanager
+async def revocation_heard(prefix: str) -> AsyncIterator[None]:
+    """Around a transaction that revokes the key `prefix`: on leaving, wait until this process's LISTEN
+    connection has received that NOTIFY back (at most REVOCATION_ECHO_WAIT_S, and only while it listens).
+
+    Postgres signals every listening session when the transaction commits, but each delivers the
+    notification on its own schedule: answering the rotation only once our own listener has it keeps
+    "revoked" ahead of the client's next request to another api process, which hears it the same way."""
+    event = asyncio.Event()
+    _revocation_waiters.setdefault(prefix, []).append(event)
+    try:
+        yield
+        if key_cache.listening:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), REVOCATION_ECHO_WAIT_S)
+    finally:
+        waiters = _revocation_waiters.get(prefix, [])
+        if event in waiters:
+            waiters.remove(event)
+        if not waiters:
+            _revocation_waiters.pop(prefix, None)
+
+
 def _catalog_changed(_: str) -> None:
     download_cache.clear()
 
@@ -129,7 +167,7 @@ def invalidation_listener(database_url: str, monitor: DatabaseMonitor | None = N
     clears the download lookups, and a (re)connection clears both."""
     return PgListener(
         database_url,
-        {REVOKE_CHANNEL: key_cache.evict, CATALOG_CHANNEL: _catalog_changed},
+        {REVOKE_CHANNEL: _key_revoked, CATALOG_CHANNEL: _catalog_changed},
         on_connect=_listener_up,
         on_disconnect=_listener_down,
         monitor=monitor,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from registry_api.auth import CurrentUser, lookup_prefix
+from registry_api.auth import CurrentUser, lookup_prefix, revocation_heard
 from registry_api.kit.schemas import errors
 from registry_api.users import service
 from registry_api.users.schemas import ApiKeyOut, MeOut, RegisterIn
@@ -41,7 +41,7 @@ async def register(body: RegisterIn, request: Request) -> ApiKeyOut:
 )
 async def rotate_key(principal: CurrentUser, request: Request) -> ApiKeyOut:
     presented = lookup_prefix(request.headers.get("x-api-key", "")) or ""
-    async with request.app.state.pool.connection() as conn:
+    async with revocation_heard(presented), request.app.state.pool.connection() as conn:
         key = await service.rotate_key(conn, principal, presented)
     return ApiKeyOut(user_id=principal.user_id, api_key=key)
 
